@@ -1,0 +1,176 @@
+"""Decoder-only transformer (llama and GPT-NeoX families) that runs whole or as a masked sub-network.
+
+``model(tokens)`` runs the dense network. ``model(tokens, subnet=...)`` runs only the selected layers,
+hidden channels, heads / query groups and MLP neurons of the same weights (see ``subnet.py``).
+
+Attention keeps Megatron's fused QKV layout, grouped by query group: for each group, its query heads,
+then its key head, then its value head (``[groups, heads_per_group + 2, head_dim]`` rows). GPT-NeoX's
+own fused layout is this layout with one query head per group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_subnet.model.config import ModelConfig
+from megatron_subnet.model.subnet import LayerIndices, SubnetConfig, SubnetIndices, subnet_indices
+from megatron_subnet.parallel.layers import (
+    ColumnParallelLinear,
+    LayerNorm,
+    RMSNorm,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    scaled_init_std,
+)
+
+_ACTIVATIONS = {
+    "swiglu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.normalization == "rmsnorm":
+        return RMSNorm(config.hidden_size, config.norm_eps)
+    return LayerNorm(config.hidden_size, config.norm_eps)
+
+
+def rotary_cos_sin(config: ModelConfig, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables ``[seq_len, rotary_dim]`` in fp32 (non-interleaved, "rotate half" convention)."""
+    dim = config.rotary_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` channels of each head of ``x [batch, heads, seq, head_dim]``."""
+    dim = cos.shape[-1]
+    rot, rest = x[..., :dim], x[..., dim:]
+    x1, x2 = rot.chunk(2, dim=-1)
+    rotated = rot * cos.to(x.dtype) + torch.cat((-x2, x1), dim=-1) * sin.to(x.dtype)
+    return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.num_heads, self.num_groups, self.head_dim = config.layer_heads(layer), config.layer_query_groups(layer), d
+        qkv_out = (self.num_heads + 2 * self.num_groups) * d
+        self.linear_qkv = ColumnParallelLinear(h, qkv_out, bias=config.qkv_bias, init_std=config.init_std)
+        self.linear_proj = RowParallelLinear(
+            self.num_heads * d, h, bias=config.proj_bias, init_std=scaled_init_std(config.init_std, config.num_layers)
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        index: LayerIndices | None = None,
+        hidden: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        heads, groups = (self.num_heads, self.num_groups) if index is None else (index.num_heads, index.num_groups)
+        per_group = heads // groups
+        qkv = self.linear_qkv(x, rows=None if index is None else index.qkv_rows, cols=hidden)
+        b, t, _ = qkv.shape
+        qkv = qkv.view(b, t, groups, per_group + 2, self.head_dim)
+        q = qkv[:, :, :, :per_group].reshape(b, t, heads, self.head_dim).transpose(1, 2)
+        k = qkv[:, :, :, per_group].transpose(1, 2)
+        v = qkv[:, :, :, per_group + 1].transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=per_group > 1)
+        out = out.transpose(1, 2).reshape(b, t, heads * self.head_dim)
+        return self.linear_proj(out, rows=hidden, cols=None if index is None else index.proj_cols)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        h, ffn = config.hidden_size, config.layer_ffn(layer)
+        self.act = _ACTIVATIONS[config.activation]
+        self.linear_fc1 = ColumnParallelLinear(h, ffn, bias=config.mlp_bias, init_std=config.init_std)
+        self.linear_gate = (
+            ColumnParallelLinear(h, ffn, bias=config.mlp_bias, init_std=config.init_std) if config.gated_mlp else None
+        )
+        self.linear_fc2 = RowParallelLinear(
+            ffn, h, bias=config.mlp_bias, init_std=scaled_init_std(config.init_std, config.num_layers)
+        )
+
+    def forward(
+        self, x: torch.Tensor, index: LayerIndices | None = None, hidden: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        neurons = None if index is None else index.mlp_rows
+        up = self.linear_fc1(x, rows=neurons, cols=hidden)
+        if self.linear_gate is not None:
+            up = self.act(self.linear_gate(x, rows=neurons, cols=hidden)) * up
+        else:
+            up = self.act(up)
+        return self.linear_fc2(up, rows=hidden, cols=neurons)
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.parallel_residual = config.parallel_residual
+        self.input_layernorm = make_norm(config)
+        self.self_attention = SelfAttention(config, layer)
+        self.pre_mlp_layernorm = make_norm(config)
+        self.mlp = MLP(config, layer)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        index: LayerIndices | None = None,
+        hidden: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        attn = self.self_attention(self.input_layernorm(x, hidden), cos, sin, index, hidden)
+        if self.parallel_residual:
+            return x + attn + self.mlp(self.pre_mlp_layernorm(x, hidden), index, hidden)
+        x = x + attn
+        return x + self.mlp(self.pre_mlp_layernorm(x, hidden), index, hidden)
+
+
+class GPTModel(nn.Module):
+    """Embedding, transformer layers, final norm and the (tied or untied) output layer."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embedding = VocabParallelEmbedding(config.vocab_size, config.hidden_size, init_std=config.init_std)
+        self.layers = nn.ModuleList(TransformerLayer(config, i) for i in range(config.num_layers))
+        self.final_layernorm = make_norm(config)
+        self.output_layer = (
+            None
+            if config.tie_word_embeddings
+            else ColumnParallelLinear(config.hidden_size, config.vocab_size, bias=False, init_std=config.init_std)
+        )
+
+    def forward(self, tokens: torch.Tensor, subnet: SubnetConfig | SubnetIndices | None = None) -> torch.Tensor:
+        """Logits ``[batch, seq, vocab]`` of the whole model, or of ``subnet`` run on these weights."""
+        index = subnet_indices(self.config, subnet, tokens.device) if isinstance(subnet, SubnetConfig) else subnet
+        hidden = None if index is None else index.hidden
+        cos, sin = rotary_cos_sin(self.config, tokens.shape[1], tokens.device)
+        x = self.embedding(tokens, cols=hidden)
+        if index is None:
+            for layer in self.layers:
+                x = layer(x, cos, sin)
+        else:
+            for i, layer_index in zip(index.layers, index.per_layer):
+                x = self.layers[i](x, cos, sin, layer_index, hidden)
+        x = self.final_layernorm(x, hidden)
+        if self.output_layer is None:
+            return self.embedding_logits(x, hidden)
+        return self.output_layer(x, cols=hidden)
+
+    def embedding_logits(self, x: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+        weight = self.embedding.weight if hidden is None else self.embedding.weight.index_select(1, hidden)
+        return F.linear(x, weight)

@@ -1,0 +1,290 @@
+"""Minitron-style activation importance of a parent's layers, hidden channels, heads, query groups and neurons.
+
+One dense forward per calibration batch, watched by forward hooks (``gpt.py`` is unchanged):
+
+- heads: L2 norm of each head's attention output (the input of ``linear_proj``) over batch x seq x
+  head_dim, averaged over batches; a query group scores the sum of its heads;
+- MLP neurons: mean |activation| of the MLP intermediate (``act(gate) * up``, the input of ``linear_fc2``);
+- hidden channels: mean |output| of every norm (both norms of each layer and the final norm), summed;
+- layers, two ways: ``block`` importance, 1 - cosine(layer input, layer output) averaged over tokens
+  (ShortGPT's BI), and ``drop_loss``, the LM loss with that one layer left out minus the full model's.
+
+Higher is more important everywhere. ``Importance`` implements ``subnet.ImportanceScores``; its
+``layer_metric`` picks which layer score ``.layers`` returns. Saved as safetensors with metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from megatron_subnet.model.config import ModelConfig
+from megatron_subnet.model.gpt import GPTModel, rotary_cos_sin
+
+LAYER_METRICS = ("block", "drop_loss")
+FORMAT_VERSION = "1"
+
+
+class ImportanceError(ValueError):
+    """Importance scores that are unreadable, incomplete or do not fit the parent."""
+
+
+def config_hash(config: ModelConfig) -> str:
+    """A short sha256 of the architecture (stored with the scores, for information)."""
+    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Importance:
+    """Importance scores of one parent (higher = more important); implements ``ImportanceScores``."""
+
+    hidden: torch.Tensor  # [hidden]
+    heads: list[torch.Tensor]  # per layer [heads]
+    query_groups: list[torch.Tensor]  # per layer [groups]
+    mlp: list[torch.Tensor]  # per layer [ffn]
+    block: torch.Tensor  # [layers]
+    drop_loss: torch.Tensor | None = None  # [layers], None when not computed
+    layer_metric: str = "block"
+    metadata: dict[str, str] = field(default_factory=dict)  # num_tokens, parent_config_sha256, ...
+
+    def __post_init__(self) -> None:
+        if self.layer_metric not in LAYER_METRICS:
+            raise ImportanceError(f"layer_metric {self.layer_metric!r}: expected one of {', '.join(LAYER_METRICS)}")
+        if self.layer_metric == "drop_loss" and self.drop_loss is None:
+            raise ImportanceError("layer_metric 'drop_loss': these scores hold no drop-loss layer scores")
+
+    @property
+    def layers(self) -> torch.Tensor:
+        """Layer scores of the chosen ``layer_metric``."""
+        return self.block if self.layer_metric == "block" else self.drop_loss
+
+    def with_layer_metric(self, layer_metric: str) -> Importance:
+        return dataclasses.replace(self, layer_metric=layer_metric)
+
+    def check(self, parent: ModelConfig) -> None:
+        """Raise ImportanceError when the score shapes do not fit ``parent``."""
+        n = parent.num_layers
+        expected = {"hidden": [parent.hidden_size], "block": [n], "drop_loss": [n]}
+        for i in range(n):
+            expected[f"heads.{i}"] = [parent.layer_heads(i)]
+            expected[f"query_groups.{i}"] = [parent.layer_query_groups(i)]
+            expected[f"mlp.{i}"] = [parent.layer_ffn(i)]
+        tensors = self._tensors()
+        names = set(expected) - (set() if self.drop_loss is not None else {"drop_loss"})
+        if set(tensors) != names:
+            raise ImportanceError(f"scores are for a {len(self.block)}-layer parent, this one has {n} layers")
+        for name in sorted(names):
+            if list(tensors[name].shape) != expected[name]:
+                raise ImportanceError(
+                    f"scores {name} have shape {list(tensors[name].shape)}, the parent needs {expected[name]}"
+                )
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        out = {"hidden": self.hidden, "block": self.block}
+        if self.drop_loss is not None:
+            out["drop_loss"] = self.drop_loss
+        for name in ("heads", "query_groups", "mlp"):
+            for i, t in enumerate(getattr(self, name)):
+                out[f"{name}.{i}"] = t
+        return out
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a safetensors file (atomically) with the scores and string metadata."""
+        meta = {**self.metadata, "format_version": FORMAT_VERSION, "layer_metric": self.layer_metric,
+                "num_layers": str(len(self.block))}
+        tmp = f"{path}.tmp-{os.getpid()}"
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in self._tensors().items()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+
+
+def save_importance(importance: Importance, path: str | os.PathLike) -> None:
+    importance.save(path)
+
+
+def load_importance(
+    path: str | os.PathLike, layer_metric: str | None = None, parent: ModelConfig | None = None
+) -> Importance:
+    """Read scores saved by ``save_importance``; ``layer_metric`` overrides the saved choice."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = dict(f.metadata() or {})
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ImportanceError(f"{path}: cannot read importance scores ({str(e).splitlines()[0]})") from None
+    try:
+        n = int(meta.pop("num_layers"))
+        saved_metric = meta.pop("layer_metric")
+        meta.pop("format_version")
+        importance = Importance(
+            hidden=tensors["hidden"],
+            heads=[tensors[f"heads.{i}"] for i in range(n)],
+            query_groups=[tensors[f"query_groups.{i}"] for i in range(n)],
+            mlp=[tensors[f"mlp.{i}"] for i in range(n)],
+            block=tensors["block"],
+            drop_loss=tensors.get("drop_loss"),
+            layer_metric=layer_metric or saved_metric,
+            metadata=meta,
+        )
+    except (KeyError, ValueError) as e:
+        raise ImportanceError(f"{path}: not an importance file ({type(e).__name__}: {e})") from None
+    except ImportanceError as e:
+        raise ImportanceError(f"{path}: {e}") from None
+    if parent is not None:
+        try:
+            importance.check(parent)
+        except ImportanceError as e:
+            raise ImportanceError(f"{path}: {e}") from None
+    return importance
+
+
+# ----------------------------------------------------------------------------- computing
+
+
+class _Recorder:
+    """Forward hooks on a dense GPTModel that sum the activation statistics of each batch."""
+
+    def __init__(self, model: GPTModel):
+        self.model = model
+        c = model.config
+        n = c.num_layers
+        zeros = lambda size: torch.zeros(size, dtype=torch.float64)  # noqa: E731
+        self.heads = [zeros(c.layer_heads(i)) for i in range(n)]
+        self.mlp = [zeros(c.layer_ffn(i)) for i in range(n)]
+        self.hidden = zeros(c.hidden_size)
+        self.block = zeros(n)
+        self.layer_inputs: list[torch.Tensor | None] = [None] * n
+        self.keep_inputs = False
+        self.handles: list = []
+
+    def __enter__(self) -> _Recorder:
+        norms: list[nn.Module] = [self.model.final_layernorm]
+        for i, layer in enumerate(self.model.layers):
+            norms += [layer.input_layernorm, layer.pre_mlp_layernorm]
+            self.handles += [
+                layer.self_attention.linear_proj.register_forward_pre_hook(self._head_hook(i)),
+                layer.mlp.linear_fc2.register_forward_pre_hook(self._mlp_hook(i)),
+                layer.register_forward_hook(self._layer_hook(i)),
+            ]
+        self.handles += [norm.register_forward_hook(self._norm_hook) for norm in norms]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _head_hook(self, i: int):
+        def hook(module, args):
+            x = args[0].float()
+            b, t, _ = x.shape
+            self.heads[i] += x.view(b, t, len(self.heads[i]), -1).pow(2).sum((0, 1, 3)).sqrt().double().cpu()
+        return hook
+
+    def _mlp_hook(self, i: int):
+        def hook(module, args):
+            self.mlp[i] += args[0].float().abs().sum((0, 1)).double().cpu()
+        return hook
+
+    def _norm_hook(self, module, args, output):
+        self.hidden += output.float().abs().sum((0, 1)).double().cpu()
+
+    def _layer_hook(self, i: int):
+        def hook(module, args, output):
+            x = args[0]
+            self.block[i] += (1 - F.cosine_similarity(x.float(), output.float(), dim=-1)).sum().double().cpu()
+            self.layer_inputs[i] = x if self.keep_inputs else None
+        return hook
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def _logits_from(model: GPTModel, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Run the dense layers ``start..`` and the output head on hidden states ``x`` (GPTModel.forward's tail)."""
+    for layer in model.layers[start:]:
+        x = layer(x, cos, sin)
+    x = model.final_layernorm(x)
+    return model.embedding_logits(x, None) if model.output_layer is None else model.output_layer(x)
+
+
+@torch.no_grad()
+def compute_importance(
+    model: GPTModel,
+    batches: Sequence[torch.Tensor],
+    drop_loss_iters: int | None = None,
+    layer_metric: str = "block",
+    progress: bool | None = None,
+) -> Importance:
+    """Scores from calibration ``batches`` of tokens ``[batch, seq + 1]`` (inputs ``[:, :-1]``, labels ``[:, 1:]``).
+
+    The drop loss uses the first ``drop_loss_iters`` batches (None: all; 0: not computed). Leaving out
+    layer ``i`` changes nothing before it, so its loss runs layers ``i+1..`` from layer ``i``'s recorded
+    input: the same number as the masked model without layer ``i``, at about half the cost.
+    """
+    if not batches:
+        raise ImportanceError("no calibration batches")
+    drop_iters = len(batches) if drop_loss_iters is None else min(drop_loss_iters, len(batches))
+    was_training = model.training
+    model.eval()
+    c = model.config
+    tokens_seen = drop_tokens = 0
+    drop_loss = torch.zeros(c.num_layers, dtype=torch.float64)
+    with _Recorder(model) as rec:
+        for step, batch in enumerate(tqdm(batches, desc="importance", unit="batch", disable=None if progress is None
+                                          else not progress)):
+            batch = batch.to(model.embedding.weight.device)
+            inputs, labels = batch[:, :-1], batch[:, 1:]
+            rec.keep_inputs = step < drop_iters
+            logits = model(inputs)
+            tokens_seen += inputs.numel()
+            if not rec.keep_inputs:
+                continue
+            base = lm_loss(logits, labels)
+            del logits
+            cos, sin = rotary_cos_sin(c, inputs.shape[1], inputs.device)
+            rec.__exit__()  # no statistics from the layer-dropped runs
+            for i in range(c.num_layers):
+                drop_loss[i] += float(lm_loss(_logits_from(model, rec.layer_inputs[i], i + 1, cos, sin), labels) - base)
+            rec.layer_inputs = [None] * c.num_layers
+            rec.__enter__()
+            drop_tokens += inputs.numel()
+    model.train(was_training)
+    n_batches = len(batches)
+    per_group = [c.layer_heads(i) // c.layer_query_groups(i) for i in range(c.num_layers)]
+    heads = [(h / n_batches).float() for h in rec.heads]
+    return Importance(
+        hidden=(rec.hidden / tokens_seen).float(),
+        heads=heads,
+        query_groups=[h.view(-1, g).sum(1) for h, g in zip(heads, per_group)],
+        mlp=[(m / tokens_seen).float() for m in rec.mlp],
+        block=(rec.block / tokens_seen).float(),
+        drop_loss=(drop_loss / drop_iters).float() if drop_iters else None,
+        layer_metric=layer_metric,
+        metadata={
+            "num_tokens": str(tokens_seen),
+            "num_batches": str(n_batches),
+            "drop_loss_tokens": str(drop_tokens),
+            "seq_length": str(batches[0].shape[1] - 1),
+            "parent_config_sha256": config_hash(c),
+            "parent_shape": json.dumps({
+                "num_layers": c.num_layers, "hidden_size": c.hidden_size,
+                "num_attention_heads": c.num_attention_heads, "num_query_groups": c.num_query_groups,
+                "ffn_hidden_size": c.ffn_hidden_size,
+            }),
+        },
+    )
