@@ -1,0 +1,200 @@
+"""Command-line flags of pretrain_slm.py: Megatron-LM names where Megatron has the flag, one clear error each."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+
+class ArgumentError(ValueError):
+    """A flag (or ds_config key) with a bad value; the message names it."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Pretrain a small LM from a sub-network of a teacher, with online distillation (DeepSpeed ZeRO).",
+        allow_abbrev=False,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--init",
+        choices=["subnet", "random"],
+        default="subnet",
+        help="student weights: cut from the teacher (--teacher-load, --subnet) or Megatron's random init",
+    )
+    g.add_argument("--teacher-load", help="teacher checkpoint (tools/convert_checkpoint.py import)")
+    g.add_argument("--subnet", help="sub-network JSON (tools/search_subnet.py output, or counts)")
+    g.add_argument("--importance", help="importance scores for a counts sub-network with order 'importance'")
+    g.add_argument("--model-config", help="student ModelConfig JSON for --init random without a teacher")
+    g = p.add_argument_group("distillation")
+    g.add_argument("--kd-alpha", type=float, default=0.5, help="loss = (1-alpha)*CE + alpha*T^2*KL; 0 loads no teacher")
+    g.add_argument("--kd-temperature", type=float, default=1.0)
+    g.add_argument("--kd-loss", choices=["forward_kl", "reverse_kl", "topk_kl"], default="forward_kl")
+    g.add_argument("--kd-topk", type=int, default=64, help="teacher tokens kept by topk_kl")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", required=True, help="prefix, or weighted prefixes '0.3 a 0.7 b'")
+    g.add_argument("--split", default="949,50,1")
+    g.add_argument("--seq-length", type=int, default=512)
+    g.add_argument("--data-cache-path", help="where the sample indices are cached (default: beside the data)")
+    g = p.add_argument_group("batch")
+    g.add_argument("--micro-batch-size", type=int, required=True)
+    g.add_argument("--global-batch-size", type=int, help="default: micro batch x data-parallel size")
+    g = p.add_argument_group("training")
+    g.add_argument("--train-iters", type=int)
+    g.add_argument("--train-tokens", type=int, help="alternative to --train-iters")
+    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--min-lr", type=float, default=3e-5)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant", "wsd"], default="cosine")
+    g.add_argument("--lr-wsd-decay-iters", type=int, help="final decay iterations of the WSD schedule")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="gradient clipping (ds_config gradient_clipping)")
+    g.add_argument("--max-skipped-steps", type=int, default=10, help="abort after this many NaN/Inf steps in a row")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--bf16", action="store_true", help="bf16 training (ds_config bf16.enabled)")
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--distributed-backend", choices=["nccl", "gloo"], help="default: nccl with CUDA, else gloo")
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", help="checkpoint directory")
+    g.add_argument("--save-interval", type=int, help="iterations between checkpoints (default: only at the end)")
+    g.add_argument("--keep-last", type=int, default=2, help="checkpoints kept in --save")
+    g.add_argument("--load", help="resume from this checkpoint directory (its 'latest')")
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--eval-interval", type=int, default=100)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--log-dir", help="metrics.jsonl, TensorBoard and plots (default: --save, else ./runs/latest)")
+    g = p.add_argument_group("deepspeed")
+    g.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", required=True, help="DeepSpeed JSON config")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and validate; raises ArgumentError naming the flag."""
+    args = build_parser().parse_args(argv)
+    validate_args(args)
+    return args
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    positive = (
+        "micro_batch_size",
+        "seq_length",
+        "log_interval",
+        "eval_interval",
+        "keep_last",
+        "tensor_model_parallel_size",
+        "pipeline_model_parallel_size",
+        "max_skipped_steps",
+    )
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ArgumentError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.eval_iters < 0:
+        raise ArgumentError(f"--eval-iters {args.eval_iters}: must be >= 0")
+    if args.tensor_model_parallel_size != 1 or args.pipeline_model_parallel_size != 1:
+        raise ArgumentError("--tensor-model-parallel-size/--pipeline-model-parallel-size: only 1 is supported so far")
+    if (args.train_iters is None) == (args.train_tokens is None):
+        raise ArgumentError("give exactly one of --train-iters and --train-tokens")
+    if not 0.0 <= args.kd_alpha <= 1.0:
+        raise ArgumentError(f"--kd-alpha {args.kd_alpha}: must be in [0, 1]")
+    if args.kd_temperature <= 0:
+        raise ArgumentError(f"--kd-temperature {args.kd_temperature}: must be positive")
+    if args.kd_topk < 1:
+        raise ArgumentError(f"--kd-topk {args.kd_topk}: must be at least 1")
+    if args.lr < 0 or args.min_lr < 0 or args.min_lr > args.lr:
+        raise ArgumentError(f"--lr {args.lr} / --min-lr {args.min_lr}: need 0 <= min-lr <= lr")
+    if args.lr_decay_style == "wsd" and not args.lr_wsd_decay_iters:
+        raise ArgumentError("--lr-decay-style wsd needs --lr-wsd-decay-iters")
+    if args.load is None:
+        if args.init == "subnet" and not (args.teacher_load and args.subnet):
+            raise ArgumentError("--init subnet needs --teacher-load and --subnet")
+        if args.init == "random" and not (args.model_config or (args.teacher_load and args.subnet)):
+            raise ArgumentError("--init random needs --model-config, or --teacher-load and --subnet for the shape")
+    if args.kd_alpha > 0 and not args.teacher_load:
+        raise ArgumentError(
+            f"--kd-alpha {args.kd_alpha} needs a teacher (--teacher-load); use --kd-alpha 0 without one"
+        )
+    for flag in ("teacher_load", "subnet", "importance", "model_config", "load", "ds_config"):
+        path = getattr(args, flag)
+        if path is not None and not os.path.exists(path):
+            raise ArgumentError(f"--{flag.replace('_', '-') if flag != 'ds_config' else flag} {path}: no such file")
+
+
+def load_ds_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArgumentError(f"--ds_config {path}: cannot read JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ArgumentError(f"--ds_config {path}: expected a JSON object")
+    return config
+
+
+def reconcile_ds_config(args: argparse.Namespace, config: dict, dp_size: int) -> dict:
+    """Fill the batch, clipping and precision keys of ds_config from the flags; disagreement is an error.
+
+    ``train_batch_size = micro * gradient_accumulation_steps * data_parallel_size``.
+    """
+    config = dict(config)
+    where = f"--ds_config {args.ds_config}"
+    if "optimizer" in config or "scheduler" in config:
+        raise ArgumentError(
+            f"{where}: remove 'optimizer'/'scheduler'; they come from --lr, --weight-decay, "
+            "--adam-*, --lr-decay-style (Megatron's flags)"
+        )
+    micro = args.micro_batch_size
+    ds_micro = config.get("train_micro_batch_size_per_gpu", micro)
+    if ds_micro != micro:
+        raise ArgumentError(f"{where}: train_micro_batch_size_per_gpu {ds_micro} != --micro-batch-size {micro}")
+    global_batch = args.global_batch_size
+    ds_global = config.get("train_batch_size")
+    if global_batch is None:
+        global_batch = (
+            ds_global if ds_global is not None else micro * dp_size * config.get("gradient_accumulation_steps", 1)
+        )
+    if ds_global is not None and ds_global != global_batch:
+        raise ArgumentError(f"{where}: train_batch_size {ds_global} != --global-batch-size {global_batch}")
+    if global_batch % (micro * dp_size):
+        raise ArgumentError(
+            f"--global-batch-size {global_batch} is not a multiple of --micro-batch-size {micro} x "
+            f"data-parallel size {dp_size}"
+        )
+    accumulation = global_batch // (micro * dp_size)
+    ds_accumulation = config.get("gradient_accumulation_steps", accumulation)
+    if ds_accumulation != accumulation:
+        raise ArgumentError(
+            f"{where}: gradient_accumulation_steps {ds_accumulation} != {accumulation} = --global-batch-size "
+            f"{global_batch} / (--micro-batch-size {micro} x data-parallel size {dp_size})"
+        )
+    ds_clip = config.get("gradient_clipping", args.clip_grad)
+    if not math.isclose(ds_clip, args.clip_grad):
+        raise ArgumentError(f"{where}: gradient_clipping {ds_clip} != --clip-grad {args.clip_grad}")
+    ds_bf16 = bool(config.get("bf16", {}).get("enabled", args.bf16))
+    if ds_bf16 != args.bf16:
+        raise ArgumentError(f"{where}: bf16.enabled is {ds_bf16} but --bf16 is {'' if args.bf16 else 'not '}set")
+    if config.get("fp16", {}).get("enabled"):
+        raise ArgumentError(f"{where}: fp16 is not supported; use bf16")
+    config.update(
+        train_batch_size=global_batch,
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=accumulation,
+        gradient_clipping=args.clip_grad,
+        bf16={**config.get("bf16", {}), "enabled": args.bf16},
+    )
+    config.setdefault("steps_per_print", 10**9)  # we log ourselves
+    config["zero_allow_untested_optimizer"] = True  # our AdamW subclass only adds a NaN/Inf guard
+    args.global_batch_size = global_batch
+    args.gradient_accumulation_steps = accumulation
+    if args.train_iters is None:
+        args.train_iters = math.ceil(args.train_tokens / (global_batch * args.seq_length))
+    return config

@@ -1,0 +1,160 @@
+"""Training checkpoints: DeepSpeed's own engine/optimizer files plus ours, written atomically.
+
+    SAVE/latest                       the tag of the newest complete checkpoint (moved into place last)
+    SAVE/iter_0000100/                DeepSpeed's model and (partitioned) optimizer states
+    SAVE/iter_0000100/megatron_subnet.json   iteration, consumed samples, args, model config, sub-network, layout
+    SAVE/iter_0000100/rng/rank_00000.json    RNG states of every rank
+
+Each checkpoint is written as ``iter_XXXXXXX.tmp`` and renamed when every rank has finished, so a
+process killed mid-write leaves the previous checkpoint and ``latest`` untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_subnet.model.config import ModelConfig
+
+META_NAME = "megatron_subnet.json"
+LATEST = "latest"
+# Fault injection for the crash-safety test: SIGKILL rank 0 after DeepSpeed wrote the files, before the rename.
+_KILL_ENV = "MEGATRON_SUBNET_TEST_KILL_BEFORE_RENAME"
+
+
+class ResumeError(ValueError):
+    """A checkpoint that does not fit the launch (layout, model) or is incomplete."""
+
+
+def tag_for(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(engine, save_dir: str, iteration: int, meta: dict, keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    save = Path(save_dir)
+    tag = tag_for(iteration)
+    tmp_tag = f"{tag}.tmp"
+    if _rank() == 0:
+        save.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(save / tmp_tag, ignore_errors=True)
+    _barrier()
+    engine.save_checkpoint(str(save), tag=tmp_tag, client_state={"iteration": iteration}, save_latest=False)
+    rng_dir = save / tmp_tag / "rng"
+    rng_dir.mkdir(parents=True, exist_ok=True)
+    _write_text(rng_dir / f"rank_{_rank():05d}.json", json.dumps(rng_state()))
+    if _rank() == 0:
+        _write_text(save / tmp_tag / META_NAME, json.dumps({**meta, "iteration": iteration}, indent=1))
+    _barrier()
+    if _rank() == 0:
+        if os.environ.get(_KILL_ENV) == str(iteration):
+            os.kill(os.getpid(), 9)
+        if (save / tag).exists():
+            shutil.rmtree(save / tag)
+        os.replace(save / tmp_tag, save / tag)
+        _write_text(save / LATEST, tag)
+        _prune(save, keep_last)
+    _barrier()
+    return save / tag
+
+
+def _prune(save: Path, keep_last: int) -> None:
+    tags = sorted(p for p in save.iterdir() if p.is_dir() and p.name.startswith("iter_") and "." not in p.name)
+    for old in tags[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(load_dir: str) -> Path:
+    """The directory ``latest`` names; ResumeError when there is none or it is incomplete."""
+    load = Path(load_dir)
+    latest = load / LATEST
+    if not latest.is_file():
+        raise ResumeError(f"--load {load_dir}: no '{LATEST}' file, so no complete checkpoint")
+    path = load / latest.read_text().strip()
+    if not (path / META_NAME).is_file():
+        raise ResumeError(f"--load {load_dir}: {path.name} is incomplete (no {META_NAME})")
+    return path
+
+
+def read_meta(load_dir: str) -> dict:
+    return json.loads((latest_checkpoint(load_dir) / META_NAME).read_text())
+
+
+def check_layout(meta: dict, layout: dict, model_config: ModelConfig | None, load_dir: str) -> None:
+    """ResumeError naming the first setting where the checkpoint and this launch differ."""
+    for key, value in layout.items():
+        if meta["layout"].get(key) != value:
+            raise ResumeError(
+                f"--load {load_dir}: checkpoint was written with {key}={meta['layout'].get(key)}, "
+                f"this launch has {key}={value}"
+            )
+    if model_config is not None and meta["model_config"] != model_config.to_dict():
+        raise ResumeError(f"--load {load_dir}: the checkpoint's model config differs from this launch's student")
+
+
+def load_checkpoint(engine, load_dir: str) -> dict:
+    """Restore engine, optimizer and this rank's RNG; returns our metadata (iteration, consumed samples...)."""
+    path = latest_checkpoint(load_dir)
+    meta = json.loads((path / META_NAME).read_text())
+    loaded, _ = engine.load_checkpoint(
+        load_dir, tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
+    if loaded is None:
+        raise ResumeError(f"--load {load_dir}: DeepSpeed could not load {path.name}")
+    rng_file = path / "rng" / f"rank_{_rank():05d}.json"
+    if rng_file.is_file():
+        set_rng_state(json.loads(rng_file.read_text()))
+    return meta
+
+
+def consolidated_state_dict(engine, checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 student weights: from the module for plain fp32 data parallelism, else through DeepSpeed's
+    zero_to_fp32 from the saved ``checkpoint`` (which holds the fp32 master weights). Rank 0 only."""
+    if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
+        return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    return {k: v.float().contiguous() for k, v in state.items()}

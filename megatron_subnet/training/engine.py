@@ -1,0 +1,158 @@
+"""The student in a DeepSpeed engine (ZeRO 0-3), the frozen co-resident teacher, and one training step."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_subnet.model.config import ModelConfig
+from megatron_subnet.model.gpt import GPTModel
+from megatron_subnet.parallel import state
+from megatron_subnet.parallel.losses import cross_entropy, distillation_loss
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that skips its update when any rank holds a NaN/Inf gradient (all ranks skip together).
+
+    DeepSpeed calls ``step`` on every rank's partition; ZeRO-1/2 already skip on a non-finite norm and
+    never call it then.
+    """
+
+    skipped_last = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        finite = all(
+            torch.isfinite(p.grad).all() for group in self.param_groups for p in group["params"] if p.grad is not None
+        )
+        flag = torch.tensor([0.0 if finite else 1.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=state.get_data_parallel_group())
+        if flag.item() > 0:
+            self.skipped_last = True
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
+) -> GuardedAdamW:
+    """AdamW with Megatron's grouping: no weight decay on biases and norm weights (1-D tensors)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return GuardedAdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+def initialize_student(model: GPTModel, optimizer: torch.optim.Optimizer, ds_config: dict):
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+class Teacher:
+    """Frozen, eval-mode teacher: never in the optimizer, no gradients. Under ZeRO-3 its parameters are
+    partitioned across the data-parallel ranks by an optimizer-less DeepSpeed engine."""
+
+    def __init__(self, model: GPTModel, student_ds_config: dict, device: str):
+        model.eval().requires_grad_(False)
+        self.config: ModelConfig = model.config
+        stage = student_ds_config.get("zero_optimization", {}).get("stage", 0)
+        bf16 = student_ds_config.get("bf16", {}).get("enabled", False)
+        if stage == 3:
+            import deepspeed
+
+            config = {
+                "train_micro_batch_size_per_gpu": student_ds_config["train_micro_batch_size_per_gpu"],
+                "gradient_accumulation_steps": student_ds_config["gradient_accumulation_steps"],
+                "train_batch_size": student_ds_config["train_batch_size"],
+                "zero_optimization": {
+                    "stage": 3,
+                    **{k: v for k, v in student_ds_config["zero_optimization"].items() if k.startswith("stage3_")},
+                },
+                "bf16": {"enabled": bf16},
+            }
+            self.module, _, _, _ = deepspeed.initialize(model=model, config=config)
+            self.module.eval()
+        else:
+            self.module = model.to(device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.module(tokens)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    ce: float
+    kd: float | None
+    grad_norm: float
+    skipped: bool
+
+
+def _mean_over_data_parallel(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t, group=state.get_data_parallel_group())
+        t /= state.get_data_parallel_world_size()
+    return t.tolist()
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    if norm is not None:
+        return float(norm)
+    # Plain data parallelism in fp32: gradients are already averaged across ranks after the last backward.
+    squares = [p.grad.detach().float().pow(2).sum() for p in engine.module.parameters() if p.grad is not None]
+    return math.sqrt(float(torch.stack(squares).sum())) if squares else 0.0
+
+
+def train_step(engine, teacher: Teacher | None, micro_batches: list[torch.Tensor], lr: float, args) -> StepResult:
+    """One optimizer step over this rank's micro-batches (gradient accumulation); losses are global means."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+    optimizer = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
+    if isinstance(optimizer, GuardedAdamW):
+        optimizer.skipped_last = False
+    totals = [0.0, 0.0, 0.0]
+    grad_norm = 0.0
+    for i, batch in enumerate(micro_batches):
+        batch = batch.to(engine.device)
+        tokens, labels = batch[:, :-1], batch[:, 1:]
+        teacher_logits = teacher(tokens) if teacher is not None else None
+        logits = engine(tokens)
+        loss, ce, kd = distillation_loss(
+            logits, labels, teacher_logits, args.kd_alpha, args.kd_loss, args.kd_temperature, args.kd_topk
+        )
+        engine.backward(loss)
+        totals[0] += loss.item()
+        totals[1] += ce.item()
+        totals[2] += kd.item() if kd is not None else 0.0
+        if i == len(micro_batches) - 1 and engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
+            grad_norm = _grad_norm(engine)
+        engine.step()
+    if engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled():
+        grad_norm = _grad_norm(engine)
+    loss, ce, kd = _mean_over_data_parallel([t / len(micro_batches) for t in totals])
+    skipped = bool(getattr(optimizer, "skipped_last", False)) or not math.isfinite(grad_norm) or not math.isfinite(loss)
+    return StepResult(loss, ce, kd if teacher is not None else None, grad_norm, skipped)
+
+
+@torch.no_grad()
+def evaluate(engine, batches, device) -> float:
+    """Mean cross-entropy over the given micro-batches and all data-parallel ranks."""
+    was_training = engine.module.training
+    engine.module.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        batch = batch.to(device)
+        total += cross_entropy(engine(batch[:, :-1]), batch[:, 1:]).item()
+        count += 1
+    engine.module.train(was_training)
+    (mean,) = _mean_over_data_parallel([total / max(count, 1)])
+    return mean

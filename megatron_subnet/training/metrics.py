@@ -1,0 +1,106 @@
+"""Progress bar, metrics.jsonl, TensorBoard (when installed) and the loss-curve plot; rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+
+def peak_memory_mb() -> float:
+    """Peak accelerator memory if there is one, else the process's peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class MetricsLogger:
+    """Appends one JSON object per record to ``log_dir/metrics.jsonl`` (resumed runs append)."""
+
+    def __init__(self, log_dir: str | Path, enabled: bool, total_iters: int, start_iter: int = 0):
+        self.enabled = enabled
+        self.log_dir = Path(log_dir)
+        self.bar = None
+        self.writer = None
+        if not enabled:
+            return
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.log_dir / "metrics.jsonl"
+        self.file = open(self.path, "a", buffering=1)
+        self.bar = tqdm(total=total_iters, initial=start_iter, desc="training", unit="it", dynamic_ncols=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.log_dir / "tensorboard"))
+        except ImportError:
+            self.writer = None
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        iteration = record.get("iteration", 0)
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "iteration" and isinstance(value, int | float) and math.isfinite(value):
+                    self.writer.add_scalar(key, value, iteration)
+        if "loss" in record:
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+            )
+        if "valid_loss" in record:
+            self.bar.write(
+                f"iteration {iteration}: valid loss {record['valid_loss']:.4f}, ppl {record['valid_ppl']:.2f}"
+            )
+        if "test_loss" in record:
+            self.bar.write(f"test loss {record['test_loss']:.4f}, ppl {record['test_ppl']:.2f}")
+
+    def advance(self, iterations: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(iterations)
+
+    def write(self, message: str) -> None:
+        if self.enabled:
+            self.bar.write(message)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.bar.close()
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+        plot_loss_curve(self.path, self.log_dir / "loss_curve.png")
+
+
+def plot_loss_curve(metrics_path: Path, output: Path) -> None:
+    """Training loss (and CE/KD parts) and validation loss against tokens seen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    train = [r for r in records if "loss" in r]
+    valid = [r for r in records if "valid_loss" in r]
+    if not train:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
+    if any(r.get("kd") is not None for r in train):
+        ax.plot([r["tokens"] for r in train], [r["ce"] for r in train], label="train CE", lw=1, alpha=0.7)
+    if valid:
+        ax.plot([r["tokens"] for r in valid], [r["valid_loss"] for r in valid], "o-", label="valid loss (CE)")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = output.with_name(f".{output.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(output)

@@ -1,0 +1,15 @@
+"""Pretrain a small language model from a sub-network of a teacher, with online distillation.
+
+    deepspeed --num_gpus 2 pretrain_slm.py --ds_config examples/ds_config_zero1.json \\
+        --teacher-load ckpt/teacher --subnet best_subnet.json --data-path data/demo_text_document \\
+        --micro-batch-size 4 --global-batch-size 32 --seq-length 512 --train-iters 1000 --save ckpt/student
+
+Runs unchanged under `deepspeed`, `torchrun` and `mpirun -np N python pretrain_slm.py`.
+"""
+
+import sys
+
+from megatron_subnet.training.trainer import main
+
+if __name__ == "__main__":
+    sys.exit(main())
