@@ -97,6 +97,15 @@ def config_from_hf(hf) -> ModelConfig:
     raise ConfigError(f"model_type {model_type!r} is not supported (llama, mistral, qwen2, gpt_neox)")
 
 
+def _hf_config(cls, **kwargs):
+    """``cls(**kwargs)``; ConfigError when transformers' own validation rejects the values."""
+    try:
+        return cls(**kwargs)
+    except Exception as e:  # noqa: BLE001 - huggingface_hub's strict dataclasses raise non-ValueError types
+        cause = getattr(e, "__cause__", None) or e
+        raise ConfigError(f"transformers rejects the {cls.__name__}: {(str(cause).splitlines() or [''])[0]}") from None
+
+
 def config_to_hf(config: ModelConfig):
     """A transformers config for our ModelConfig; ConfigError when HF cannot express it."""
     from transformers import GPTNeoXConfig, LlamaConfig, Qwen2Config
@@ -131,11 +140,17 @@ def config_to_hf(config: ModelConfig):
             rope_parameters=rope,
             **common,
         )
+        if config.hidden_size % heads:
+            # transformers' LlamaConfig / Qwen2Config validation demands it even though head_dim is stored apart
+            raise ConfigError(
+                f"llama export: transformers requires hidden_size ({config.hidden_size}) to be a multiple of "
+                f"num_attention_heads ({heads}); choose a sub-network whose hidden size is a multiple of its heads"
+            )
         if config.qkv_bias and not config.proj_bias and not config.mlp_bias:
-            return Qwen2Config(**kw)
+            return _hf_config(Qwen2Config, **kw)
         if config.qkv_bias != config.proj_bias:
             raise ConfigError("llama export: q/k/v and output-projection biases must agree (or be Qwen2's q/k/v only)")
-        return LlamaConfig(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias, **kw)
+        return _hf_config(LlamaConfig, attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias, **kw)
     if groups != heads or config.hidden_size != heads * config.head_dim:
         raise ConfigError(
             f"gpt_neox export: HF GPT-NeoX needs hidden_size == heads * head_dim and no grouped-query attention "
@@ -145,7 +160,8 @@ def config_to_hf(config: ModelConfig):
         raise ConfigError("gpt_neox export: attention biases must agree and the MLP must have biases")
     act = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[config.activation]
     rope["partial_rotary_factor"] = config.rotary_pct
-    return GPTNeoXConfig(
+    return _hf_config(
+        GPTNeoXConfig,
         layer_norm_eps=config.norm_eps,
         hidden_act=act,
         use_parallel_residual=config.parallel_residual,
@@ -349,7 +365,10 @@ def load_hf(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tenso
 
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                path.parent, gguf_file=path.name, dtype=torch.float32, local_files_only=True,
+                path.parent,
+                gguf_file=path.name,
+                dtype=torch.float32,
+                local_files_only=True,
                 **_gguf_dequantize_kwargs(),
             )
         except Exception as e:  # noqa: BLE001 - gguf and transformers raise many types for bad files

@@ -84,6 +84,16 @@ def copy_tokenizer_files(src: str | os.PathLike | None, dst: str | os.PathLike) 
     return copied
 
 
+def _apply_umask(root: Path) -> None:
+    """Give ``root`` and its files the modes a plain mkdir/open would (mkdtemp and safetensors use 0o700/0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(root, 0o777 & ~mask)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def write_directory_atomically(directory: str | os.PathLike, fill) -> None:
     """Call ``fill(tmp_dir)``, then move the temporary directory to ``directory`` (replacing it)."""
     directory = Path(directory)
@@ -91,6 +101,7 @@ def write_directory_atomically(directory: str | os.PathLike, fill) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         fill(tmp)
+        _apply_umask(tmp)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
             os.replace(directory, old)

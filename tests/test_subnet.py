@@ -1,0 +1,363 @@
+"""Sub-networks: masked parent == extracted student, exact parameter counts, selection and validation."""
+
+from __future__ import annotations
+
+import json
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megatron_subnet.model.config import ConfigError, ModelConfig
+from megatron_subnet.model.gpt import GPTModel
+from megatron_subnet.model.subnet import SubnetConfig, extract_state_dict, subnet_indices
+
+VOCAB = 61
+
+PARENTS = {
+    # llama: RMSNorm, SwiGLU, grouped-query attention (4 heads per group), tied embeddings, head_dim != hidden/heads
+    "llama_gqa_tied": dict(
+        arch="llama",
+        vocab_size=VOCAB,
+        hidden_size=24,
+        num_layers=4,
+        num_attention_heads=8,
+        num_query_groups=2,
+        head_dim=6,
+        ffn_hidden_size=40,
+        tie_word_embeddings=True,
+        init_std=0.3,
+    ),
+    # Pythia: LayerNorm with bias, GELU, every bias, parallel residual, partial rotary
+    "gpt_neox": dict(
+        arch="gpt_neox",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=4,
+        num_attention_heads=4,
+        num_query_groups=4,
+        head_dim=8,
+        ffn_hidden_size=48,
+        activation="gelu",
+        normalization="layernorm",
+        qkv_bias=True,
+        proj_bias=True,
+        mlp_bias=True,
+        parallel_residual=True,
+        rotary_pct=0.25,
+        init_std=0.3,
+    ),
+    # a parent whose layers already differ (itself a per-layer student), untied, Qwen2-style q/k/v bias
+    "llama_per_layer": dict(
+        arch="llama",
+        vocab_size=VOCAB,
+        hidden_size=20,
+        num_layers=3,
+        num_attention_heads=[6, 4, 3],
+        num_query_groups=[3, 1, 3],
+        head_dim=4,
+        ffn_hidden_size=[16, 24, 8],
+        qkv_bias=True,
+        mlp_bias=True,
+        init_std=0.3,
+    ),
+}
+
+
+def make_parent(name: str, seed: int = 0) -> GPTModel:
+    """A parent with large random weights and non-trivial norms and biases (so every index matters)."""
+    torch.manual_seed(seed)
+    model = GPTModel(ModelConfig(**PARENTS[name])).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "layernorm" in pname or pname.endswith("bias"):
+                p.add_(0.5 * torch.randn_like(p))
+    return model
+
+
+def random_subnet(parent: ModelConfig, rng: random.Random) -> SubnetConfig:
+    """A random valid sub-network: any layers, channels, groups, equal heads per kept group, neurons."""
+
+    def subset(n: int, k: int | None = None) -> list[int]:
+        return sorted(rng.sample(range(n), rng.randint(1, n) if k is None else k))
+
+    layers = subset(parent.num_layers)
+    heads, groups, mlp = [], [], []
+    for layer in layers:
+        p_heads, p_groups = parent.layer_heads(layer), parent.layer_query_groups(layer)
+        per_group = p_heads // p_groups
+        kept_groups = subset(p_groups)
+        keep = rng.randint(1, per_group)
+        kept_heads = [g * per_group + h for g in kept_groups for h in subset(per_group, keep)]
+        groups.append(kept_groups)
+        heads.append(kept_heads)
+        mlp.append(subset(parent.layer_ffn(layer)))
+    return SubnetConfig(layers, subset(parent.hidden_size), heads, groups, mlp)
+
+
+def student_from(parent: GPTModel, subnet: SubnetConfig) -> GPTModel:
+    config, state = extract_state_dict(parent.config, parent.state_dict(), subnet)
+    student = GPTModel(config).eval()
+    student.load_state_dict(state, strict=True)
+    return student
+
+
+def tokens(seed: int = 0, batch: int = 2, seq: int = 12) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", list(PARENTS))
+def test_masked_equals_extracted_for_random_subnets(name):
+    parent = make_parent(name)
+    rng = random.Random(list(PARENTS).index(name))
+    x = tokens()
+    widths_differ = 0
+    for trial in range(30):
+        subnet = random_subnet(parent.config, rng)
+        student_config, state = extract_state_dict(parent.config, parent.state_dict(), subnet)
+        widths_differ += not student_config.is_uniform
+        student = GPTModel(student_config).eval()
+        student.load_state_dict(state, strict=True)
+        with torch.no_grad():
+            masked, extracted = parent(x, subnet=subnet), student(x)
+        assert masked.shape == extracted.shape == (*x.shape, VOCAB)
+        diff = (masked - extracted).abs().max().item()
+        assert diff <= 1e-5, f"trial {trial}: masked and extracted differ by {diff} for {subnet}"
+        numel = sum(t.numel() for t in state.values())
+        assert subnet.num_parameters(parent.config) == numel == student_config.num_parameters(), subnet
+        assert sum(p.numel() for p in student.parameters()) == numel
+        assert subnet.num_parameters(parent.config, include_embeddings=False) == student_config.num_parameters(False)
+    assert widths_differ >= 10, "the random sub-networks should mostly have per-layer widths"
+
+
+@pytest.mark.parametrize("name", list(PARENTS))
+def test_full_subnet_is_the_dense_model(name):
+    parent = make_parent(name)
+    full = SubnetConfig.full(parent.config)
+    index = subnet_indices(parent.config, full)
+    assert index.hidden is None
+    assert all(li.qkv_rows is None and li.proj_cols is None and li.mlp_rows is None for li in index.per_layer)
+    x = tokens(1)
+    with torch.no_grad():
+        assert torch.equal(parent(x, subnet=full), parent(x))
+        assert torch.equal(student_from(parent, full)(x), parent(x))
+    assert full.num_parameters(parent.config) == parent.config.num_parameters()
+    assert parent.config.num_parameters() == sum(p.numel() for p in parent.parameters())
+
+
+def test_tied_embeddings_stay_tied_and_untied_output_is_sliced():
+    tied = make_parent("llama_gqa_tied")
+    subnet = SubnetConfig.from_counts(tied.config, num_layers=2, hidden_size=10)
+    config, state = extract_state_dict(tied.config, tied.state_dict(), subnet)
+    assert config.tie_word_embeddings and "output_layer.weight" not in state
+    assert torch.equal(state["embedding.weight"], tied.embedding.weight[:, :10])
+    untied = make_parent("llama_per_layer")
+    config, state = extract_state_dict(
+        untied.config, untied.state_dict(), SubnetConfig.from_counts(untied.config, hidden_size=7)
+    )
+    assert torch.equal(state["output_layer.weight"], untied.output_layer.weight[:, :7])
+
+
+def test_layer_order_and_extracted_layer_weights():
+    """Kept layers keep their order; student layer j holds parent layer ``layers[j]``'s selected weights."""
+    parent = make_parent("gpt_neox")
+    subnet = SubnetConfig([1, 3], list(range(0, 32, 2)), [[0, 2], [1]], [[0, 2], [1]], [list(range(10)), [5, 7]])
+    config, state = extract_state_dict(parent.config, parent.state_dict(), subnet)
+    assert config.num_layers == 2 and config.num_attention_heads == [2, 1] and config.ffn_hidden_size == [10, 2]
+    hidden = torch.arange(0, 32, 2)
+    fc2 = parent.layers[3].mlp.linear_fc2.weight
+    assert torch.equal(state["layers.1.mlp.linear_fc2.weight"], fc2[hidden][:, [5, 7]])
+    assert torch.equal(state["layers.1.mlp.linear_fc1.bias"], parent.layers[3].mlp.linear_fc1.bias[[5, 7]])
+    # gpt_neox QKV rows per head: [q, k, v] blocks of head_dim; head 1 of layer 3
+    qkv = parent.layers[3].self_attention.linear_qkv.weight
+    assert torch.equal(state["layers.1.self_attention.linear_qkv.weight"], qkv[24:48][:, hidden])
+
+
+# --- selection by counts and by importance ---------------------------------------------------------------
+
+
+def test_from_counts_keeps_the_first_units():
+    parent = ModelConfig(**PARENTS["llama_gqa_tied"])
+    s = SubnetConfig.from_counts(
+        parent, num_layers=3, hidden_size=10, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=[5, 6, 7]
+    )
+    assert s.layers == [0, 1, 2] and s.hidden == list(range(10))
+    assert s.query_groups == [[0, 1]] * 3
+    assert s.heads == [[0, 1, 4, 5]] * 3  # 2 of the 4 heads in each of the 2 groups
+    assert s.mlp == [list(range(5)), list(range(6)), list(range(7))]
+    s = SubnetConfig.from_counts(parent, num_attention_heads=[8, 3], num_query_groups=[2, 1], num_layers=2)
+    assert s.heads == [list(range(8)), [0, 1, 2]] and s.query_groups == [[0, 1], [0]]
+    # heads default to the parent's heads per group times the kept groups
+    assert SubnetConfig.from_counts(parent, num_query_groups=1).heads[0] == [0, 1, 2, 3]
+
+
+def fake_importance(parent: ModelConfig, seed: int = 0) -> SimpleNamespace:
+    g = torch.Generator().manual_seed(seed)
+    n = parent.num_layers
+    return SimpleNamespace(
+        layers=torch.rand(n, generator=g),
+        hidden=torch.rand(parent.hidden_size, generator=g),
+        heads=[torch.rand(parent.layer_heads(i), generator=g) for i in range(n)],
+        query_groups=[torch.rand(parent.layer_query_groups(i), generator=g) for i in range(n)],
+        mlp=[torch.rand(parent.layer_ffn(i), generator=g) for i in range(n)],
+    )
+
+
+def top(scores: torch.Tensor, k: int) -> list[int]:
+    return sorted(torch.argsort(scores, descending=True, stable=True)[:k].tolist())
+
+
+def test_from_counts_by_importance_keeps_the_most_important_units():
+    parent = ModelConfig(**PARENTS["llama_gqa_tied"])
+    imp = fake_importance(parent)
+    s = SubnetConfig.from_counts(
+        parent,
+        num_layers=2,
+        hidden_size=9,
+        num_attention_heads=2,
+        num_query_groups=1,
+        ffn_hidden_size=11,
+        importance=imp,
+    )
+    assert s.layers == top(imp.layers, 2)
+    assert s.hidden == top(imp.hidden, 9)
+    for j, layer in enumerate(s.layers):  # per-layer scores are indexed by the *parent* layer
+        (g,) = top(imp.query_groups[layer], 1)
+        assert s.query_groups[j] == [g]
+        assert s.heads[j] == [4 * g + h for h in top(imp.heads[layer][4 * g : 4 * g + 4], 2)]
+        assert s.mlp[j] == top(imp.mlp[layer], 11)
+    s.validate(parent)
+
+
+def test_importance_ties_go_to_the_lower_index():
+    parent = ModelConfig(**PARENTS["gpt_neox"])
+    imp = fake_importance(parent)
+    imp.hidden = torch.zeros(parent.hidden_size)
+    imp.hidden[[30, 5]] = 1.0
+    s = SubnetConfig.from_counts(parent, hidden_size=4, importance=imp)
+    assert s.hidden == [0, 1, 5, 30]
+
+
+def test_from_dict_counts_and_order():
+    parent = ModelConfig(**PARENTS["llama_gqa_tied"])
+    imp = fake_importance(parent, seed=3)
+    counts = {
+        "num_layers": 2,
+        "hidden_size": 12,
+        "num_attention_heads": 4,
+        "num_query_groups": 2,
+        "ffn_hidden_size": 20,
+    }
+    assert SubnetConfig.from_dict(counts, parent) == SubnetConfig.from_counts(parent, **counts)
+    assert SubnetConfig.from_dict({**counts, "order": "first"}, parent, imp) == SubnetConfig.from_counts(
+        parent, **counts
+    )
+    by_importance = SubnetConfig.from_dict({**counts, "order": "importance"}, parent, imp)
+    assert by_importance == SubnetConfig.from_counts(parent, **counts, importance=imp)
+    assert by_importance.layers == top(imp.layers, 2)
+    with pytest.raises(ConfigError, match="needs importance scores"):
+        SubnetConfig.from_dict({**counts, "order": "importance"}, parent)
+    with pytest.raises(ConfigError, match="order 'best'"):
+        SubnetConfig.from_dict({**counts, "order": "best"}, parent)
+    with pytest.raises(ConfigError, match="unknown keys"):
+        SubnetConfig.from_dict({"num_layer": 2}, parent)
+    with pytest.raises(ConfigError, match="unexpected keys"):
+        SubnetConfig.from_dict({**SubnetConfig.full(parent).to_dict(), "num_layers": 2}, parent)
+    explicit = SubnetConfig.from_counts(parent, num_layers=3, hidden_size=5).to_dict()
+    assert SubnetConfig.from_dict(explicit, parent) == SubnetConfig(**explicit)
+    with pytest.raises(ConfigError, match=r"missing keys \['mlp'\]"):
+        SubnetConfig.from_dict({k: v for k, v in explicit.items() if k != "mlp"}, parent)
+
+
+@pytest.mark.parametrize(
+    "counts, message",
+    [
+        (dict(num_layers=0), "num_layers 0: must be in 1..4"),
+        (dict(num_layers=5), "num_layers 5: must be in 1..4"),
+        (dict(hidden_size=25), "hidden_size 25: must be in 1..24"),
+        (dict(num_attention_heads=3, num_query_groups=2), "3 heads in 2 query groups do not fit"),
+        (dict(num_attention_heads=10, num_query_groups=2), "10 heads in 2 query groups do not fit"),
+        (dict(num_query_groups=3), "query groups do not fit"),
+        (dict(ffn_hidden_size=41), "ffn_hidden_size 41 must be in 1..40"),
+        (dict(num_layers=2, ffn_hidden_size=[4]), "ffn_hidden_size: 1 per-layer values, need one per kept layer"),
+    ],
+)
+def test_from_counts_errors(counts, message):
+    parent = ModelConfig(**PARENTS["llama_gqa_tied"])
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        SubnetConfig.from_counts(parent, **counts)
+
+
+def valid_explicit() -> dict:
+    return dict(
+        layers=[0, 2], hidden=[0, 3, 5, 7], heads=[[0, 1, 4, 5], [4]], query_groups=[[0, 1], [1]], mlp=[[0, 1], [3, 39]]
+    )
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(layers=[0, 4]), "layers: index 4 out of range for 4 parent layers"),
+        (dict(layers=[-1, 2]), "layers: index -1 out of range"),
+        (dict(layers=[]), "layers: empty"),
+        (dict(layers=[2, 2]), "layers: duplicate index 2"),
+        (dict(layers=[2, 0]), r"layers: indices must be ascending \(2 before 0\)"),
+        (dict(layers=[0, "2"]), "layers: expected a list of integers"),
+        (dict(hidden=[0, 24]), "hidden: index 24 out of range for 24 hidden channels"),
+        (dict(hidden=[]), "hidden: empty"),
+        (dict(mlp=[[0, 1], [40]]), r"mlp\[1\]: index 40 out of range for 40 MLP neurons in layer 2"),
+        (dict(mlp=[[0, 1], []]), r"mlp\[1\]: empty"),
+        (dict(mlp=[[0, 1]]), "mlp: 1 entries for 2 kept layers"),
+        (dict(heads=[[0, 1, 4, 5], [8]]), r"heads\[1\]: index 8 out of range for 8 heads in layer 2"),
+        (dict(heads=[[0, 1, 4, 5], [0]]), r"heads\[1\]: head 0 belongs to query group 0, which is not kept"),
+        (dict(heads=[[0, 1, 4], [4]]), r"heads\[0\]: kept query groups keep \[1, 2\] heads"),
+        (dict(heads=[[0, 1], [4]]), r"heads\[0\]: kept query groups keep \[0, 2\] heads"),
+        (dict(query_groups=[[0, 2], [1]]), r"query_groups\[0\]: index 2 out of range for 2 query groups"),
+        (dict(query_groups=[[0, 0], [1]]), r"query_groups\[0\]: duplicate index 0"),
+    ],
+)
+def test_validation_errors_name_the_problem(change, message):
+    parent = ModelConfig(**PARENTS["llama_gqa_tied"])
+    SubnetConfig(**valid_explicit()).validate(parent)
+    subnet = SubnetConfig(**{**valid_explicit(), **change})
+    with pytest.raises(ConfigError, match=message):
+        subnet.validate(parent)
+    with pytest.raises(ConfigError, match=message):
+        extract_state_dict(parent, GPTModel(parent).state_dict(), subnet)
+
+
+def test_json_round_trip(tmp_path):
+    parent = make_parent("llama_per_layer")
+    subnet = random_subnet(parent.config, random.Random(7))
+    path = tmp_path / "subnet.json"
+    subnet.save(path)
+    assert json.loads(path.read_text()) == subnet.to_dict()
+    loaded = SubnetConfig.load(path, parent.config)
+    assert loaded == subnet
+    x = tokens(2)
+    with torch.no_grad():
+        assert torch.equal(parent(x, subnet=loaded), parent(x, subnet=subnet))
+    # counts round-trip through a JSON file too
+    path.write_text(json.dumps({"num_layers": 2, "hidden_size": 8}))
+    assert SubnetConfig.load(path, parent.config) == SubnetConfig.from_counts(parent.config, 2, 8)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{not json", "Expecting property name"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"layers": [0], "hidden": [0], "heads": 3, "query_groups": [[0]], "mlp": [[0]]}', "invalid sub-network"),
+        ('{"num_layers": 9}', "num_layers 9: must be in 1..3"),
+    ],
+)
+def test_load_errors_name_the_file(tmp_path, text, message):
+    parent = ModelConfig(**PARENTS["llama_per_layer"])
+    path = tmp_path / "bad_subnet.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as e:
+        SubnetConfig.load(path, parent)
+    assert str(path) in str(e.value)
+    with pytest.raises(ConfigError, match="No such file"):
+        SubnetConfig.load(tmp_path / "missing.json", parent)

@@ -1,0 +1,207 @@
+"""Convert between Hugging Face / GGUF models and our checkpoints, and cut a dense student from a parent.
+
+    python tools/convert_checkpoint.py import  --input HF_DIR_OR_GGUF --output ckpt/teacher
+    python tools/convert_checkpoint.py export  --input ckpt/student --output hf/student
+    python tools/convert_checkpoint.py extract --input ckpt/teacher --subnet best_subnet.json \\
+        [--importance importance.safetensors] --output ckpt/student
+
+``import`` reads a Hugging Face directory (llama, mistral, qwen2, gpt_neox) or a ``.gguf`` file (through
+transformers) and writes ``model_config.json`` + ``model.safetensors`` + the tokenizer's files.
+``export`` writes a directory that ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` load.
+``extract`` copies a sub-network's rows and columns into a dense student checkpoint, with the sub-network
+saved beside it (``subnet.json``); the sub-network JSON holds explicit indices or counts (see
+``SubnetConfig.from_dict``), counts taking the most important units when ``"order": "importance"``.
+
+Every output directory is written under a temporary name and renamed into place: a failure leaves
+nothing behind. Errors are one line on stderr (``error: ...``) and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_subnet.model.config import ConfigError, ModelConfig  # noqa: E402
+from megatron_subnet.model.weights import CheckpointError  # noqa: E402
+
+DTYPES = ("keep", "float32", "bfloat16", "float16")
+
+
+class ConvertError(ValueError):
+    """A failure to report as one line (already names the file or flag)."""
+
+
+def _context(flag: str, path: str | os.PathLike, error: Exception) -> ConvertError:
+    """``error`` as a ConvertError whose message names ``path`` (prefixed with the flag when it does not)."""
+    msg = " ".join(str(error).split("\n")).strip() or type(error).__name__
+    if str(path) not in msg:
+        msg = f"{flag} {path}: {msg}"
+    return ConvertError(msg)
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    out, src = Path(args.output), Path(args.input)
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        raise ConvertError(f"--output {out}: is the input; write to another directory")
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"--output {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise ConvertError(f"--output {out}: exists and is not empty (pass --overwrite to replace it)")
+
+
+def _cast(state: dict, dtype: str) -> dict:
+    if dtype == "keep":
+        return state
+    import torch
+
+    target = getattr(torch, dtype)
+    return {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _describe(config: ModelConfig) -> str:
+    heads = config.num_attention_heads
+    groups = config.num_query_groups
+    ffn = config.ffn_hidden_size
+    return (
+        f"{config.arch}, {config.num_layers} layers, hidden {config.hidden_size}, heads {heads}, "
+        f"query groups {groups}, ffn {ffn}, vocab {config.vocab_size}, "
+        f"{config.num_parameters() / 1e6:.2f}M parameters ({config.num_parameters():,})"
+    )
+
+
+def _tokenizer_note(directory: str | os.PathLike) -> str:
+    from megatron_subnet.model.weights import TOKENIZER_FILES
+
+    names = [n for n in TOKENIZER_FILES if (Path(directory) / n).is_file()]
+    return f"tokenizer files: {', '.join(names)}" if names else "no tokenizer files (none found in the input)"
+
+
+def _load_checkpoint(path: str):
+    from megatron_subnet.model.weights import load_checkpoint
+
+    if not Path(path).exists():
+        raise ConvertError(f"--input {path}: no such directory")
+    try:
+        return load_checkpoint(path)
+    except (CheckpointError, ConfigError, OSError) as e:
+        raise _context("--input", path, e) from None
+
+
+def cmd_import(args: argparse.Namespace) -> str:
+    from megatron_subnet.model.hf import load_hf, save_gguf_tokenizer
+    from megatron_subnet.model.weights import save_checkpoint
+
+    src = Path(args.input)
+    if not src.exists():
+        raise ConvertError(f"--input {src}: no such file or directory")
+    if src.is_file() and src.suffix != ".gguf":
+        raise ConvertError(f"--input {src}: expected a Hugging Face model directory or a .gguf file")
+    try:
+        config, state = load_hf(src)
+    except (CheckpointError, ConfigError, OSError) as e:
+        raise _context("--input", src, e) from None
+    state = _cast(state, args.dtype)
+    with tempfile.TemporaryDirectory(prefix="convert-tokenizer-") as tmp:
+        if src.suffix == ".gguf":
+            try:
+                save_gguf_tokenizer(src, tmp)
+            except (CheckpointError, OSError) as e:
+                raise _context("--input", src, e) from None
+            tokenizer_from = tmp
+        else:
+            tokenizer_from = src
+        save_checkpoint(args.output, config, state, tokenizer_from=tokenizer_from)
+    return f"wrote checkpoint {args.output}: {_describe(config)}; {_tokenizer_note(args.output)}"
+
+
+def cmd_export(args: argparse.Namespace) -> str:
+    from megatron_subnet.model.hf import save_hf
+
+    config, state = _load_checkpoint(args.input)
+    state = _cast(state, args.dtype)
+    try:
+        save_hf(args.output, config, state, tokenizer_from=args.input)
+    except ConfigError as e:
+        raise _context("--input", args.input, e) from None
+    return f"wrote Hugging Face model {args.output}: {_describe(config)}; {_tokenizer_note(args.output)}"
+
+
+def _load_importance(path: str, parent: ModelConfig):
+    try:
+        from megatron_subnet.model.importance import load_importance
+    except ImportError:
+        raise ConvertError(f"--importance {path}: importance scores are not supported in this build") from None
+    if not Path(path).is_file():
+        raise ConvertError(f"--importance {path}: no such file")
+    try:
+        return load_importance(path, parent=parent)
+    except (ValueError, OSError) as e:
+        raise _context("--importance", path, e) from None
+
+
+def cmd_extract(args: argparse.Namespace) -> str:
+    from megatron_subnet.model.subnet import SubnetConfig, extract_state_dict
+    from megatron_subnet.model.weights import save_checkpoint
+
+    if not Path(args.subnet).is_file():
+        raise ConvertError(f"--subnet {args.subnet}: no such file")
+    parent, state = _load_checkpoint(args.input)
+    importance = _load_importance(args.importance, parent) if args.importance else None
+    try:
+        subnet = SubnetConfig.load(args.subnet, parent, importance)
+        student, student_state = extract_state_dict(parent, state, subnet)
+    except ConfigError as e:
+        raise _context("--subnet", args.subnet, e) from None
+    student_state = _cast(student_state, args.dtype)
+    save_checkpoint(args.output, student, student_state, tokenizer_from=args.input, subnet=subnet.to_dict())
+    share = student.num_parameters() / parent.num_parameters()
+    return f"wrote student checkpoint {args.output}: {_describe(student)}; {100 * share:.1f}% of the parent's"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{import,export,extract}")
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--output", required=True, help="output directory (written atomically)")
+        sp.add_argument("--overwrite", action="store_true", help="replace --output when it exists and is not empty")
+        sp.add_argument("--dtype", choices=DTYPES, default="keep", help="cast floating-point weights (default: keep)")
+
+    sp = sub.add_parser("import", help="Hugging Face directory or .gguf file -> our checkpoint")
+    sp.add_argument("--input", required=True, help="Hugging Face model directory or .gguf file")
+    common(sp)
+    sp.set_defaults(func=cmd_import)
+
+    sp = sub.add_parser("export", help="our checkpoint -> Hugging Face directory (safetensors)")
+    sp.add_argument("--input", required=True, help="checkpoint directory (model_config.json + model.safetensors)")
+    common(sp)
+    sp.set_defaults(func=cmd_export)
+
+    sp = sub.add_parser("extract", help="parent checkpoint + sub-network -> dense student checkpoint")
+    sp.add_argument("--input", required=True, help="parent checkpoint directory")
+    sp.add_argument("--subnet", required=True, help="sub-network JSON (explicit indices, or counts)")
+    sp.add_argument("--importance", help="importance scores (tools/compute_importance.py) for 'order': 'importance'")
+    common(sp)
+    sp.set_defaults(func=cmd_extract)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        _check_output(args)
+        message = args.func(args)
+    except (ConvertError, CheckpointError, ConfigError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(message)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
