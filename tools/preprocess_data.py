@@ -33,6 +33,7 @@ from megatron_subnet.data.indexed import IndexedDatasetBuilder, token_dtype  # n
 from megatron_subnet.data.tokenizer import TOKENIZER_TYPES, Tokenizer, TokenizerError, build_tokenizer  # noqa: E402
 
 LINES_PER_BATCH = 256
+BYTES_PER_BATCH = 1 << 20  # small batches keep the workers evenly loaded to the end
 REPORTED_BAD_LINES = 5
 
 
@@ -82,16 +83,19 @@ def open_text(path: str) -> io.TextIOBase:
 
 
 def read_batches(files: list[str]) -> Iterator[list[tuple[str, int, str]]]:
-    """(file, line number, raw line) in input order, LINES_PER_BATCH at a time; blank lines dropped."""
+    """(file, line number, raw line) in input order, up to LINES_PER_BATCH lines or BYTES_PER_BATCH
+    characters at a time; blank lines dropped."""
     batch: list[tuple[str, int, str]] = []
+    size = 0
     for path in files:
         with open_text(path) as f:
             for number, line in enumerate(f, start=1):
                 if line.strip():
                     batch.append((path, number, line))
-                if len(batch) == LINES_PER_BATCH:
+                    size += len(line)
+                if len(batch) == LINES_PER_BATCH or size >= BYTES_PER_BATCH:
                     yield batch
-                    batch = []
+                    batch, size = [], 0
     if batch:
         yield batch
 
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         pool = multiprocessing.get_context(method).Pool(args.workers, initializer=_init_worker, initargs=(args,))
-        results = pool.imap(_encode_in_worker, read_batches(files), chunksize=4)
+        results = pool.imap(_encode_in_worker, read_batches(files), chunksize=1)
     else:
         results = map(encoder.encode, read_batches(files))
 

@@ -30,6 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from megatron_subnet.model.config import ModelConfig
+from megatron_subnet.model.evaluation import lm_loss
 from megatron_subnet.model.gpt import GPTModel, rotary_cos_sin
 
 LAYER_METRICS = ("block", "drop_loss")
@@ -101,8 +102,8 @@ class Importance:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a safetensors file (atomically) with the scores and string metadata."""
-        meta = {**self.metadata, "format_version": FORMAT_VERSION, "layer_metric": self.layer_metric,
-                "num_layers": str(len(self.block))}
+        meta = {k: str(v) for k, v in self.metadata.items()}
+        meta.update(format_version=FORMAT_VERSION, layer_metric=self.layer_metric, num_layers=str(len(self.block)))
         tmp = f"{path}.tmp-{os.getpid()}"
         save_file({k: v.detach().float().contiguous().cpu() for k, v in self._tensors().items()}, tmp, metadata=meta)
         os.replace(tmp, path)
@@ -166,7 +167,8 @@ class _Recorder:
         self.hidden = zeros(c.hidden_size)
         self.block = zeros(n)
         self.layer_inputs: list[torch.Tensor | None] = [None] * n
-        self.keep_inputs = False
+        self.keep_inputs = False  # keep each layer's input (for the drop loss)
+        self.recording = True  # off while the layer-dropped runs reuse the layers
         self.handles: list = []
 
     def __enter__(self) -> _Recorder:
@@ -188,6 +190,8 @@ class _Recorder:
 
     def _head_hook(self, i: int):
         def hook(module, args):
+            if not self.recording:
+                return
             x = args[0].float()
             b, t, _ = x.shape
             self.heads[i] += x.view(b, t, len(self.heads[i]), -1).pow(2).sum((0, 1, 3)).sqrt().double().cpu()
@@ -195,23 +199,22 @@ class _Recorder:
 
     def _mlp_hook(self, i: int):
         def hook(module, args):
-            self.mlp[i] += args[0].float().abs().sum((0, 1)).double().cpu()
+            if self.recording:
+                self.mlp[i] += args[0].float().abs().sum((0, 1)).double().cpu()
         return hook
 
     def _norm_hook(self, module, args, output):
-        self.hidden += output.float().abs().sum((0, 1)).double().cpu()
+        if self.recording:
+            self.hidden += output.float().abs().sum((0, 1)).double().cpu()
 
     def _layer_hook(self, i: int):
         def hook(module, args, output):
+            if not self.recording:
+                return
             x = args[0]
             self.block[i] += (1 - F.cosine_similarity(x.float(), output.float(), dim=-1)).sum().double().cpu()
             self.layer_inputs[i] = x if self.keep_inputs else None
         return hook
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
 def _logits_from(model: GPTModel, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -244,9 +247,9 @@ def compute_importance(
     c = model.config
     tokens_seen = drop_tokens = 0
     drop_loss = torch.zeros(c.num_layers, dtype=torch.float64)
+    bar = tqdm(batches, desc="importance", unit="batch", disable=None if progress is None else not progress)
     with _Recorder(model) as rec:
-        for step, batch in enumerate(tqdm(batches, desc="importance", unit="batch", disable=None if progress is None
-                                          else not progress)):
+        for step, batch in enumerate(bar):
             batch = batch.to(model.embedding.weight.device)
             inputs, labels = batch[:, :-1], batch[:, 1:]
             rec.keep_inputs = step < drop_iters
@@ -257,11 +260,11 @@ def compute_importance(
             base = lm_loss(logits, labels)
             del logits
             cos, sin = rotary_cos_sin(c, inputs.shape[1], inputs.device)
-            rec.__exit__()  # no statistics from the layer-dropped runs
+            rec.recording = False
             for i in range(c.num_layers):
                 drop_loss[i] += float(lm_loss(_logits_from(model, rec.layer_inputs[i], i + 1, cos, sin), labels) - base)
             rec.layer_inputs = [None] * c.num_layers
-            rec.__enter__()
+            rec.recording = True
             drop_tokens += inputs.numel()
     model.train(was_training)
     n_batches = len(batches)

@@ -1,0 +1,122 @@
+"""Language-model loss and perplexity of a model (ours, dense or masked, or transformers') on token batches.
+
+Batches are token tensors ``[batch, seq + 1]``: inputs ``[:, :-1]``, labels ``[:, 1:]``. The loss is the
+fp32 cross-entropy averaged over every label token of every batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from megatron_subnet.model.config import ModelConfig
+from megatron_subnet.model.weights import CONFIG_NAME, CheckpointError, load_checkpoint
+
+Forward = Callable[[torch.Tensor], torch.Tensor]  # tokens [batch, seq] -> logits [batch, seq, vocab]
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean cross-entropy per token (nats)
+    tokens: int  # label tokens scored
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss) if self.loss < 700 else math.inf
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy in fp32 (``labels`` already shifted)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction=reduction)
+
+
+@torch.no_grad()
+def evaluate(
+    forward: Forward, batches: Iterable[torch.Tensor], device: torch.device | str = "cpu",
+    desc: str = "eval", progress: bool | None = None,
+) -> EvalResult:
+    """Mean loss of ``forward`` over ``batches`` (``progress=None``: a bar only on a terminal)."""
+    total, tokens = 0.0, 0
+    bar = tqdm(batches, desc=desc, unit="batch", disable=None if progress is None else not progress)
+    for batch in bar:
+        batch = batch.to(device)
+        inputs, labels = batch[:, :-1], batch[:, 1:]
+        total += float(lm_loss(forward(inputs), labels, reduction="sum"))
+        tokens += labels.numel()
+        bar.set_postfix(loss=f"{total / tokens:.4f}")
+    if tokens == 0:
+        raise ValueError("no evaluation batches")
+    return EvalResult(total / tokens, tokens)
+
+
+def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], device: torch.device | str = "cpu"):
+    """A GPTModel holding ``state`` (no copy on CPU), in eval mode."""
+    from megatron_subnet.model.gpt import GPTModel
+
+    with torch.device("meta"):
+        model = GPTModel(config)
+    model.load_state_dict(state, assign=True)
+    return model.to(device).eval()
+
+
+def checkpoint_kind(path: str | os.PathLike) -> str:
+    """``"ours"`` (model_config.json), ``"hf"`` (config.json) or ``"gguf"``; CheckpointError otherwise."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
+    if (path / CONFIG_NAME).is_file():
+        return "ours"
+    if (path / "config.json").is_file():
+        return "hf"
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    raise CheckpointError(f"{path}: not a checkpoint (no {CONFIG_NAME}, no config.json, not a .gguf file)")
+
+
+def load_any(path: str | os.PathLike, device: torch.device | str = "cpu"):
+    """Our GPTModel from our checkpoint directory, a Hugging Face directory or a ``.gguf`` file."""
+    if checkpoint_kind(path) == "ours":
+        config, state = load_checkpoint(path)
+    else:
+        from megatron_subnet.model.hf import load_hf
+
+        config, state = load_hf(path)
+    return model_from_state(config, state, device)
+
+
+def load_transformers(path: str | os.PathLike, device: torch.device | str = "cpu"):
+    """transformers' own ``AutoModelForCausalLM`` (fp32, eval) for a HF directory, a ``.gguf`` file, or our
+    checkpoint (written to a temporary HF directory first)."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    kind = checkpoint_kind(path)
+    path = Path(path)
+    kwargs = dict(dtype=torch.float32, local_files_only=True)
+    try:
+        if kind == "gguf":
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+        elif kind == "hf":
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        else:
+            from megatron_subnet.model.hf import save_hf
+
+            config, state = load_checkpoint(path)
+            with tempfile.TemporaryDirectory() as tmp:
+                save_hf(Path(tmp) / "hf", config, state)
+                model = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", **kwargs)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: transformers cannot load it ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval()
+
+
+def transformers_forward(model) -> Forward:
+    return lambda tokens: model(input_ids=tokens, use_cache=False).logits
