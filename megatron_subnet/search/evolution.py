@@ -1,0 +1,448 @@
+"""Evolutionary search (and random search at the same cost) for the best sub-network under a parameter budget.
+
+Generation 0 samples ``population`` candidates, spread round-robin over the budget's bins. Each later
+generation keeps the ``elite`` best of every bin and breeds ``population - elite * bins`` new candidates:
+tournament selection, uniform crossover (probability ``crossover_prob``), per-gene mutation
+(``mutation_prob``), then repair into the child's bin (bins again round-robin). Random search samples
+the same number of new candidates per generation, so both spend exactly
+``population + (generations - 1) * (population - elite * bins)`` fitness evaluations.
+
+Fitness values are cached by the sub-network's key. A candidate already evaluated is bred again (up to
+``max_tries``, the second half of the tries sampling fresh candidates), so every evaluation counted is a
+new sub-network; only when the space around a bin is exhausted is a duplicate taken from the cache,
+marked ``cached`` in ``results.jsonl`` and not counted. Everything is driven by one numpy Generator; its
+state, the population, the cache and the best per bin are written to ``state.json`` (atomically) after
+every generation, so a killed search resumes where it stopped and ends with the same result as an
+uninterrupted one. Under data parallelism every rank runs the same search (same RNG), only the fitness
+evaluations are split (``fitness.py``), and rank 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch.distributed as dist
+from tqdm import tqdm
+
+from megatron_subnet.model.subnet import SubnetConfig
+from megatron_subnet.search.space import Budget, SearchSpace, SearchSpaceError, check_budget
+
+MODES = ("evolution", "random")
+STATE_VERSION = 1
+
+# candidates -> [(validation loss, seconds)] in the same order
+Fitness = Callable[[list[SubnetConfig]], list[tuple[float, float]]]
+
+
+@dataclass
+class EvolutionConfig:
+    population: int = 16
+    generations: int = 10
+    mutation_prob: float = 0.2  # per gene
+    crossover_prob: float = 0.5
+    tournament_size: int = 3
+    elite: int = 2  # per bin
+    mode: str = "evolution"
+    seed: int = 0
+    max_tries: int = 100  # per new candidate, before a duplicate is accepted or the bin is declared unreachable
+
+    def validate(self, bins: int) -> None:
+        if self.mode not in MODES:
+            raise SearchSpaceError(f"--mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        for flag, value in (
+            ("--population", self.population),
+            ("--generations", self.generations),
+            ("--tournament-size", self.tournament_size),
+            ("--max-tries", self.max_tries),
+        ):
+            if value < 1:
+                raise SearchSpaceError(f"{flag} {value}: must be at least 1")
+        for flag, value in (("--mutation-prob", self.mutation_prob), ("--crossover-prob", self.crossover_prob)):
+            if not 0 <= value <= 1:
+                raise SearchSpaceError(f"{flag} {value}: must be in [0, 1]")
+        if self.population < bins:
+            raise SearchSpaceError(f"--population {self.population}: needs at least one candidate per bin ({bins})")
+        if self.elite < 0 or self.elite * bins >= self.population:
+            raise SearchSpaceError(
+                f"--elite {self.elite}: {self.elite} per bin x {bins} bins must stay below "
+                f"--population {self.population}"
+            )
+
+    def new_per_generation(self, generation: int, bins: int) -> int:
+        return self.population if generation == 0 else self.population - self.elite * bins
+
+    def total_evaluations(self, bins: int) -> int:
+        return sum(self.new_per_generation(g, bins) for g in range(self.generations))
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _broadcast(obj):
+    """``obj`` from rank 0 on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _write_json(path: Path, obj, indent: int | None = None) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _sort_key(member: dict) -> tuple[float, str]:
+    loss = member["loss"]
+    return (loss if math.isfinite(loss) else math.inf, member["key"])
+
+
+class Search:
+    """One search run: ``run()`` goes from the saved generation (or 0) to ``config.generations``."""
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        budget: Budget,
+        config: EvolutionConfig,
+        fitness: Fitness,
+        output: str | os.PathLike | None = None,
+        settings: dict | None = None,
+        progress: bool | None = None,
+    ):
+        config.validate(budget.bins)
+        self.space, self.budget, self.config, self.fitness = space, budget, config, fitness
+        self.output = Path(output) if output is not None else None
+        self.writer = self.output is not None and _rank() == 0
+        self.progress = progress
+        run_settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "generations"}
+        self.settings = json.loads(
+            json.dumps(
+                {
+                    "space": space.config.to_dict(),
+                    "budget": budget.to_dict(),
+                    "search": run_settings,
+                    "parent": space.parent.to_dict(),
+                    **(settings or {}),
+                }
+            )
+        )
+        self.rng = np.random.default_rng(config.seed)
+        self.generation = 0
+        self.evaluations = 0
+        self.population: list[dict] = []  # {genome, key, params, bin, loss}
+        self.cache: dict[str, dict] = {}  # key -> {loss, params, bin, generation, seconds}
+        self.best: list[dict | None] = [None] * budget.bins  # {key, params, loss, generation, genome}
+        self.records: list[dict] = []  # results.jsonl lines
+        self._resume()
+
+    # ------------------------------------------------------------------ state
+
+    def _resume(self) -> None:
+        saved = None
+        if self.output is not None and _rank() == 0:
+            path = self.output / "state.json"
+            if path.is_file():
+                try:
+                    saved = json.loads(path.read_text())
+                except json.JSONDecodeError as e:
+                    saved = {"error": f"{path}: unreadable search state ({e})"}
+        saved = _broadcast(saved)
+        if saved is None:
+            if self.writer:
+                self.output.mkdir(parents=True, exist_ok=True)
+                (self.output / "results.jsonl").unlink(missing_ok=True)  # a run killed in generation 0
+            return
+        if "error" in saved:
+            raise SearchSpaceError(saved["error"])
+        if saved.get("version") != STATE_VERSION or saved.get("settings") != self.settings:
+            old, new = _flatten(saved.get("settings") or {}), _flatten(self.settings)
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise SearchSpaceError(
+                f"{self.output}/state.json: written by a search with other settings ({', '.join(diff) or 'version'}); "
+                "use the same flags to resume (only --generations may grow) or a new --output"
+            )
+        self.rng.bit_generator.state = saved["rng"]
+        self.generation, self.evaluations = saved["generation"], saved["evaluations"]
+        self.population, self.cache, self.best = saved["population"], saved["cache"], saved["best"]
+        if self.writer:
+            results = self.output / "results.jsonl"
+            lines = results.read_text().splitlines() if results.is_file() else []
+            self.records = [r for r in map(json.loads, lines) if r["generation"] < self.generation]
+            # drop a generation that was written but not committed to state.json
+            tmp = results.with_name(f".{results.name}.tmp-{os.getpid()}")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            os.replace(tmp, results)
+
+    def _save(self, new_records: list[dict]) -> None:
+        if not self.writer:
+            return
+        with open(self.output / "results.jsonl", "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in new_records)
+        state = {
+            "version": STATE_VERSION,
+            "settings": self.settings,
+            "generation": self.generation,
+            "evaluations": self.evaluations,
+            "rng": self.rng.bit_generator.state,
+            "population": self.population,
+            "cache": self.cache,
+            "best": self.best,
+        }
+        _write_json(self.output / "state.json", state)
+        self._write_best()
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> list[dict | None]:
+        """Run the remaining generations; returns the best per bin ({key, params, loss, generation, genome})."""
+        check_budget(self.space, self.budget)
+        total = self.config.total_evaluations(self.budget.bins)
+        disable = (not self.progress if self.progress is not None else None) if _rank() == 0 else True
+        bar = tqdm(
+            total=total,
+            initial=self.evaluations,
+            desc=f"search ({self.config.mode})",
+            unit="eval",
+            disable=disable,
+            dynamic_ncols=True,
+        )
+        while self.generation < self.config.generations:
+            new_records = self._step(self.generation, bar)
+            self.generation += 1
+            self._save(new_records)
+        bar.close()
+        if self.writer:
+            self._write_best()
+            plot_pareto(self.output / "pareto.png", {self.config.mode: self.records})
+        return self.best
+
+    def _step(self, generation: int, bar: tqdm) -> list[dict]:
+        """Make, evaluate and select one generation; returns its results.jsonl records."""
+        cfg, bins = self.config, self.budget.bins
+        evolve = cfg.mode == "evolution" and generation > 0
+        kept = self._elites() if evolve else []
+        seen = set(self.cache)
+        children = []
+        for k in range(cfg.new_per_generation(generation, bins)):
+            genome, key = self._make((generation + k) % bins, seen, evolve)
+            seen.add(key)
+            children.append({"genome": genome, "key": key, "params": self.space.params(genome)})
+        todo, keys = [], set()
+        for c in children:
+            if c["key"] not in self.cache and c["key"] not in keys:
+                todo.append(c)
+                keys.add(c["key"])
+        results, chunk = [], _world_size()  # one candidate per rank at a time: the bar moves as they finish
+        for i in range(0, len(todo), chunk):
+            results += self.fitness([self.space.to_subnet(c["genome"]) for c in todo[i : i + chunk]])
+            prior = self.overall_best()
+            best = min([r[0] for r in results] + ([prior["loss"]] if prior else []))
+            bar.update(len(todo[i : i + chunk]))
+            bar.set_postfix(gen=generation, best=f"{best:.4f}")
+        for c, (loss, seconds) in zip(todo, results):
+            loss = float(loss) if math.isfinite(loss) else math.inf
+            self.cache[c["key"]] = {
+                "loss": loss,
+                "params": c["params"],
+                "bin": self.budget.bin_of(c["params"]),
+                "generation": generation,
+                "seconds": seconds,
+            }
+        self.evaluations += len(todo)
+        records, fresh = [], set(keys)
+        for c in children:
+            entry = self.cache[c["key"]]
+            c["loss"], c["bin"] = entry["loss"], entry["bin"]
+            records.append(
+                {
+                    "generation": generation,
+                    "mode": cfg.mode,
+                    "key": c["key"],
+                    "bin": c["bin"],
+                    "params": c["params"],
+                    "loss": c["loss"],
+                    "seconds": entry["seconds"] if c["key"] in fresh else 0.0,
+                    "cached": c["key"] not in fresh,
+                    "config": self.space.summary(c["genome"]),
+                }
+            )
+            fresh.discard(c["key"])
+            best = self.best[c["bin"]]
+            if best is None or _sort_key(c) < _sort_key(best):
+                self.best[c["bin"]] = {
+                    "key": c["key"],
+                    "params": c["params"],
+                    "loss": c["loss"],
+                    "generation": generation,
+                    "genome": copy.deepcopy(c["genome"]),
+                }
+        self.population = kept + children
+        self.records += records
+        return records
+
+    def _elites(self) -> list[dict]:
+        kept = []
+        for b in range(self.budget.bins):
+            members = sorted((m for m in self.population if m["bin"] == b), key=_sort_key)
+            kept += members[: self.config.elite]
+        return kept
+
+    def _make(self, b: int, seen: set[str], evolve: bool) -> tuple[dict, str]:
+        """A new candidate repaired into bin ``b``: bred (evolution) or sampled; unseen if at all possible."""
+        low, high = self.budget.window(b)
+        last = None
+        for t in range(self.config.max_tries):
+            if evolve and t < self.config.max_tries // 2:
+                genome = self._breed()
+                genome = None if genome is None else self.space.repair(genome, self.rng, low, high)
+            else:
+                genome = self.space.sample(self.rng, low, high)
+            if genome is None:
+                continue
+            last = genome, self.space.key(genome)
+            if last[1] not in seen:
+                return last
+        if last is None:
+            metric = "total" if self.space.config.include_embeddings else "non-embedding"
+            raise SearchSpaceError(
+                f"parameter budget: no sub-network of the {self.space.kind} space found with {low:,}..{high:,} "
+                f"{metric} parameters in {self.config.max_tries} tries; widen --tolerance, use fewer --bins, "
+                "or a finer --grid"
+            )
+        return last
+
+    def _breed(self) -> dict | None:
+        child = self._tournament()
+        if self.rng.random() < self.config.crossover_prob:
+            child = self.space.crossover(child, self._tournament(), self.rng)
+        return None if child is None else self.space.mutate(child, self.rng, self.config.mutation_prob)  # copies
+
+    def _tournament(self) -> dict:
+        size = min(self.config.tournament_size, len(self.population))
+        picks = self.rng.choice(len(self.population), size=size, replace=False)
+        return min((self.population[int(i)] for i in picks), key=_sort_key)["genome"]
+
+    # ------------------------------------------------------------------ results
+
+    def overall_best(self) -> dict | None:
+        found = [b for b in self.best if b is not None]
+        return min(found, key=_sort_key) if found else None
+
+    def best_per_bin(self) -> list[dict]:
+        """One entry per bin: window, and the best candidate's params, loss, summary and explicit sub-network."""
+        out = []
+        for b, best in enumerate(self.best):
+            entry = {"bin": b, "window": list(self.budget.window(b))}
+            if best is not None:
+                entry.update(
+                    key=best["key"],
+                    params=best["params"],
+                    loss=best["loss"],
+                    generation=best["generation"],
+                    config=self.space.summary(best["genome"]),
+                    subnet=self.space.to_subnet(best["genome"]).to_dict(),
+                )
+            out.append(entry)
+        return out
+
+    def _write_best(self) -> None:
+        best = self.overall_best()
+        if best is None:
+            return
+        self.space.to_subnet(best["genome"]).save(self.output / "best_subnet.json")
+        _write_json(self.output / "best_per_bin.json", self.best_per_bin(), indent=1)
+
+
+def read_results(path: str | os.PathLike) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (params, loss) points no other point beats on both (fewer or equal params and lower loss)."""
+    front, best = [], math.inf
+    for params, loss in sorted(points):
+        if loss < best:
+            front.append((params, loss))
+            best = loss
+    return front
+
+
+def plot_pareto(
+    path: str | os.PathLike,
+    runs: dict[str, list[dict]],
+    references: dict[str, tuple[float, float]] | None = None,
+    title: str = "sub-network search: parameters vs validation loss",
+) -> None:
+    """Scatter every evaluated candidate (one colour per run), each run's Pareto front, and reference points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (label, records) in enumerate(runs.items()):
+        points = [(r["params"], r["loss"]) for r in records if not r.get("cached") and math.isfinite(r["loss"])]
+        if not points:
+            continue
+        color = f"C{i}"
+        ax.scatter(
+            [p / 1e6 for p, _ in points],
+            [v for _, v in points],
+            s=12,
+            alpha=0.35,
+            color=color,
+            label=f"{label} ({len(points)} evaluated)",
+        )
+        front = pareto_front(points)
+        ax.step([p / 1e6 for p, _ in front], [v for _, v in front], where="post", color=color, lw=1.5)
+        ax.scatter([p / 1e6 for p, _ in front], [v for _, v in front], s=30, color=color, edgecolor="black")
+    for j, (label, (params, loss)) in enumerate((references or {}).items()):
+        ax.scatter(
+            [params / 1e6],
+            [loss],
+            marker="*",
+            s=140,
+            color=f"C{len(runs) + j}",
+            edgecolor="black",
+            label=label,
+            zorder=5,
+        )
+    ax.set_xlabel("parameters (M)")
+    ax.set_ylabel("validation loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,184 @@
+"""Fitness of a sub-network: validation loss of the masked parent on a fixed set of batches.
+
+The parent is loaded once (``load_parent``) and every candidate runs on its weights through
+``GPTModel.forward(tokens, subnet=...)``: no reload, no copy. Every candidate sees the same validation
+batches (``load_batches`` from the valid split), so losses compare directly.
+
+With ``train_steps = k > 0`` the candidate is first distilled briefly: its dense student is extracted
+(``extract_state_dict``: a copy of the student's weights), trained ``k`` AdamW steps on fixed train
+batches with ``distillation_loss`` against the parent's logits, and then its validation loss is taken.
+Cost per candidate: about ``k`` x (student forward + backward, ~3 student forwards) plus the parent's
+forward on each train batch (computed once and cached when the logits fit ``teacher_cache_bytes``),
+plus the extraction copy and the ``N`` validation forwards; without training a candidate costs only
+``N`` masked forwards, so ``k = N`` is roughly a 4-5x slower search.
+
+With several data-parallel ranks (torchrun; gloo on CPU, nccl on GPU) the candidates of one call are
+split round-robin over the ranks, evaluated at once, and all-gathered back in candidate order; each
+loss is computed exactly as on one rank, so the search is the same at any data-parallel size.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_subnet.data.gpt_dataset import SPLIT_NAMES, build_train_valid_test_datasets
+from megatron_subnet.data.indexed import dataset_exists
+from megatron_subnet.model.gpt import GPTModel
+from megatron_subnet.model.subnet import SubnetConfig, extract_state_dict, subnet_indices
+from megatron_subnet.model.weights import load_model
+from megatron_subnet.parallel import state as parallel_state
+from megatron_subnet.parallel.losses import cross_entropy, distillation_loss
+
+
+def load_parent(path: str | os.PathLike, device: torch.device | str = "cpu") -> GPTModel:
+    """The parent from our checkpoint directory, frozen and in eval mode.
+
+    The one place the search reads the parent's weights: sharded (TP/PP) checkpoints plug in here.
+    Raises ``CheckpointError`` (a ValueError) naming a missing file or weights that do not fit the config.
+    """
+    model = load_model(path, device)
+    model.requires_grad_(False)
+    return model
+
+
+def load_batches(
+    data_path: str | list[str],
+    split: str,
+    split_name: str,
+    seq_length: int,
+    micro_batch_size: int,
+    num_batches: int,
+    seed: int,
+) -> list[torch.Tensor]:
+    """``num_batches`` fixed token batches ``[micro_batch_size, seq_length + 1]`` of one split (Megatron's samples)."""
+    prefixes = [data_path] if isinstance(data_path, str) else list(data_path)
+    for prefix in prefixes[1::2] if len(prefixes) > 1 else prefixes:
+        if not dataset_exists(prefix):
+            raise FileNotFoundError(f"--data-path {prefix}: no {prefix}.bin/.idx dataset")
+    n = num_batches * micro_batch_size
+    counts = [n if name == split_name else 0 for name in SPLIT_NAMES]
+    datasets = build_train_valid_test_datasets(prefixes, split, seq_length, seed, counts)
+    dataset = datasets[SPLIT_NAMES.index(split_name)]
+    if dataset is None:
+        raise ValueError(f"--split {split}: no {split_name} documents in --data-path")
+    samples = [torch.from_numpy(np.asarray(dataset[i]["tokens"], dtype=np.int64)) for i in range(n)]
+    return [torch.stack(samples[k : k + micro_batch_size]) for k in range(0, n, micro_batch_size)]
+
+
+def check_vocab(batches: list[torch.Tensor], vocab_size: int) -> None:
+    top = max(int(b.max()) for b in batches)
+    if top >= vocab_size:
+        raise ValueError(
+            f"--data-path: token id {top} >= the parent's vocab size {vocab_size} (data tokenized for another model?)"
+        )
+
+
+@dataclass
+class FitnessConfig:
+    train_steps: int = 0  # short distillation before the validation loss (0: masked parent, no training)
+    lr: float = 1e-4
+    kd_alpha: float = 0.5  # loss = (1 - alpha) * CE + alpha * T^2 * KL(parent || student)
+    kd_loss: str = "forward_kl"
+    temperature: float = 1.0
+    teacher_cache_bytes: int = 2**30  # cache the parent's logits on the train batches up to this size
+
+
+class SubnetFitness:
+    """Callable fitness: ``fitness(subnets) -> [(validation loss, seconds)]`` on one loaded parent."""
+
+    def __init__(
+        self,
+        parent: GPTModel,
+        valid_batches: list[torch.Tensor],
+        train_batches: list[torch.Tensor] | None = None,
+        config: FitnessConfig | None = None,
+    ):
+        self.parent, self.config = parent, config or FitnessConfig()
+        self.device = next(parent.parameters()).device
+        self.valid = [b.to(self.device) for b in valid_batches]
+        self.train = [b.to(self.device) for b in train_batches or []]
+        if self.config.train_steps > 0 and not self.train:
+            raise ValueError("--fitness-train-steps needs train batches")
+        self._teacher_logits: dict[int, torch.Tensor] = {}
+        self._cpu_state: dict[str, torch.Tensor] | None = None
+
+    def __call__(self, subnets: list[SubnetConfig]) -> list[tuple[float, float]]:
+        return evaluate_split(self.timed_loss, subnets)
+
+    def timed_loss(self, subnet: SubnetConfig) -> tuple[float, float]:
+        start = time.perf_counter()
+        loss = self.loss(subnet)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return loss, time.perf_counter() - start
+
+    def loss(self, subnet: SubnetConfig) -> float:
+        if self.config.train_steps > 0:
+            return self.distilled_loss(subnet)
+        index = subnet_indices(self.parent.config, subnet, self.device)
+        return self._valid_loss(lambda tokens: self.parent(tokens, subnet=index))
+
+    @torch.no_grad()
+    def _valid_loss(self, forward) -> float:
+        losses = [float(cross_entropy(forward(b[:, :-1]), b[:, 1:])) for b in self.valid]
+        return sum(losses) / len(losses)  # equal-size batches: the mean over all label tokens
+
+    def distilled_loss(self, subnet: SubnetConfig) -> float:
+        """Validation loss of the extracted student after ``train_steps`` of distillation from the parent."""
+        cfg = self.config
+        student_config, weights = extract_state_dict(self.parent.config, self._parent_state(), subnet)
+        with torch.device("meta"):
+            student = GPTModel(student_config)
+        student.load_state_dict(weights, assign=True)
+        student = student.to(self.device).train()
+        optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        for step in range(cfg.train_steps):
+            i = step % len(self.train)
+            batch = self.train[i]
+            loss, _, _ = distillation_loss(
+                student(batch[:, :-1]), batch[:, 1:], self._teacher(i), cfg.kd_alpha, cfg.kd_loss, cfg.temperature
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        student.eval()
+        return self._valid_loss(student)
+
+    def _parent_state(self) -> dict[str, torch.Tensor]:
+        if self.device.type == "cpu":
+            return self.parent.state_dict()  # views, no copy
+        if self._cpu_state is None:  # extract_state_dict indexes on the CPU
+            self._cpu_state = {k: v.cpu() for k, v in self.parent.state_dict().items()}
+        return self._cpu_state
+
+    @torch.no_grad()
+    def _teacher(self, i: int) -> torch.Tensor | None:
+        if self.config.kd_alpha == 0.0:
+            return None
+        if i in self._teacher_logits:
+            return self._teacher_logits[i]
+        logits = self.parent(self.train[i][:, :-1])
+        if (len(self._teacher_logits) + 1) * logits.numel() * logits.element_size() <= self.config.teacher_cache_bytes:
+            self._teacher_logits[i] = logits
+        return logits
+
+
+def evaluate_split(fn, items: list) -> list:
+    """``[fn(x) for x in items]``, with the items split round-robin over the data-parallel ranks."""
+    if not parallel_state.is_initialized():
+        return [fn(x) for x in items]
+    group = parallel_state.get_data_parallel_group()
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    mine = [(i, fn(items[i])) for i in range(rank, len(items), world)]
+    if world == 1:
+        return [r for _, r in mine]
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, mine, group=group)
+    results = dict(pair for part in gathered for pair in part)
+    return [results[i] for i in range(len(items))]

@@ -1,0 +1,461 @@
+"""Sub-network search: valid in-budget operators, determinism, resume, DP=2 == DP=1, synthetic optimum, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_subnet.data.indexed import IndexedDatasetBuilder
+from megatron_subnet.model.config import ModelConfig
+from megatron_subnet.model.gpt import GPTModel
+from megatron_subnet.model.subnet import SubnetConfig
+from megatron_subnet.model.weights import save_checkpoint
+from megatron_subnet.search.evolution import EvolutionConfig, Search, read_results
+from megatron_subnet.search.fitness import FitnessConfig, SubnetFitness, load_batches, load_parent
+from megatron_subnet.search.space import (
+    SPACES,
+    SearchSpace,
+    SearchSpaceError,
+    SpaceConfig,
+    check_budget,
+    make_budget,
+)
+from tools.search_subnet import main as search_main
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 64
+
+PARENTS = {
+    # grouped-query attention: 8 heads in 2 groups; hidden a multiple of 24 keeps 1..8 heads exportable
+    "llama": dict(
+        arch="llama",
+        vocab_size=VOCAB,
+        hidden_size=48,
+        num_layers=4,
+        num_attention_heads=8,
+        num_query_groups=2,
+        head_dim=6,
+        ffn_hidden_size=64,
+        tie_word_embeddings=True,
+        init_std=0.3,
+    ),
+    "gpt_neox": dict(
+        arch="gpt_neox",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=4,
+        num_attention_heads=4,
+        num_query_groups=4,
+        head_dim=8,
+        ffn_hidden_size=48,
+        activation="gelu",
+        normalization="layernorm",
+        qkv_bias=True,
+        proj_bias=True,
+        mlp_bias=True,
+        parallel_residual=True,
+        rotary_pct=0.25,
+        init_std=0.3,
+    ),
+}
+
+
+def random_importance(config: ModelConfig, seed: int = 0) -> SimpleNamespace:
+    g = torch.Generator().manual_seed(seed)
+    L = config.num_layers
+    return SimpleNamespace(
+        layers=torch.rand(L, generator=g),
+        hidden=torch.rand(config.hidden_size, generator=g),
+        heads=[torch.rand(config.layer_heads(i), generator=g) for i in range(L)],
+        query_groups=[torch.rand(config.layer_query_groups(i), generator=g) for i in range(L)],
+        mlp=[torch.rand(config.layer_ffn(i), generator=g) for i in range(L)],
+    )
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> SimpleNamespace:
+    """Tiny parents saved as checkpoints, and a tiny dataset of random tokens."""
+    tmp = tmp_path_factory.mktemp("search")
+    ckpts = {}
+    for name, kw in PARENTS.items():
+        torch.manual_seed(0)
+        model = GPTModel(ModelConfig(**kw))
+        ckpts[name] = str(tmp / name)
+        save_checkpoint(ckpts[name], model.config, model.state_dict())
+    rng = np.random.default_rng(0)
+    prefix = tmp / "data"
+    with IndexedDatasetBuilder(prefix, np.uint16) as builder:
+        for n in rng.integers(10, 81, size=80):
+            builder.add_document(rng.integers(0, VOCAB, size=n))
+    return SimpleNamespace(tmp=tmp, ckpts=ckpts, data=str(prefix))
+
+
+def cli_args(workdir, output: Path, *extra: str, parent: str = "llama") -> list[str]:
+    return [
+        "--load",
+        workdir.ckpts[parent],
+        "--data-path",
+        workdir.data,
+        "--split",
+        "80,20,0",
+        "--seq-length",
+        "16",
+        "--micro-batch-size",
+        "2",
+        "--fitness-batches",
+        "2",
+        "--target-params",
+        "0.5",
+        "--tolerance",
+        "0.1",
+        "--population",
+        "6",
+        "--elite",
+        "1",
+        "--output",
+        str(output),
+        *extra,
+    ]
+
+
+def losses_and_configs(output: Path) -> list[tuple]:
+    return [
+        (r["generation"], r["key"], r["params"], r["loss"], json.dumps(r["config"]))
+        for r in read_results(output / "results.jsonl")
+    ]
+
+
+# ---------------------------------------------------------------------- operators
+
+
+@pytest.mark.parametrize("parent", sorted(PARENTS))
+@pytest.mark.parametrize("kind", SPACES)
+@pytest.mark.parametrize("with_importance", [False, True])
+def test_operators_keep_candidates_valid_and_in_budget(parent, kind, with_importance):
+    config = ModelConfig(**PARENTS[parent])
+    space = SearchSpace(config, SpaceConfig(kind=kind), random_importance(config) if with_importance else None)
+    budget = make_budget(space.parent_params(), bins=3, min_params=0.25, max_params=0.75)
+    rng = np.random.default_rng(0)
+
+    def check(g: dict, b: int | None = None) -> None:
+        subnet = space.to_subnet(g)
+        subnet.validate(config)
+        assert subnet.num_parameters(config, include_embeddings=False) == space.params(g)
+        if b is not None:
+            low, high = budget.window(b)
+            assert low <= space.params(g) <= high and budget.bin_of(space.params(g)) == b
+        if config.arch == "llama":  # exportable: hidden a multiple of every kept layer's heads
+            assert all(len(subnet.hidden) % len(h) == 0 for h in subnet.heads)
+        assert all(len(m) % 8 == 0 for m in subnet.mlp) and len(subnet.hidden) % 8 == 0
+        json.dumps(g)  # JSON-serialisable genome
+
+    pool = []
+    for i in range(12):
+        b = i % budget.bins
+        g = space.sample(rng, *budget.window(b))
+        assert g is not None
+        check(g, b)
+        pool.append(g)
+    for i in range(30):
+        a, c = pool[int(rng.integers(len(pool)))], pool[int(rng.integers(len(pool)))]
+        for child in (space.mutate(a, rng, 0.5), space.crossover(a, c, rng)):
+            if child is None:
+                continue
+            check(child)
+            b = i % budget.bins
+            repaired = space.repair(child, rng, *budget.window(b))
+            if repaired is not None:
+                check(repaired, b)
+                pool.append(repaired)
+    assert len(pool) > 20
+
+
+def test_index_space_follows_importance_when_sampling():
+    config = ModelConfig(**PARENTS["llama"])
+    importance = random_importance(config)
+    space = SearchSpace(config, SpaceConfig(kind="index"), importance)
+    rng = np.random.default_rng(0)
+    top, rest = [], []
+    order = sorted(range(config.hidden_size), key=lambda i: -float(importance.hidden[i]))
+    for _ in range(40):
+        kept = set(space.to_subnet(space.sample(rng)).hidden)
+        top.append(np.mean([i in kept for i in order[:12]]))
+        rest.append(np.mean([i in kept for i in order[-12:]]))
+    assert np.mean(top) > np.mean(rest) + 0.1
+
+
+def test_budget_and_space_errors():
+    config = ModelConfig(**PARENTS["llama"])
+    space = SearchSpace(config, SpaceConfig())
+    total = space.parent_params()
+    with pytest.raises(SearchSpaceError, match="outside what"):
+        check_budget(space, make_budget(total, target=total * 3))
+    with pytest.raises(SearchSpaceError, match="--max-layers 9"):
+        SearchSpace(config, SpaceConfig(max_layers=9))
+    with pytest.raises(SearchSpaceError, match="--grid 64"):
+        SearchSpace(config, SpaceConfig(grid=64))
+    with pytest.raises(SearchSpaceError, match="--min-params"):
+        make_budget(total, bins=2, min_params=0.6, max_params=0.4)
+    with pytest.raises(SearchSpaceError, match="no budget"):
+        make_budget(total)
+    budget = make_budget(total, bins=4, min_params=0.2, max_params=0.8)
+    assert budget.bins == 4 and budget.bin_of(round(0.2 * total)) == 0 and budget.bin_of(round(0.8 * total)) == 3
+
+
+# ---------------------------------------------------------------------- synthetic fitness
+
+
+def synthetic_problem(kind: str):
+    """A 12-layer parent (config only) and a fitness = distance to a hidden target sub-network in the budget."""
+    config = ModelConfig(
+        arch="llama",
+        vocab_size=100,
+        hidden_size=256,
+        num_layers=12,
+        num_attention_heads=8,
+        num_query_groups=4,
+        head_dim=32,
+        ffn_hidden_size=512,
+    )
+    space = SearchSpace(config, SpaceConfig(kind=kind, hidden_divisible_by_heads=False))
+    budget = make_budget(space.parent_params(), target=0.5, tolerance=0.1)
+
+    def shape(s: SubnetConfig) -> tuple:
+        sizes = [(len(g), len(h), len(m)) for g, h, m in zip(s.query_groups, s.heads, s.mlp)]
+        return len(s.layers), len(s.hidden), sizes
+
+    target = shape(space.to_subnet(space.sample(np.random.default_rng(123), *budget.window(0))))
+
+    def distance(s: SubnetConfig) -> float:
+        n, h, layers = shape(s)
+        d = abs(n - target[0]) + abs(h - target[1]) / 8
+        for j in range(max(n, target[0])):
+            a = layers[j] if j < n else (0, 0, 0)
+            b = target[2][j] if j < target[0] else (0, 0, 0)
+            d += abs(a[0] - b[0]) + abs(a[1] - b[1]) + abs(a[2] - b[2]) / 8
+        return float(d)
+
+    return space, budget, lambda subnets: [(distance(s), 0.0) for s in subnets]
+
+
+def test_evolution_finds_a_known_optimum_and_beats_random_search():
+    space, budget, fitness = synthetic_problem("uniform")
+    best = {}
+    for mode in ("evolution", "random"):
+        runs = [
+            Search(
+                space,
+                budget,
+                EvolutionConfig(population=16, generations=15, mode=mode, seed=s),
+                fitness,
+                progress=False,
+            )
+            for s in range(3)
+        ]
+        for run in runs:
+            run.run()
+        assert len({run.evaluations for run in runs}) == 1
+        best[mode] = [run.overall_best()["loss"] for run in runs]
+    assert best["evolution"] == [0.0, 0.0, 0.0]  # found the target every time
+    assert np.mean(best["evolution"]) < np.mean(best["random"])
+    assert runs[0].evaluations == 16 + 14 * (16 - 2)  # same budget in both modes
+
+
+def test_evolution_beats_random_search_per_layer():
+    space, budget, fitness = synthetic_problem("per_layer")
+    means = {}
+    for mode in ("evolution", "random"):
+        losses = []
+        for s in range(3):
+            run = Search(
+                space,
+                budget,
+                EvolutionConfig(population=16, generations=12, mode=mode, seed=s),
+                fitness,
+                progress=False,
+            )
+            run.run()
+            losses.append(run.overall_best()["loss"])
+        means[mode] = np.mean(losses)
+    assert means["evolution"] < means["random"]
+
+
+def test_bins_report_best_per_bin_and_keep_population_spread():
+    space, _, fitness = synthetic_problem("uniform")
+    budget = make_budget(space.parent_params(), bins=3, min_params=0.3, max_params=0.7)
+    run = Search(space, budget, EvolutionConfig(population=12, generations=4, elite=2, seed=0), fitness, progress=False)
+    run.run()
+    assert all(b is not None for b in run.best)
+    assert {m["bin"] for m in run.population} == {0, 1, 2}
+    for entry in run.best_per_bin():
+        assert entry["window"][0] <= entry["params"] <= entry["window"][1]
+
+
+# ---------------------------------------------------------------------- real masked fitness, CLI
+
+
+def test_search_is_deterministic_and_writes_outputs(workdir, tmp_path):
+    for name in ("a", "b"):
+        assert search_main(cli_args(workdir, tmp_path / name, "--generations", "2", "--space", "per_layer")) == 0
+    assert losses_and_configs(tmp_path / "a") == losses_and_configs(tmp_path / "b")
+    records = read_results(tmp_path / "a" / "results.jsonl")
+    assert len(records) == 6 + 5 and all(np.isfinite(r["loss"]) for r in records)
+    config = ModelConfig(**PARENTS["llama"])
+    best = SubnetConfig.load(tmp_path / "a" / "best_subnet.json", config)
+    assert min(r["loss"] for r in records) == json.loads((tmp_path / "a" / "best_per_bin.json").read_text())[0]["loss"]
+    low, high = make_budget(config.num_parameters(False), 0.5, 0.1).window(0)
+    assert low <= best.num_parameters(config, include_embeddings=False) <= high
+    assert (tmp_path / "a" / "pareto.png").stat().st_size > 0
+
+
+def test_index_space_with_importance_file_and_bins(workdir, tmp_path):
+    from megatron_subnet.model.importance import Importance
+
+    config = ModelConfig(**PARENTS["llama"])
+    scores = random_importance(config)
+    path = tmp_path / "importance.safetensors"
+    Importance(
+        hidden=scores.hidden, heads=scores.heads, query_groups=scores.query_groups, mlp=scores.mlp, block=scores.layers
+    ).save(path)
+    args = [a for a in cli_args(workdir, tmp_path / "out") if a not in ("--target-params", "0.5")]
+    args += [
+        "--space",
+        "index",
+        "--importance",
+        str(path),
+        "--bins",
+        "2",
+        "--min-params",
+        "0.3",
+        "--max-params",
+        "0.7",
+        "--generations",
+        "2",
+    ]
+    assert search_main(args) == 0
+    bins = json.loads((tmp_path / "out" / "best_per_bin.json").read_text())
+    assert [b["bin"] for b in bins] == [0, 1]
+    for b in bins:
+        subnet = SubnetConfig.from_dict(b["subnet"], config)
+        assert b["window"][0] <= subnet.num_parameters(config, include_embeddings=False) <= b["window"][1]
+
+
+def test_resume_after_kill_gives_the_same_result(workdir, tmp_path, capsys):
+    extra = ["--space", "index"]
+    assert search_main(cli_args(workdir, tmp_path / "full", "--generations", "4", *extra, parent="gpt_neox")) == 0
+    assert search_main(cli_args(workdir, tmp_path / "part", "--generations", "2", *extra, parent="gpt_neox")) == 0
+    # a kill after results.jsonl got generation 2 but before state.json did: the stale lines are dropped
+    with open(tmp_path / "part" / "results.jsonl", "a") as f:
+        f.write(json.dumps({"generation": 2, "key": "stale", "params": 0, "loss": 0.0, "config": {}}) + "\n")
+    assert search_main(cli_args(workdir, tmp_path / "part", "--generations", "4", *extra, parent="gpt_neox")) == 0
+    assert losses_and_configs(tmp_path / "full") == losses_and_configs(tmp_path / "part")
+    assert (tmp_path / "full" / "best_subnet.json").read_text() == (tmp_path / "part" / "best_subnet.json").read_text()
+    # resuming with other settings is refused, naming what changed
+    changed = cli_args(workdir, tmp_path / "part", "--generations", "4", "--seed", "1", *extra, parent="gpt_neox")
+    assert search_main(changed) == 1
+    assert "search.seed" in capsys.readouterr().err
+
+
+def test_kill_in_the_middle_of_a_generation_resumes_exactly(tmp_path):
+    space, budget, fitness = synthetic_problem("per_layer")
+    config = EvolutionConfig(population=8, generations=5, seed=3)
+    Search(space, budget, config, fitness, tmp_path / "full", progress=False).run()
+    calls = []
+
+    def dying(subnets):
+        calls.append(len(subnets))
+        if len(calls) == 8 + 6 + 3:  # one call per candidate: killed in generation 2
+            raise KeyboardInterrupt
+        return fitness(subnets)
+
+    with pytest.raises(KeyboardInterrupt):
+        Search(space, budget, config, dying, tmp_path / "part", progress=False).run()
+    assert json.loads((tmp_path / "part" / "state.json").read_text())["generation"] == 2
+    Search(space, budget, config, fitness, tmp_path / "part", progress=False).run()
+    assert losses_and_configs(tmp_path / "full") == losses_and_configs(tmp_path / "part")
+    assert (tmp_path / "full" / "state.json").read_text() == (tmp_path / "part" / "state.json").read_text()
+
+
+def test_data_parallel_evaluation_equals_one_rank(workdir, tmp_path):
+    args = cli_args(workdir, tmp_path / "dp2", "--generations", "2", "--space", "uniform")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(ROOT / "tools" / "search_subnet.py"),
+        *args,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert search_main(cli_args(workdir, tmp_path / "dp1", "--generations", "2", "--space", "uniform")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    dp1, dp2 = losses_and_configs(tmp_path / "dp1"), losses_and_configs(tmp_path / "dp2")
+    assert [r[:3] + r[4:] for r in dp1] == [r[:3] + r[4:] for r in dp2]
+    assert np.allclose([r[3] for r in dp1], [r[3] for r in dp2], rtol=1e-6, atol=0)
+
+
+def test_short_distillation_fitness(workdir):
+    parent = load_parent(workdir.ckpts["llama"])
+    valid = load_batches(workdir.data, "80,20,0", "valid", 16, 2, 2, 1234)
+    train = load_batches(workdir.data, "80,20,0", "train", 16, 2, 2, 1234)
+    subnet = SubnetConfig.from_counts(parent.config, 3, 24, 4, 2, 32)
+    masked = SubnetFitness(parent, valid).loss(subnet)
+    frozen = SubnetFitness(parent, valid, train, FitnessConfig(train_steps=1, lr=0.0)).loss(subnet)
+    assert frozen == pytest.approx(masked, rel=1e-5)  # extracted student == masked parent
+    trained = SubnetFitness(parent, valid, train, FitnessConfig(train_steps=3, lr=1e-2)).loss(subnet)
+    assert np.isfinite(trained) and trained != pytest.approx(masked, rel=1e-5)
+
+
+# ---------------------------------------------------------------------- bad inputs
+
+
+@pytest.mark.parametrize(
+    "extra, parent, message",
+    [
+        (["--target-params", "5.0e9"], "llama", "parameter budget"),
+        (["--max-layers", "9"], "llama", "--max-layers 9"),
+        (["--grid", "128"], "llama", "--grid 128"),
+        (["--elite", "6"], "llama", "--elite 6"),
+        (["--load", "/nonexistent/ckpt"], "llama", "--load"),
+        (["--data-path", "/nonexistent/data"], "llama", "--data-path /nonexistent/data"),
+        (["--importance", "/nonexistent/imp.safetensors"], "llama", "--importance"),
+        (["--mutation-prob", "1.5"], "gpt_neox", "--mutation-prob 1.5"),
+        (["--fitness-batches", "0"], "llama", "--fitness-batches 0"),
+    ],
+)
+def test_bad_inputs_give_one_line_errors(workdir, tmp_path, capsys, extra, parent, message):
+    try:
+        rc = search_main(cli_args(workdir, tmp_path / "out", *extra, parent=parent))
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_wrong_checkpoint_layout_is_an_error(workdir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    config = ModelConfig(**{**PARENTS["llama"], "hidden_size": 24})  # weights of the 48-wide parent
+    config.save(broken / "model_config.json")
+    os.link(Path(workdir.ckpts["llama"]) / "model.safetensors", broken / "model.safetensors")
+    args = cli_args(workdir, tmp_path / "out", "--load", str(broken), "--grid", "8")
+    assert search_main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --load") and "do not fit" in err

@@ -1,0 +1,245 @@
+"""Evolutionary (or random) search for the best sub-network of a parent checkpoint under a parameter budget.
+
+    python tools/search_subnet.py --load ckpt/teacher --data-path data/corpus_text_document \\
+        [--split 949,50,1] [--seq-length 256] [--micro-batch-size 4] [--fitness-batches 4] \\
+        [--space uniform|per_layer|index] [--importance importance.safetensors] [--grid 8] \\
+        (--target-params 0.5 [--tolerance 0.05] | --bins 5 --min-params 0.3 --max-params 0.7) \\
+        [--population 16] [--generations 10] [--mutation-prob 0.2] [--crossover-prob 0.5] \\
+        [--tournament-size 3] [--elite 2] [--mode evolution|random] [--seed 0] \\
+        [--fitness-train-steps 0] --output search/
+
+    torchrun --nproc-per-node 4 tools/search_subnet.py ...   # candidates evaluated 4 at a time, same result
+
+Fitness is the validation loss of the masked sub-network on ``--fitness-batches`` fixed batches of the
+valid split (``--data-seed`` picks them), optionally after ``--fitness-train-steps`` of distillation.
+Parameter budgets count non-embedding parameters (``--include-embeddings``: total); values up to 1 are
+fractions of the parent, larger ones absolute counts; ``--tolerance`` is relative to the target.
+Writes ``results.jsonl``, ``best_subnet.json`` (for ``pretrain_slm.py --subnet``), ``best_per_bin.json``,
+``pareto.png`` and ``state.json``; running the same command again resumes a killed search (only
+``--generations`` may change, to extend it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from megatron_subnet.model.weights import CheckpointError, load_config  # noqa: E402
+from megatron_subnet.search.evolution import MODES, EvolutionConfig, Search  # noqa: E402
+from megatron_subnet.search.fitness import (  # noqa: E402
+    FitnessConfig,
+    SubnetFitness,
+    check_vocab,
+    load_batches,
+    load_parent,
+)
+from megatron_subnet.search.space import SPACES, SearchSpace, SpaceConfig, check_budget, make_budget  # noqa: E402
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("parent and data")
+    g.add_argument("--load", required=True, help="the parent: our checkpoint directory")
+    g.add_argument("--data-path", nargs="+", required=True, help="dataset prefix, or 'weight prefix' pairs")
+    g.add_argument("--split", default="949,50,1", help="train,valid,test proportions of the documents")
+    g.add_argument("--seq-length", type=int, default=256)
+    g.add_argument("--micro-batch-size", type=int, default=4)
+    g.add_argument("--fitness-batches", type=int, default=4, help="validation batches every candidate is scored on")
+    g.add_argument("--data-seed", type=int, default=1234, help="seed of the sample shuffle (fixes the batches)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g = p.add_argument_group("search space")
+    g.add_argument("--space", choices=SPACES, default="uniform")
+    g.add_argument("--importance", help="importance scores (.safetensors, tools/compute_importance.py)")
+    g.add_argument("--layer-metric", choices=("block", "drop_loss"), help="layer score to order by (default: file's)")
+    g.add_argument("--grid", type=int, default=8, help="hidden and MLP sizes are multiples of this")
+    g.add_argument("--min-layers", type=int, default=1)
+    g.add_argument("--max-layers", type=int, default=None, help="default: the parent's")
+    g.add_argument(
+        "--hidden-divisible-by-heads",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep hidden a multiple of every kept layer's head count (default: on for llama, which "
+        "transformers' LlamaConfig needs for export)",
+    )
+    g.add_argument("--include-embeddings", action="store_true", help="budget on total, not non-embedding, params")
+    g = p.add_argument_group("budget: a target, or bins")
+    g.add_argument("--target-params", type=float, help="fraction of the parent (<= 1) or absolute count")
+    g.add_argument("--tolerance", type=float, default=0.05, help="relative to --target-params")
+    g.add_argument("--bins", type=int, help="equal parameter bins over [--min-params, --max-params], best per bin")
+    g.add_argument("--min-params", type=float)
+    g.add_argument("--max-params", type=float)
+    g = p.add_argument_group("search")
+    g.add_argument("--mode", choices=MODES, default="evolution")
+    g.add_argument("--population", type=int, default=16)
+    g.add_argument("--generations", type=int, default=10)
+    g.add_argument("--mutation-prob", type=float, default=0.2, help="per gene")
+    g.add_argument("--crossover-prob", type=float, default=0.5)
+    g.add_argument("--tournament-size", type=int, default=3)
+    g.add_argument("--elite", type=int, default=2, help="best candidates kept per bin each generation")
+    g.add_argument("--max-tries", type=int, default=100, help="tries to make a new in-budget candidate")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--output", required=True, help="directory for results, best sub-network(s), plot and state")
+    g = p.add_argument_group("short distillation before scoring (optional)")
+    g.add_argument("--fitness-train-steps", type=int, default=0, help="AdamW steps of distillation per candidate")
+    g.add_argument("--fitness-lr", type=float, default=1e-4)
+    g.add_argument("--fitness-kd-alpha", type=float, default=0.5)
+    args = p.parse_args(argv)
+    for flag in ("seq_length", "micro_batch_size", "fitness_batches"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    if args.fitness_train_steps < 0:
+        p.error(f"--fitness-train-steps {args.fitness_train_steps}: must be >= 0")
+    if args.layer_metric and not args.importance:
+        p.error("--layer-metric orders by importance scores: give --importance")
+    return args
+
+
+def init_distributed(device: str) -> str:
+    """Join the launcher's process group; a plain run stays a single process.
+
+    torchrun and the deepspeed launcher set ``RANK``/``MASTER_ADDR``: a plain torch.distributed group
+    (gloo on CPU, nccl on GPU) is all the search needs (DeepSpeed's init would JIT-build its CPU comm op);
+    under mpirun, ``initialize_distributed`` discovers the ranks through mpi4py.
+    """
+    if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
+        import torch.distributed as dist
+
+        from megatron_subnet.parallel import state
+
+        if device != "cpu":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("gloo" if device == "cpu" else "nccl")
+        state.initialize_model_parallel(1, 1)
+        return device
+    if any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")):
+        from megatron_subnet.initialize import initialize_distributed
+
+        rank_device = initialize_distributed("gloo" if device == "cpu" else None)
+        return device if device == "cpu" else rank_device
+    return device
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.time()
+    try:
+        device = init_distributed(args.device)
+        try:
+            parent_config = load_config(args.load)
+        except CheckpointError as e:
+            hint = ""
+            if os.path.isfile(os.path.join(args.load, "config.json")):
+                hint = " (a Hugging Face directory: import it with tools/convert_checkpoint.py import)"
+            raise ValueError(f"--load: {e}{hint}") from None
+        importance = None
+        if args.importance:
+            from megatron_subnet.model.importance import load_importance
+
+            try:
+                importance = load_importance(args.importance, args.layer_metric, parent_config)
+            except ValueError as e:
+                raise ValueError(f"--importance: {e}") from None
+        space = SearchSpace(
+            parent_config,
+            SpaceConfig(
+                kind=args.space,
+                grid=args.grid,
+                min_layers=args.min_layers,
+                max_layers=args.max_layers,
+                hidden_divisible_by_heads=args.hidden_divisible_by_heads,
+                include_embeddings=args.include_embeddings,
+            ),
+            importance,
+        )
+        budget = make_budget(
+            space.parent_params(), args.target_params, args.tolerance, args.bins, args.min_params, args.max_params
+        )
+        evolution = EvolutionConfig(
+            population=args.population,
+            generations=args.generations,
+            mutation_prob=args.mutation_prob,
+            crossover_prob=args.crossover_prob,
+            tournament_size=args.tournament_size,
+            elite=args.elite,
+            mode=args.mode,
+            seed=args.seed,
+            max_tries=args.max_tries,
+        )
+        evolution.validate(budget.bins)
+        check_budget(space, budget)
+        data = (args.data_path, args.split)
+        valid = load_batches(
+            *data, "valid", args.seq_length, args.micro_batch_size, args.fitness_batches, args.data_seed
+        )
+        train = None
+        if args.fitness_train_steps:
+            train = load_batches(
+                *data, "train", args.seq_length, args.micro_batch_size, args.fitness_train_steps, args.data_seed
+            )
+        check_vocab(valid + (train or []), parent_config.vocab_size)
+        try:
+            parent = load_parent(args.load, device)
+        except CheckpointError as e:
+            raise ValueError(f"--load: {e}") from None
+        fitness = SubnetFitness(
+            parent,
+            valid,
+            train,
+            FitnessConfig(
+                train_steps=args.fitness_train_steps,
+                lr=args.fitness_lr,
+                kd_alpha=args.fitness_kd_alpha,
+            ),
+        )
+        settings = {
+            "load": os.path.abspath(args.load),
+            "importance": args.importance,
+            "layer_metric": args.layer_metric,
+            "data": [
+                args.data_path,
+                args.split,
+                args.seq_length,
+                args.micro_batch_size,
+                args.fitness_batches,
+                args.data_seed,
+            ],
+            "fitness": [args.fitness_train_steps, args.fitness_lr, args.fitness_kd_alpha],
+        }
+        search = Search(space, budget, evolution, fitness, args.output, settings)
+        search.run()
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if search.writer:
+        total = space.parent_params()
+        for entry in search.best_per_bin():
+            if "loss" in entry:
+                print(
+                    f"bin {entry['bin']} [{entry['window'][0]:,}, {entry['window'][1]:,}]: loss "
+                    f"{entry['loss']:.4f}, {entry['params']:,} params ({entry['params'] / total:.1%} of parent), "
+                    f"{entry['config']}"
+                )
+        best = search.overall_best()
+        print(
+            f"best loss {best['loss']:.4f} at {best['params']:,} params -> {args.output}/best_subnet.json "
+            f"({search.evaluations} evaluations, {time.time() - start:.1f} s)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
