@@ -9,6 +9,8 @@ TEACHER := $(CACHE)/smollm2-135m-instruct
 CORPUS := $(CACHE)/demo_corpus/corpus.jsonl
 export OMP_NUM_THREADS ?= 1
 export MEGATRON_SUBNET_CACHE := $(CACHE)
+# DeepSpeed JIT-builds a small comm op on CPU; one build cache per venv stops two venvs rebuilding it in turn.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: test quickstart lint venv teacher corpus
 
@@ -36,6 +38,7 @@ test: $(VENV)/.installed teacher
 	$(PY) -m pytest -q tests
 
 quickstart: data/demo_text_document.idx
+	PYTHON=$(PY) DEEPSPEED=$(VENV)/bin/deepspeed examples/quickstart.sh
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -27,7 +27,10 @@ def initialize_distributed(backend: str | None = None, tensor_parallel: int = 1,
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False)
+        # Under mpirun DeepSpeed's MPI discovery sets MASTER_PORT to its argument (default 29500, torchrun's
+        # default too): honour a MASTER_PORT the user exported (mpirun -x MASTER_PORT) so jobs can share a node.
+        port = int(os.environ.get("MASTER_PORT", 29500))
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, distributed_port=port, verbose=False)
     state.initialize_model_parallel(tensor_parallel, pipeline_parallel)
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -150,6 +150,7 @@ def pretrain(args: argparse.Namespace) -> int:
     tokens_per_step = global_batch * args.seq_length
     skipped_in_a_row = 0
     last_saved = None
+    resumed_from = checkpoint.latest_checkpoint(args.load) if args.load else None
     window_start, window_steps = time.perf_counter(), 0
     while iteration < args.train_iters:
         lr = schedule(iteration)
@@ -163,11 +164,6 @@ def pretrain(args: argparse.Namespace) -> int:
                 f"iteration {iteration}: non-finite loss or gradient (loss {result.loss}, grad norm "
                 f"{result.grad_norm}); step skipped ({skipped_in_a_row} in a row)"
             )
-            if skipped_in_a_row >= args.max_skipped_steps:
-                raise TrainingAborted(
-                    f"--max-skipped-steps {args.max_skipped_steps}: {skipped_in_a_row} non-finite "
-                    f"steps in a row at iteration {iteration}; last good checkpoint: {last_saved}"
-                )
         if iteration % args.log_interval == 0 or iteration == args.train_iters or result.skipped:
             elapsed = time.perf_counter() - window_start
             logger.log(
@@ -185,6 +181,13 @@ def pretrain(args: argparse.Namespace) -> int:
                 }
             )
             window_start, window_steps = time.perf_counter(), 0
+        if skipped_in_a_row >= args.max_skipped_steps:  # after the step's record is in metrics.jsonl
+            logger.close()  # ends the progress bar's line, so the error is a line of its own
+            good = last_saved or resumed_from or "none"
+            raise TrainingAborted(
+                f"--max-skipped-steps {args.max_skipped_steps}: {skipped_in_a_row} non-finite "
+                f"steps in a row at iteration {iteration}; last good checkpoint: {good}"
+            )
         logger.advance()
         if valid_batches and (iteration % args.eval_interval == 0 or iteration == args.train_iters):
             loss = evaluate(engine, valid_batches, engine.device)

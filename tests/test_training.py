@@ -1,0 +1,445 @@
+"""End-to-end training on CPU (gloo, tiny models, real launchers): ZeRO 0-3 and gradient accumulation agree,
+the deepspeed/torchrun/mpirun launchers, distillation with a frozen co-resident teacher, bit-exact resume,
+a SIGKILL in the middle of a checkpoint, NaN/Inf steps, one-line errors, and the run's outputs.
+
+Every job is a subprocess (one thread per process) with a hard timeout that kills its whole process group.
+Training jobs run ``tests/training_utils.py``: ``pretrain_slm.py`` plus the test hooks described there.
+The reference runs (6 steps at each ZeRO stage on 2 ranks, and on 1 process with 4x accumulation) are made
+once per module, when a test first needs them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.training_utils import (
+    EXAMPLES,
+    GLOBAL,
+    KILL_ENV,
+    MICRO,
+    SEQ,
+    Result,
+    batch_records,
+    build_workspace,
+    deepspeed_shm_files,
+    file_sha256,
+    free_port,
+    latest_tag,
+    launch_cmd,
+    python_cmd,
+    read_jsonl,
+    run,
+    run_many,
+    torchrun_cmd,
+    train_records,
+)
+
+ITERS, EVAL_INTERVAL, EVAL_ITERS, SAVE_INTERVAL, SEED = 6, 3, 2, 3, 1234
+SPLIT = "80,10,10"
+# Two ranks; "single" is one process with twice the accumulation (the same global batch of 4).
+REFERENCES = {"z0": (0, 2), "z1": (1, 2), "z2": (2, 2), "z3": (3, 2), "single": (0, 1)}
+
+
+def common_flags(ws: Path, stage: int, iters: int = ITERS) -> list[str]:
+    return [
+        "--ds_config", f"{ws}/zero{stage}.json",
+        "--teacher-load", f"{ws}/teacher",
+        "--subnet", f"{ws}/subnet.json",
+        "--data-path", f"{ws}/data",
+        "--split", SPLIT,
+        "--micro-batch-size", str(MICRO),
+        "--global-batch-size", str(GLOBAL),
+        "--seq-length", str(SEQ),
+        "--train-iters", str(iters),
+        "--lr", "1e-3",
+        "--min-lr", "1e-4",
+        "--lr-warmup-iters", "2",
+        "--seed", str(SEED),
+        "--log-interval", "1",
+        "--eval-interval", str(EVAL_INTERVAL),
+        "--eval-iters", str(EVAL_ITERS),
+    ]  # fmt: skip
+
+
+def ok(result: Result) -> Result:
+    assert result.returncode == 0, result.tail()
+    return result
+
+
+def assert_one_line_error(result: Result, *needles: str) -> str:
+    """Exit 2, no traceback, exactly one ``error:`` line on stderr that names every needle."""
+    assert result.returncode == 2, result.tail()
+    assert "Traceback" not in result.stderr, result.tail()
+    lines = result.error_lines()
+    assert len(lines) == 1, result.tail()
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def losses(records: dict[int, dict], key: str = "loss") -> list[float]:
+    return [records[i][key] for i in sorted(records)]
+
+
+def assert_close(actual: list[float], expected: list[float], rel: float = 1e-6, abs_tol: float = 1e-12) -> None:
+    assert len(actual) == len(expected), (actual, expected)
+    for a, e in zip(actual, expected):
+        assert a == pytest.approx(e, rel=rel, abs=abs_tol), (actual, expected)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    return build_workspace(tmp_path_factory.mktemp("training"))
+
+
+@pytest.fixture(scope="module")
+def teacher_sha(ws) -> str:
+    return file_sha256(ws / "teacher" / "model.safetensors")
+
+
+class References:
+    """The reference runs, each made on first use: 6 steps, checkpoints at 3 and 6, batch hashes, teacher report."""
+
+    def __init__(self, ws: Path):
+        self.ws = ws
+        self.results: dict[str, Result] = {}
+
+    def __call__(self, name: str) -> Path:
+        out = self.ws / f"ref_{name}"
+        if name not in self.results:
+            stage, nproc = REFERENCES[name]
+            hooks = {"record_dir": str(out / "batches"), "teacher_report": str(out / "teacher_report")}
+            flags = common_flags(self.ws, stage) + ["--save", str(out / "ckpt"), "--save-interval", str(SAVE_INTERVAL)]
+            flags += ["--log-dir", str(out)]
+            self.results[name] = run(launch_cmd(nproc, flags), self.ws, hooks=hooks)
+        if self.results[name].returncode != 0:  # a failed reference fails every test that needs it, once
+            pytest.fail(f"reference run {name} failed:\n{self.results[name].tail()}", pytrace=False)
+        return out
+
+
+@pytest.fixture(scope="module")
+def refs(ws) -> References:
+    return References(ws)
+
+
+# ----------------------------------------------------------------------------- 1. ZeRO stages, accumulation
+
+
+def test_zero_stages_and_accumulation_give_the_same_losses(refs):
+    """2 ranks at ZeRO 0/1/2/3 and 1 rank with 2x accumulation: the same losses (CE and KD parts too),
+    learning rates and gradient norms, step after step; on 2 ranks every stage sees the same batches."""
+    base = train_records(refs("z0"))
+    assert sorted(base) == list(range(1, ITERS + 1))
+    assert all(r["kd"] > 0 and math.isfinite(r["loss"]) and not r["skipped"] for r in base.values())
+    base_batches = batch_records(refs("z0") / "batches")
+    assert sorted(base_batches) == [0, 1] and base_batches[0] != base_batches[1]
+    for name in ("z1", "z2", "z3", "single"):
+        records = train_records(refs(name))
+        assert sorted(records) == sorted(base), name
+        for key in ("loss", "ce", "lr"):
+            assert_close(losses(records, key), losses(base, key))
+        # the KD part is ~1/250 of the loss: the same absolute agreement, not the same relative one
+        assert_close(losses(records, "kd"), losses(base, "kd"), abs_tol=1e-7)
+        assert_close(losses(records, "grad_norm"), losses(base, "grad_norm"), rel=1e-5)
+        assert [r["tokens"] for r in records.values()] == [i * GLOBAL * SEQ for i in range(1, ITERS + 1)]
+        if name != "single":
+            assert batch_records(refs(name) / "batches") == base_batches, name
+
+
+def test_teacher_is_frozen_and_outside_the_optimizer_at_zero0_and_zero3(refs, ws, teacher_sha):
+    """After 6 steps the co-resident teacher is bit-identical to its checkpoint (gathered under ZeRO-3), shares
+    no tensor with the student, is in no optimizer, trains nothing and holds no gradient."""
+    for name in ("z0", "z3"):
+        for rank in (0, 1):
+            report = json.loads((refs(name) / "teacher_report" / f"rank_{rank}.json").read_text())
+            assert report == {
+                "zero_stage": REFERENCES[name][0],
+                "names_match": True,
+                "bit_identical": True,
+                "shared_with_student": 0,
+                "in_optimizer": 0,
+                "requires_grad": 0,
+                "has_grad": 0,
+                "teacher_training_mode": False,
+            }, (name, rank)
+    assert file_sha256(ws / "teacher" / "model.safetensors") == teacher_sha
+
+
+def test_optimizer_never_sees_the_teacher(ws):
+    """In process: the student cut from the teacher shares no storage with it; build_optimizer(student) holds
+    exactly the student's trainable tensors; Teacher() freezes its model (eval, no grad)."""
+    from megatron_subnet.model.gpt import GPTModel
+    from megatron_subnet.model.subnet import SubnetConfig, extract_state_dict
+    from megatron_subnet.model.weights import load_checkpoint
+    from megatron_subnet.training.engine import Teacher, build_optimizer
+
+    config, state = load_checkpoint(ws / "teacher")
+    for subnet_file in ("subnet.json", "full_subnet.json"):
+        student_config, weights = extract_state_dict(config, state, SubnetConfig.load(ws / subnet_file, config))
+        student = GPTModel(student_config)
+        student.load_state_dict(weights)
+        teacher_model = GPTModel(config)
+        teacher_model.load_state_dict(state)
+        teacher = Teacher(teacher_model, {"zero_optimization": {"stage": 0}}, "cpu")
+        optimizer = build_optimizer(student, 1e-3, 0.1, (0.9, 0.95), 1e-8)
+        in_optimizer = [p for g in optimizer.param_groups for p in g["params"]]
+        assert {id(p) for p in in_optimizer} == {id(p) for p in student.parameters()}
+        assert len(in_optimizer) == len(list(student.parameters()))
+        teacher_params = list(teacher.module.parameters())
+        assert not {id(p) for p in teacher_params} & {id(p) for p in in_optimizer}
+        teacher_ptrs = {p.untyped_storage().data_ptr() for p in teacher_params}
+        assert not teacher_ptrs & {p.untyped_storage().data_ptr() for p in student.parameters()}
+        assert not teacher.module.training and not any(p.requires_grad for p in teacher_params)
+        before = {k: v.clone() for k, v in teacher.module.state_dict().items()}
+        tokens = torch.randint(0, config.vocab_size, (2, 9))
+        student(tokens).float().pow(2).mean().backward()
+        optimizer.step()
+        teacher(tokens)
+        assert all(torch.equal(v, before[k]) for k, v in teacher.module.state_dict().items())
+        assert all(p.grad is None for p in teacher_params)
+
+
+# ----------------------------------------------------------------------------- 2. launchers
+
+
+LAUNCHERS = {
+    "deepspeed": ("launch_deepspeed.sh", {"NUM_GPUS": "2"}),
+    "torchrun": ("launch_torchrun.sh", {"NPROC_PER_NODE": "2"}),
+    "mpirun": ("launch_mpirun.sh", {"NP": "2"}),
+}
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_launcher_runs_a_job_end_to_end(launcher, ws, refs, tmp_path):
+    """examples/launch_<launcher>.sh with 2 processes runs pretrain_slm.py to the end: metrics for every step
+    (the same losses as the reference ZeRO-1 run), the final checkpoint and the exported model."""
+    script, env = LAUNCHERS[launcher]
+    env = {**env, "MASTER_PORT": str(free_port())}
+    save = tmp_path / "ckpt"
+    flags = common_flags(ws, 1) + ["--save", str(save)]
+    try:
+        result = ok(run(["bash", EXAMPLES / script, *flags], tmp_path, env=env, timeout=240))
+    finally:
+        leaked = deepspeed_shm_files(env["MASTER_PORT"])
+        for path in leaked:  # DeepSpeed's CPU shm all-reduce buffers (the script removes them; on failure we do)
+            path.unlink(missing_ok=True)
+    assert not leaked, leaked
+    records = train_records(save)
+    assert sorted(records) == list(range(1, ITERS + 1)), result.tail()
+    assert_close(losses(records), losses(train_records(refs("z1"))))
+    assert "data parallel 2, ZeRO stage 1" in result.stdout + result.stderr
+    assert latest_tag(save) == f"iter_{ITERS:07d}"
+    meta = json.loads((save / f"iter_{ITERS:07d}" / "megatron_subnet.json").read_text())
+    assert meta["iteration"] == ITERS and meta["consumed_samples"] == ITERS * GLOBAL
+    assert meta["layout"] == {"world_size": 2, "zero_stage": 1, "bf16": False}
+    assert (save / "final_model" / "model.safetensors").is_file()
+    assert (save / "loss_curve.png").is_file()
+
+
+# ----------------------------------------------------------------------------- 3. distillation
+
+
+def test_kd_loss_is_zero_when_the_student_is_the_teacher(ws, teacher_sha, tmp_path):
+    """--kd-alpha 1 with the full sub-network: the KD loss of the first step (the unchanged student) is 0 for
+    forward, reverse and top-k KL, and the loss is the KD loss alone; the teacher stays bit-identical."""
+    kinds = ("forward_kl", "reverse_kl", "topk_kl")
+    jobs = []
+    for kind in kinds:
+        flags = common_flags(ws, 0, iters=2)
+        flags[flags.index("--subnet") + 1] = str(ws / "full_subnet.json")
+        flags += ["--kd-alpha", "1", "--kd-loss", kind, "--kd-topk", "8", "--kd-temperature", "2"]
+        flags += ["--eval-iters", "0", "--log-dir", str(tmp_path / kind)]
+        hooks = {"teacher_report": str(tmp_path / kind / "teacher_report")}
+        jobs.append((python_cmd(flags), tmp_path, None, 180, hooks))
+    for kind, result in zip(kinds, run_many(jobs)):
+        ok(result)
+        first = train_records(tmp_path / kind)[1]
+        assert abs(first["kd"]) < 1e-6, (kind, first)
+        assert first["loss"] == pytest.approx(4 * first["kd"], abs=1e-9)  # alpha T^2 KL, T = 2
+        assert first["ce"] > 1.0  # the CE is still computed and logged
+        report = json.loads((tmp_path / kind / "teacher_report" / "rank_0.json").read_text())
+        assert report["bit_identical"] and report["in_optimizer"] == 0 and report["has_grad"] == 0, report
+    assert file_sha256(ws / "teacher" / "model.safetensors") == teacher_sha
+
+
+# ----------------------------------------------------------------------------- 4. resume
+
+
+@pytest.mark.parametrize("name", ["z1", "single"])
+def test_resume_is_bit_exact(name, ws, refs, tmp_path):
+    """Stop after the checkpoint of step 3 (the job ends there), resume with --load to step 6: every loss is
+    bit-identical to the uninterrupted run's and every rank sees the same batches at the same step."""
+    stage, nproc = REFERENCES[name]
+    save, batches = tmp_path / "ckpt", tmp_path / "batches"
+    flags = common_flags(ws, stage) + ["--save", str(save), "--save-interval", str(SAVE_INTERVAL)]
+    hooks = {"record_dir": str(batches), "stop_after_save": 3}
+    ok(run(launch_cmd(nproc, flags + ["--log-dir", str(tmp_path / "a")]), tmp_path, hooks=hooks))
+    assert latest_tag(save) == "iter_0000003"
+    assert sorted(train_records(tmp_path / "a")) == [1, 2, 3]
+    hooks = {"record_dir": str(batches)}
+    flags += ["--load", str(save), "--log-dir", str(tmp_path / "b")]
+    ok(run(launch_cmd(nproc, flags), tmp_path, hooks=hooks))
+
+    reference = train_records(refs(name))
+    resumed = {**train_records(tmp_path / "a"), **train_records(tmp_path / "b")}
+    assert sorted(train_records(tmp_path / "b")) == [4, 5, 6]
+    for key in ("loss", "ce", "kd", "grad_norm", "lr", "tokens"):
+        assert losses(resumed, key) == losses(reference, key), key  # exact float equality
+    assert batch_records(batches) == batch_records(refs(name) / "batches")
+    meta = json.loads((save / f"iter_{ITERS:07d}" / "megatron_subnet.json").read_text())
+    assert meta["consumed_samples"] == ITERS * GLOBAL
+
+
+# ----------------------------------------------------------------------------- 5. SIGKILL mid-checkpoint
+
+
+def test_sigkill_before_checkpoint_rename_resumes_from_previous(ws, refs, tmp_path):
+    """ZeRO-3 on 2 ranks, checkpoints every 2 steps, rank 0 SIGKILLed after writing iter_0000004.tmp but before
+    the rename: the job fails, latest still names iter_0000002, and a --load run redoes steps 3-6 with the
+    uninterrupted run's losses."""
+    save = tmp_path / "ckpt"
+    flags = common_flags(ws, 3) + ["--save", str(save), "--save-interval", "2"]
+    killed = run(
+        torchrun_cmd(2, flags + ["--log-dir", str(tmp_path / "a")]), tmp_path, env={KILL_ENV: "4"}, timeout=150
+    )
+    assert killed.returncode not in (0, None), killed.tail()
+    assert latest_tag(save) == "iter_0000002"
+    assert (save / "iter_0000004.tmp").is_dir() and not (save / "iter_0000004").exists()
+    resumed = ok(run(torchrun_cmd(2, flags + ["--load", str(save), "--log-dir", str(tmp_path / "b")]), tmp_path))
+    records = train_records(tmp_path / "b")
+    assert sorted(records) == [3, 4, 5, 6], resumed.tail()
+    assert_close(losses(records), losses(train_records(refs("z3")))[2:])
+    assert latest_tag(save) == "iter_0000006" and not (save / "iter_0000004.tmp").exists()
+
+
+# ----------------------------------------------------------------------------- 6. NaN / Inf
+
+
+@pytest.mark.parametrize("name", ["single", "z2-1rank", "z1-rank1-only"])
+def test_nan_step_is_skipped_and_training_continues(name, ws, refs, tmp_path):
+    """NaN logits at step 3 (on 1 process at ZeRO-0 and ZeRO-2; on rank 1 of 2 only at ZeRO-1): the step is
+    reported skipped, leaves parameters and Adam state bit-identical (on rank 0 too, whose own loss was finite),
+    and the following steps are finite and not skipped; steps 1-2 match the clean run."""
+    stage, nproc, nan_ranks, reference = {
+        "single": (0, 1, None, "single"),
+        "z2-1rank": (2, 1, None, "single"),
+        "z1-rank1-only": (1, 2, [1], "z1"),
+    }[name]
+    trace = tmp_path / "trace.jsonl"
+    flags = common_flags(ws, stage) + ["--log-dir", str(tmp_path)]
+    hooks = {"nan_steps": [3], "nan_ranks": nan_ranks, "param_trace": str(trace)}
+    result = ok(run(launch_cmd(nproc, flags), tmp_path, hooks=hooks))
+    records = train_records(tmp_path)
+    assert sorted(records) == list(range(1, ITERS + 1))
+    assert [r["skipped"] for r in records.values()] == [False, False, True, False, False, False]
+    assert not math.isfinite(records[3]["loss"])
+    assert all(math.isfinite(records[i]["loss"]) for i in (1, 2, 4, 5, 6))
+    assert_close([records[1]["loss"], records[2]["loss"]], losses(train_records(refs(reference)))[:2])
+    assert "iteration 3: non-finite loss or gradient" in result.stdout + result.stderr
+    steps = {r["iteration"]: r for r in read_jsonl(trace)}
+    assert not steps[3]["params_changed"] and steps[3]["adam_steps_after"] == steps[3]["adam_steps_before"]
+    assert all(steps[i]["params_changed"] for i in (1, 2, 4, 5, 6))
+    assert all(s["params_finite"] for s in steps.values())
+    valid = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "valid_loss" in r or "test_loss" in r]
+    assert valid and all(math.isfinite(r.get("valid_loss", r.get("test_loss"))) for r in valid)
+
+
+def test_nan_forever_aborts_and_keeps_the_last_good_checkpoint(ws, refs, tmp_path):
+    """NaN from step 3 on with --max-skipped-steps 2: exit 2 with a one-line error naming the flag and the last
+    good checkpoint (iter_0000002), which latest still names; resuming from it reproduces the clean run."""
+    save = tmp_path / "ckpt"
+    flags = common_flags(ws, 0) + ["--save", str(save), "--save-interval", "2", "--max-skipped-steps", "2"]
+    aborted = run(python_cmd(flags + ["--log-dir", str(tmp_path / "a")]), tmp_path, hooks={"nan_from": 3})
+    line = assert_one_line_error(aborted, "--max-skipped-steps 2", "iteration 4", "iter_0000002")
+    assert latest_tag(save) == "iter_0000002", line
+    assert sorted(p.name for p in save.iterdir() if p.name.startswith("iter_")) == ["iter_0000002"]
+    assert [r["skipped"] for r in train_records(tmp_path / "a").values()] == [False, False, True, True]
+    resumed = ok(run(python_cmd(flags + ["--load", str(save), "--log-dir", str(tmp_path / "b")]), tmp_path))
+    records = train_records(tmp_path / "b")
+    assert sorted(records) == [3, 4, 5, 6], resumed.tail()
+    assert losses(records) == losses(train_records(refs("single")))[2:]
+
+
+# ----------------------------------------------------------------------------- 7. clear errors
+
+
+def test_bad_launches_fail_with_one_line_errors(ws, refs, tmp_path):
+    """ds_config batch size vs --global-batch-size, an 'optimizer' section, resuming at another world size or
+    ZeRO stage, and --kd-alpha > 0 without a teacher: exit 2 with one 'error:' line naming the setting."""
+    bad_batch = tmp_path / "bad_batch.json"
+    bad_batch.write_text(json.dumps({"train_batch_size": 8, "zero_optimization": {"stage": 1}}))
+    with_optimizer = tmp_path / "with_optimizer.json"
+    with_optimizer.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}))
+
+    def flags(stage: int = 0, ds_config: Path | None = None) -> list[str]:
+        f = common_flags(ws, stage)
+        if ds_config is not None:
+            f[f.index("--ds_config") + 1] = str(ds_config)
+        return f
+
+    no_teacher = flags()
+    for flag in ("--teacher-load", "--subnet"):
+        i = no_teacher.index(flag)
+        del no_teacher[i : i + 2]
+    no_teacher += ["--init", "random", "--model-config", str(ws / "student_config.json")]
+    cases = {
+        "batch": (flags(ds_config=bad_batch), ("train_batch_size 8", "--global-batch-size 4")),
+        "optimizer": (flags(ds_config=with_optimizer), ("'optimizer'", str(with_optimizer))),
+        # a checkpoint of 2 ranks at ZeRO-1, resumed by 1 process at ZeRO-1
+        "world_size": (flags(1) + ["--load", str(refs("z1") / "ckpt")], ("world_size=2", "world_size=1")),
+        # a checkpoint of 1 process at ZeRO-0, resumed by 1 process at ZeRO-1
+        "zero_stage": (flags(1) + ["--load", str(refs("single") / "ckpt")], ("zero_stage=0", "zero_stage=1")),
+        "kd_alpha": (no_teacher + ["--kd-alpha", "0.5"], ("--kd-alpha 0.5", "--teacher-load")),
+    }
+    jobs = [(python_cmd(argv), tmp_path, None, 120, None) for argv, _ in cases.values()]
+    for (_, needles), result in zip(cases.values(), run_many(jobs)):
+        assert_one_line_error(result, *needles)
+    # the failed resumes left the checkpoints as they were
+    assert latest_tag(refs("z1") / "ckpt") == latest_tag(refs("single") / "ckpt") == f"iter_{ITERS:07d}"
+
+
+# ----------------------------------------------------------------------------- 8. outputs
+
+
+@pytest.mark.parametrize("name", ["z0", "z3"])
+def test_metrics_plot_and_exported_model(name, ws, refs):
+    """metrics.jsonl holds every training field, validation at 3 and 6 and a final test record; the loss curve is
+    a PNG; final_model loads with load_model and reproduces the engine's test loss on the same batches."""
+    from megatron_subnet.data.gpt_dataset import build_train_valid_test_datasets
+    from megatron_subnet.model.weights import load_model
+    from megatron_subnet.parallel.losses import cross_entropy
+    from megatron_subnet.training.trainer import fixed_batches
+
+    out = refs(name)
+    records = read_jsonl(out / "metrics.jsonl")
+    train = [r for r in records if "loss" in r]
+    fields = {"iteration", "loss", "ce", "kd", "lr", "grad_norm", "skipped", "tokens_per_s", "tokens", "peak_memory_mb"}
+    assert all(set(r) == fields for r in train)
+    assert all(r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0 and r["grad_norm"] > 0 for r in train)
+    valid = [r for r in records if "valid_loss" in r]
+    assert [r["iteration"] for r in valid] == [3, 6]
+    assert all(r["valid_ppl"] == pytest.approx(math.exp(r["valid_loss"])) for r in valid)
+    assert "test_loss" in records[-1] and records[-1]["iteration"] == ITERS
+    assert records[-1]["test_ppl"] == pytest.approx(math.exp(records[-1]["test_loss"]))
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    model = load_model(out / "ckpt" / "final_model")
+    assert json.loads((out / "ckpt" / "final_model" / "subnet.json").read_text()) == json.loads(
+        (ws / "subnet.json").read_text()
+    )
+    evals = ITERS // EVAL_INTERVAL + 1
+    num_samples = (ITERS * GLOBAL, evals * EVAL_ITERS * GLOBAL, EVAL_ITERS * GLOBAL)
+    _, _, test_ds = build_train_valid_test_datasets([str(ws / "data")], SPLIT, SEQ, SEED, num_samples, None)
+    dp = REFERENCES[name][1]
+    rank_means = []
+    with torch.no_grad():
+        for dp_rank in range(dp):
+            batches = fixed_batches(test_ds, EVAL_ITERS, MICRO, dp_rank, dp)
+            assert batches
+            rank_means.append(sum(cross_entropy(model(b[:, :-1]), b[:, 1:]).item() for b in batches) / len(batches))
+    assert sum(rank_means) / dp == pytest.approx(records[-1]["test_loss"], abs=1e-5)

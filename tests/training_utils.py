@@ -1,0 +1,406 @@
+"""Helpers for tests/test_training.py: a tiny teacher/sub-network/dataset workspace, launcher command lines,
+subprocess runs that cannot hang, metrics readers, and (run as a script) an instrumented ``pretrain_slm.py``.
+
+Run as ``python tests/training_utils.py <pretrain_slm.py flags>`` (directly, under torchrun or mpirun) this
+file is ``pretrain_slm.py`` plus test hooks chosen by the JSON in ``$MEGATRON_SUBNET_TEST_HOOKS``:
+
+``record_dir``      each rank appends ``{"iteration", "batch"}`` (a hash of its micro-batches) per step
+``nan_steps``       iterations whose student forward returns NaN logits (``nan_from``: that one and all later;
+                    ``nan_ranks``: only on these ranks)
+``param_trace``     per step: did the student's parameters / Adam step count change (bit-exact), are they finite
+``stop_after_save`` the job ends (exit 0) right after the checkpoint of that iteration is complete
+``teacher_report``  after training: the teacher's tensors vs its safetensors file, and that none of them is
+                    a student parameter, in the optimizer, trainable, or has a gradient
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PRETRAIN = REPO / "pretrain_slm.py"
+WRAPPER = Path(__file__).resolve()
+EXAMPLES = REPO / "examples"
+HOOKS_ENV = "MEGATRON_SUBNET_TEST_HOOKS"
+KILL_ENV = "MEGATRON_SUBNET_TEST_KILL_BEFORE_RENAME"
+
+# The tiny run every test shares: 4 micro-batches of 33 tokens per step.
+MICRO, GLOBAL, SEQ = 1, 4, 32
+
+
+# ----------------------------------------------------------------------------- workspace
+
+
+def build_workspace(root: Path) -> Path:
+    """Teacher checkpoint, sub-network JSONs, a student ModelConfig, ds_configs and an indexed dataset."""
+    import numpy as np
+    import torch
+
+    from megatron_subnet.data.indexed import IndexedDatasetBuilder
+    from megatron_subnet.model.config import ModelConfig
+    from megatron_subnet.model.gpt import GPTModel
+    from megatron_subnet.model.subnet import SubnetConfig
+    from megatron_subnet.model.weights import save_checkpoint
+
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    config = ModelConfig(
+        arch="llama",
+        vocab_size=128,
+        hidden_size=64,
+        num_layers=4,
+        num_attention_heads=4,
+        num_query_groups=2,
+        head_dim=16,
+        ffn_hidden_size=128,
+        tie_word_embeddings=True,
+    )
+    save_checkpoint(root / "teacher", config, GPTModel(config).state_dict())
+    subnet = SubnetConfig.from_counts(
+        config, num_layers=2, hidden_size=32, num_attention_heads=2, num_query_groups=1, ffn_hidden_size=64
+    )
+    subnet.save(root / "subnet.json")
+    SubnetConfig.full(config).save(root / "full_subnet.json")
+    subnet.student_config(config).save(root / "student_config.json")
+    rng = np.random.default_rng(0)
+    with IndexedDatasetBuilder(root / "data", np.uint16) as builder:
+        for _ in range(300):
+            builder.add_document(rng.integers(0, 127, rng.integers(5, 100)))
+    for stage in range(4):
+        ds_config = {"zero_optimization": {"stage": stage}, "gradient_clipping": 1.0, "bf16": {"enabled": False}}
+        (root / f"zero{stage}.json").write_text(json.dumps(ds_config))
+    return root
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- running jobs
+
+
+@dataclasses.dataclass
+class Result:
+    cmd: list[str]
+    returncode: int | None  # None: killed on timeout
+    stdout: str
+    stderr: str
+    seconds: float
+
+    def tail(self, n: int = 40) -> str:
+        lines = (self.stdout + "\n" + self.stderr).replace("\r", "\n").splitlines()
+        lines = [line for line in lines if line.strip() and not line.startswith("training:")]
+        return f"$ {' '.join(self.cmd)}\nexit {self.returncode} after {self.seconds:.0f}s\n" + "\n".join(lines[-n:])
+
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.startswith("error: ")]
+
+
+def torch_extensions_dir() -> str:
+    """DeepSpeed JIT-builds its CPU shm comm op at every start, with ninja, into ``$TORCH_EXTENSIONS_DIR``
+    (default ~/.cache/torch_extensions/py311_cpu, shared by every venv on the machine). A start whose ninja
+    (pip's in the venv vs /usr/bin's: they hash command lines differently) or venv path differs from the
+    last build's finds it stale and recompiles it: 20-80 s, under a lock that stalls every other starting
+    process. Our jobs always run with this venv's bin first on PATH, and build into a directory of their own."""
+    ninja = shutil.which("ninja", path=os.pathsep.join([str(BIN), os.environ.get("PATH", "")]))
+    digest = hashlib.sha1(f"{sys.prefix}:{ninja}".encode()).hexdigest()[:10]
+    return str(Path.home() / ".cache" / "torch_extensions" / f"env-{digest}")
+
+
+def base_env(extra: dict | None = None) -> dict[str, str]:
+    """The environment of a launched job: one thread per process, this venv first on PATH, no inherited
+    distributed/launcher variables, no test hooks unless asked for, a per-venv torch extensions dir."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+        and k not in {HOOKS_ENV, KILL_ENV}
+        and not k.startswith(("OMPI_", "PMIX_", "TORCHELASTIC_"))
+    }
+    env.update(
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        PATH=os.pathsep.join([str(BIN), env.get("PATH", "")]),
+        MPLBACKEND="Agg",
+    )
+    env.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
+    env.update(extra or {})
+    return env
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: float = 180, hooks: dict | None = None) -> Result:
+    """Run a job in its own session; on timeout the whole process group (launcher and workers) is killed."""
+    extra = dict(env or {})
+    if hooks is not None:
+        extra[HOOKS_ENV] = json.dumps(hooks)
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [str(c) for c in cmd],
+        cwd=cwd,
+        env=base_env(extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        code = None
+        out, err = "", ""
+    finally:
+        # Whatever the outcome, nothing of the job outlives it (torchrun's workers, mpirun's daemons).
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if code is None:
+            out, err = proc.communicate()
+    return Result([str(c) for c in cmd], code, out, err, time.monotonic() - start)
+
+
+def deepspeed_shm_files(port: int | str) -> list[Path]:
+    """The /dev/shm buffers DeepSpeed's CPU shm all-reduce creates (and never removes) for a job on ``port``."""
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+
+
+def run_many(jobs: list[tuple], workers: int = 2) -> list[Result]:
+    """``run(*job)`` for each job, ``workers`` at a time (independent single-process jobs)."""
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda job: run(*job), jobs))
+
+
+def python_cmd(args: list[str], script: Path = WRAPPER) -> list[str]:
+    return [sys.executable, str(script), *args]
+
+
+def torchrun_cmd(nproc: int, args: list[str], script: Path = WRAPPER) -> list[str]:
+    # --standalone: c10d rendezvous on a free localhost port (`--master-port 0` hangs in torch 2.13).
+    return [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(nproc), str(script), *args]
+
+
+def launch_cmd(nproc: int, args: list[str], script: Path = WRAPPER) -> list[str]:
+    return python_cmd(args, script) if nproc == 1 else torchrun_cmd(nproc, args, script)
+
+
+# ----------------------------------------------------------------------------- reading results
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def train_records(log_dir: Path) -> dict[int, dict]:
+    """Training records of metrics.jsonl by iteration (the last one wins when a resumed run repeats one)."""
+    return {r["iteration"]: r for r in read_jsonl(Path(log_dir) / "metrics.jsonl") if "loss" in r}
+
+
+def batch_records(record_dir: Path) -> dict[int, dict[int, str]]:
+    """``{rank: {iteration: hash of that rank's micro-batches}}`` written by the ``record_dir`` hook."""
+    out: dict[int, dict[int, str]] = {}
+    for path in sorted(Path(record_dir).glob("rank_*.jsonl")):
+        rank = int(path.stem.split("_")[1])
+        out[rank] = {r["iteration"]: r["batch"] for r in read_jsonl(path)}
+    return out
+
+
+def latest_tag(save: Path) -> str:
+    return (Path(save) / "latest").read_text().strip()
+
+
+# ----------------------------------------------------------------------------- hooks (script mode)
+
+
+def _install_hooks(hooks: dict) -> dict:
+    """Monkeypatch the trainer as ``hooks`` asks; returns the objects the post-run checks need."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_subnet.model.gpt import GPTModel
+    from megatron_subnet.training import checkpoint, trainer
+
+    captured: dict = {"iteration": 0}
+
+    def rank() -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    nan_steps = set(hooks.get("nan_steps", []))
+    nan_from = hooks.get("nan_from")
+    nan_ranks = hooks.get("nan_ranks")
+
+    def nan_now() -> bool:
+        it = captured["iteration"]
+        if nan_ranks is not None and rank() not in nan_ranks:
+            return False
+        return it in nan_steps or (nan_from is not None and it >= nan_from)
+
+    if nan_steps or nan_from is not None:
+        forward = GPTModel.forward
+
+        def nan_forward(self, *args, **kwargs):
+            logits = forward(self, *args, **kwargs)
+            # Only the student's training forward: the teacher runs in eval mode, so does evaluation.
+            return logits * float("nan") if self.training and nan_now() else logits
+
+        GPTModel.forward = nan_forward
+
+    load = checkpoint.load_checkpoint
+
+    def load_hook(engine, load_dir):
+        meta = load(engine, load_dir)
+        captured["iteration"] = meta["iteration"]
+        return meta
+
+    checkpoint.load_checkpoint = load_hook
+
+    step = trainer.train_step
+    record_dir = hooks.get("record_dir")
+    trace = hooks.get("param_trace")
+
+    def adam_steps(engine) -> list[float]:
+        opt = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
+        return [float(s["step"]) for s in opt.state.values() if "step" in s]
+
+    def step_hook(engine, teacher, micro_batches, lr, args):
+        captured["iteration"] += 1
+        it = captured["iteration"]
+        if record_dir:
+            digest = hashlib.sha1(b"".join(b.numpy().tobytes() for b in micro_batches)).hexdigest()
+            Path(record_dir).mkdir(parents=True, exist_ok=True)
+            with open(Path(record_dir) / f"rank_{rank()}.jsonl", "a") as f:
+                f.write(json.dumps({"iteration": it, "batch": digest}) + "\n")
+        if trace:
+            before = [p.detach().clone() for p in engine.module.parameters()]
+            steps_before = adam_steps(engine)
+        result = step(engine, teacher, micro_batches, lr, args)
+        if trace and rank() == 0:
+            after = list(engine.module.parameters())
+            record = {
+                "iteration": it,
+                "skipped": result.skipped,
+                "params_changed": any(not torch.equal(a, b) for a, b in zip(before, after)),
+                "params_finite": all(bool(torch.isfinite(p).all()) for p in after),
+                "adam_steps_before": steps_before,
+                "adam_steps_after": adam_steps(engine),
+            }
+            with open(trace, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        return result
+
+    trainer.train_step = step_hook
+
+    stop = hooks.get("stop_after_save")
+    if stop is not None:
+        save = checkpoint.save_checkpoint
+
+        def save_hook(engine, save_dir, iteration, meta, keep_last):
+            path = save(engine, save_dir, iteration, meta, keep_last)  # collective; ends with a barrier
+            if iteration == stop:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)  # a job that ran out of time right after its checkpoint
+            return path
+
+        checkpoint.save_checkpoint = save_hook
+
+    if hooks.get("teacher_report"):
+        teacher_cls, init_student = trainer.Teacher, trainer.initialize_student
+
+        class RecordingTeacher(teacher_cls):
+            def __init__(self, model, *args, **kwargs):
+                captured["teacher_model"] = model
+                super().__init__(model, *args, **kwargs)
+                captured["teacher"] = self
+
+        def init_hook(model, optimizer, ds_config):
+            captured["student"], captured["optimizer"] = model, optimizer
+            engine = init_student(model, optimizer, ds_config)
+            captured["engine"] = engine
+            return engine
+
+        trainer.Teacher, trainer.initialize_student = RecordingTeacher, init_hook
+    return captured
+
+
+def _teacher_report(captured: dict, hooks: dict, teacher_dir: str) -> None:
+    """Compare the co-resident teacher with its checkpoint after training (collective under ZeRO-3)."""
+    import contextlib
+
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    model = captured["teacher_model"]
+    params = list(model.parameters())
+    gather = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    reference = load_file(Path(teacher_dir) / "model.safetensors")
+    with gather:
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    teacher_ids = {id(p) for p in params}
+    student_ids = {id(p) for p in captured["student"].parameters()}
+    engine = captured["engine"]
+    optimizers = [captured["optimizer"], engine.optimizer, getattr(engine.optimizer, "optimizer", None)]
+    in_optimizer = {id(p) for o in optimizers if o is not None for g in o.param_groups for p in g["params"]}
+    report = {
+        "zero_stage": engine.zero_optimization_stage(),
+        "names_match": sorted(state) == sorted(reference),
+        "bit_identical": all(torch.equal(state[k], reference[k]) for k in reference if k in state),
+        "shared_with_student": len(teacher_ids & student_ids),
+        "in_optimizer": len(teacher_ids & in_optimizer),
+        "requires_grad": sum(p.requires_grad for p in params),
+        "has_grad": sum(p.grad is not None for p in params),
+        "teacher_training_mode": model.training,
+    }
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    path = Path(hooks["teacher_report"])
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"rank_{rank}.json").write_text(json.dumps(report))
+
+
+def _main(argv: list[str]) -> int:
+    hooks = json.loads(os.environ.get(HOOKS_ENV) or "{}")
+    sys.path.insert(0, str(REPO))
+    captured = _install_hooks(hooks)
+    from megatron_subnet.training.trainer import main
+
+    code = main(argv)
+    if code == 0 and hooks.get("teacher_report"):
+        teacher_dir = argv[argv.index("--teacher-load") + 1]
+        _teacher_report(captured, hooks, teacher_dir)
+    return code
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
