@@ -38,7 +38,7 @@ test: $(VENV)/.installed teacher
 	$(PY) -m pytest -q tests
 
 quickstart: data/demo_text_document.idx
-	PYTHON=$(PY) DEEPSPEED=$(VENV)/bin/deepspeed examples/quickstart.sh
+	PYTHON=$(PY) DEEPSPEED=$(VENV)/bin/deepspeed PATH=$(abspath $(VENV))/bin:$$PATH examples/quickstart.sh
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

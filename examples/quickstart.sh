@@ -28,7 +28,7 @@ echo "== 3. evolutionary search at 50% of the non-embedding parameters (tiny bud
   --seq-length 128 --micro-batch-size 2 --fitness-batches 1 --seed 0 --output "$OUT/search"
 
 echo "== 4. distillation from the teacher (deepspeed launcher, $NUM_GPUS processes, ZeRO-1)"
-"${DEEPSPEED:-.venv/bin/deepspeed}" --num_gpus "$NUM_GPUS" pretrain_slm.py --ds_config examples/ds_config_zero1.json \
+NUM_GPUS="$NUM_GPUS" examples/launch_deepspeed.sh --ds_config examples/ds_config_zero1.json \
   --teacher-load "$OUT/teacher" --subnet "$OUT/search/best_subnet.json" --data-path "$DATA" \
   --micro-batch-size 2 --global-batch-size 8 --seq-length 256 --train-iters 20 --lr 3e-4 --min-lr 3e-5 \
   --lr-warmup-iters 2 --kd-alpha 0.5 --kd-temperature 1.0 --log-interval 2 --eval-interval 10 --eval-iters 2 \

@@ -408,8 +408,9 @@ def test_bad_launches_fail_with_one_line_errors(ws, refs, tmp_path):
 
 @pytest.mark.parametrize("name", ["z0", "z3"])
 def test_metrics_plot_and_exported_model(name, ws, refs):
-    """metrics.jsonl holds every training field, validation at 3 and 6 and a final test record; the loss curve is
-    a PNG; final_model loads with load_model and reproduces the engine's test loss on the same batches."""
+    """metrics.jsonl holds every training field, validation at 0 (the initial student), 3 and 6 and a final
+    test record; the loss curve is a PNG; final_model loads with load_model and reproduces the engine's
+    test loss on the same batches."""
     from megatron_subnet.data.gpt_dataset import build_train_valid_test_datasets
     from megatron_subnet.model.weights import load_model
     from megatron_subnet.parallel.losses import cross_entropy
@@ -422,7 +423,7 @@ def test_metrics_plot_and_exported_model(name, ws, refs):
     assert all(set(r) == fields for r in train)
     assert all(r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0 and r["grad_norm"] > 0 for r in train)
     valid = [r for r in records if "valid_loss" in r]
-    assert [r["iteration"] for r in valid] == [3, 6]
+    assert [r["iteration"] for r in valid] == [0, 3, 6]
     assert all(r["valid_ppl"] == pytest.approx(math.exp(r["valid_loss"])) for r in valid)
     assert "test_loss" in records[-1] and records[-1]["iteration"] == ITERS
     assert records[-1]["test_ppl"] == pytest.approx(math.exp(records[-1]["test_loss"]))

@@ -25,9 +25,8 @@ class GuardedAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        finite = all(
-            torch.isfinite(p.grad).all() for group in self.param_groups for p in group["params"] if p.grad is not None
-        )
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        finite = not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
         flag = torch.tensor([0.0 if finite else 1.0])
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=state.get_data_parallel_group())
@@ -44,7 +43,8 @@ def build_optimizer(
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return GuardedAdamW(groups, lr=lr, betas=betas, eps=eps)
+    # The fused kernel (CPU and CUDA) is several times faster than the per-tensor loop; same math.
+    return GuardedAdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
 
 
 def initialize_student(model: GPTModel, optimizer: torch.optim.Optimizer, ds_config: dict):
@@ -108,8 +108,8 @@ def _grad_norm(engine) -> float:
     if norm is not None:
         return float(norm)
     # Plain data parallelism in fp32: gradients are already averaged across ranks after the last backward.
-    squares = [p.grad.detach().float().pow(2).sum() for p in engine.module.parameters() if p.grad is not None]
-    return math.sqrt(float(torch.stack(squares).sum())) if squares else 0.0
+    grads = [p.grad.detach() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else 0.0
 
 
 def train_step(engine, teacher: Teacher | None, micro_batches: list[torch.Tensor], lr: float, args) -> StepResult:

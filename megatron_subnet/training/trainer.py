@@ -151,6 +151,10 @@ def pretrain(args: argparse.Namespace) -> int:
     skipped_in_a_row = 0
     last_saved = None
     resumed_from = checkpoint.latest_checkpoint(args.load) if args.load else None
+    if valid_batches and iteration == 0:
+        # Where the student starts: the quality of the initialisation is what sub-network selection buys.
+        loss = evaluate(engine, valid_batches, engine.device)
+        logger.log({"iteration": 0, "tokens": 0, "valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0))})
     window_start, window_steps = time.perf_counter(), 0
     while iteration < args.train_iters:
         lr = schedule(iteration)

@@ -1,0 +1,51 @@
+"""The fused distillation loss equals the autograd reference (kd_loss + cross_entropy), value and gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_subnet.parallel.losses import cross_entropy, distillation_loss, kd_loss
+
+
+def reference(student, labels, teacher, alpha, kind, temperature, topk):
+    ce = cross_entropy(student, labels)
+    kl = kd_loss(student, teacher, kind, temperature, topk)
+    return (1 - alpha) * ce + alpha * temperature**2 * kl, ce, kl
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "topk_kl"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("alpha", [0.3, 1.0])
+def test_fused_loss_matches_autograd(kind, temperature, alpha):
+    g = torch.Generator().manual_seed(0)
+    student = (3 * torch.randn(2, 5, 37, generator=g, dtype=torch.float64)).requires_grad_()
+    teacher = 3 * torch.randn(2, 5, 37, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 37, (2, 5), generator=g)
+    loss, ce, kl = distillation_loss(student, labels, teacher, alpha, kind, temperature, topk=7)
+    (grad,) = torch.autograd.grad(loss, student)
+    ref_student = student.detach().clone().requires_grad_()
+    ref_loss, ref_ce, ref_kl = reference(ref_student, labels, teacher, alpha, kind, temperature, 7)
+    (ref_grad,) = torch.autograd.grad(ref_loss, ref_student)
+    torch.testing.assert_close(loss.double(), ref_loss.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ce.double(), ref_ce.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kl.double(), ref_kl.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad.to(grad.dtype), rtol=1e-5, atol=1e-7)
+
+
+def test_kd_is_zero_for_identical_logits_and_bf16_keeps_dtype():
+    logits = torch.randn(3, 4, 50)
+    labels = torch.randint(0, 50, (3, 4))
+    for kind in ("forward_kl", "reverse_kl", "topk_kl"):
+        _, _, kl = distillation_loss(logits, labels, logits.clone(), 1.0, kind, 2.0, 5)
+        assert abs(kl.item()) < 1e-6
+    student = logits.bfloat16().requires_grad_()
+    loss, _, _ = distillation_loss(student, labels, logits.bfloat16(), 0.5)
+    loss.backward()
+    assert student.grad.dtype == torch.bfloat16 and torch.isfinite(student.grad).all()
+
+
+def test_alpha_zero_is_plain_cross_entropy():
+    logits, labels = torch.randn(2, 3, 11), torch.randint(0, 11, (2, 3))
+    loss, ce, kl = distillation_loss(logits, labels, torch.randn(2, 3, 11), 0.0)
+    assert kl is None and torch.equal(loss, cross_entropy(logits, labels))
