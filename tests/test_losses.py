@@ -46,6 +46,13 @@ def test_kd_is_zero_for_identical_logits_and_bf16_keeps_dtype():
 
 
 def test_alpha_zero_is_plain_cross_entropy():
-    logits, labels = torch.randn(2, 3, 11), torch.randint(0, 11, (2, 3))
-    loss, ce, kl = distillation_loss(logits, labels, torch.randn(2, 3, 11), 0.0)
-    assert kl is None and torch.equal(loss, cross_entropy(logits, labels))
+    logits = torch.randn(2, 3, 11, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 3))
+    for teacher in (torch.randn(2, 3, 11), None):
+        loss, ce, kl = distillation_loss(logits, labels, teacher, 0.0)
+        (grad,) = torch.autograd.grad(loss, logits)
+        reference = cross_entropy(logits, labels)
+        (ref_grad,) = torch.autograd.grad(reference, logits)
+        assert kl is None
+        torch.testing.assert_close(loss.double(), reference.double())
+        torch.testing.assert_close(grad, ref_grad)

@@ -41,67 +41,81 @@ def kd_loss(
     return per_token.mean()
 
 
-class _DistillationLoss(torch.autograd.Function):
-    """``(1 - alpha) * CE + alpha * T^2 * KL`` with a hand-written gradient.
+# Tokens per chunk of the fused loss: about 8 MB of fp32 logits, so a chunk's temporaries stay in cache.
+_CHUNK_ELEMENTS = 1 << 21
 
-    One log-softmax of the student serves both terms, and the backward pass writes the gradient
-    (``(1 - alpha) * (q - onehot) + alpha * T * dKL/dz``) in a few passes over the vocabulary instead of
-    autograd's chain through log-softmax and kl_div. ``kd_loss`` and ``cross_entropy`` are the reference.
+
+class _DistillationLoss(torch.autograd.Function):
+    """``(1 - alpha) * CE + alpha * T^2 * KL`` (CE alone without teacher logits), whose gradient is written
+    during the forward pass.
+
+    The vocabulary is walked in token chunks: one log-softmax of the student serves both terms, and
+    ``(1 - alpha) * (q - onehot) + alpha * T * dKL/dz`` goes straight into one saved gradient buffer, so
+    no full-size intermediate outlives its chunk. ``kd_loss`` and ``cross_entropy`` are the reference.
     """
 
     @staticmethod
     def forward(ctx, logits, labels, teacher_logits, alpha, kind, temperature, topk):
-        s = logits.detach().float().flatten(0, -2)
-        t = teacher_logits.detach().float().flatten(0, -2)
-        y = labels.flatten()
-        n, T = s.shape[0], temperature
-        log_q = torch.log_softmax(s, dim=-1)
-        ce = -log_q.gather(1, y[:, None]).sum() / n
-        if kind == "topk_kl":
-            index = t.topk(min(topk, t.shape[-1]), dim=-1).indices
-            log_qt = torch.log_softmax(s.gather(1, index) / T, dim=-1)
-            log_p = torch.log_softmax(t.gather(1, index) / T, dim=-1)
-        elif kind in ("forward_kl", "reverse_kl"):
-            index = None
-            log_qt = log_q if T == 1.0 else torch.log_softmax(s / T, dim=-1)
-            log_p = torch.log_softmax(t / T, dim=-1)
-        else:
+        if kind not in KD_LOSSES:
             raise ValueError(f"kd loss {kind!r}: expected one of {', '.join(KD_LOSSES)}")
-        del s, t
-        if kind == "reverse_kl":
-            per_token = (log_qt.exp() * (log_qt - log_p)).sum(-1)
-        else:
-            per_token = (log_p.exp() * (log_p - log_qt)).sum(-1)
-        kl = per_token.sum() / n
+        s = logits.detach().flatten(0, -2)
+        t = None if teacher_logits is None else teacher_logits.detach().flatten(0, -2)
+        y = labels.flatten()
+        n, vocab = s.shape
+        T = temperature
+        grad = torch.empty((n, vocab), dtype=torch.float32, device=s.device)
+        ce_sum = torch.zeros((), dtype=torch.float64, device=s.device)
+        kl_sum = torch.zeros((), dtype=torch.float64, device=s.device)
+        chunk = max(1, _CHUNK_ELEMENTS // vocab)
+        for start in range(0, n, chunk):
+            rows = slice(start, min(start + chunk, n))
+            s_c, y_c, g = s[rows].float(), y[rows], grad[rows]
+            log_q = torch.log_softmax(s_c, dim=-1)
+            ce_sum += -log_q.gather(1, y_c[:, None]).sum()
+            torch.exp(log_q, out=g)
+            g[torch.arange(g.shape[0], device=g.device), y_c] -= 1.0
+            if t is None:
+                continue  # plain cross-entropy: q - onehot
+            t_c = t[rows].float()
+            if kind == "topk_kl":
+                index = t_c.topk(min(topk, vocab), dim=-1).indices
+                log_qt = torch.log_softmax(s_c.gather(1, index) / T, dim=-1)
+                log_p = torch.log_softmax(t_c.gather(1, index) / T, dim=-1)
+            else:
+                index = None
+                log_qt = log_q if T == 1.0 else torch.log_softmax(s_c / T, dim=-1)
+                log_p = torch.log_softmax(t_c / T, dim=-1)
+            if kind == "reverse_kl":
+                qt = log_qt.exp()
+                log_ratio = log_qt - log_p
+                per_token = (qt * log_ratio).sum(-1)
+                dkl = qt.mul_(log_ratio.sub_(per_token[:, None]))
+            else:
+                p = log_p.exp()
+                per_token = (p * (log_p - log_qt)).sum(-1)
+                dkl = (log_qt.exp() if log_qt is not log_q else torch.exp(log_q)).sub_(p)
+            kl_sum += per_token.sum()
+            g.mul_(1.0 - alpha)  # (1 - a)(q - onehot) + a T dKL/dz
+            if index is None:
+                g.add_(dkl, alpha=alpha * T)
+            else:
+                g.scatter_add_(1, index, dkl.mul_(alpha * T))
+        ce, kl = (ce_sum / n).float(), (kl_sum / n).float()
         loss = (1.0 - alpha) * ce + alpha * T * T * kl
-        ctx.save_for_backward(log_q, log_qt, log_p, y, per_token, index)
-        ctx.settings = (alpha, kind, T, n, logits.dtype, logits.shape)
+        ctx.save_for_backward(grad)
+        ctx.settings = (n, logits.dtype, logits.shape)
         ctx.mark_non_differentiable(ce, kl)
         return loss, ce, kl
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
-        log_q, log_qt, log_p, y, per_token, index = ctx.saved_tensors
-        alpha, kind, T, n, dtype, shape = ctx.settings
-        grad = log_q.exp()  # q, becomes the gradient in place
-        if kind == "forward_kl" and T == 1.0:
-            grad.sub_(log_p.exp(), alpha=alpha)  # (1 - a) q + a (q - p)
-        else:
-            grad.mul_(1.0 - alpha)
-            if kind == "forward_kl":
-                dkl = log_qt.exp().sub_(log_p.exp())
-            elif kind == "reverse_kl":
-                qt = log_qt.exp()
-                dkl = qt.mul_((log_qt - log_p).sub_(per_token[:, None]))
-            else:
-                dkl = log_qt.exp().sub_(log_p.exp())
-            if index is None:
-                grad.add_(dkl, alpha=alpha * T)
-            else:
-                grad.scatter_add_(1, index, dkl.mul_(alpha * T))
-        grad[torch.arange(n, device=grad.device), y] -= 1.0 - alpha
-        grad.mul_(grad_loss / n)
-        return grad.view(shape).to(dtype), None, None, None, None, None, None
+        if ctx.settings is None:
+            raise RuntimeError("distillation_loss: a second backward pass through the same loss is not supported")
+        (grad,) = ctx.saved_tensors
+        n, dtype, shape = ctx.settings
+        ctx.settings = None  # the buffer is scaled in place below
+        return grad.mul_(grad_loss / n).view(shape).to(dtype), None, None, None, None, None, None
 
 
 def distillation_loss(
@@ -115,6 +129,6 @@ def distillation_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(1 - alpha) * CE + alpha * T^2 * KL``; returns (loss, CE, KL or None)."""
     if teacher_logits is None or alpha == 0.0:
-        ce = cross_entropy(student_logits, labels)
-        return ce, ce, None
+        loss, ce, _ = _DistillationLoss.apply(student_logits, labels, None, 0.0, kind, temperature, topk)
+        return loss, ce, None
     return _DistillationLoss.apply(student_logits, labels, teacher_logits, alpha, kind, temperature, topk)

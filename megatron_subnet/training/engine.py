@@ -51,6 +51,8 @@ def initialize_student(model: GPTModel, optimizer: torch.optim.Optimizer, ds_con
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if engine.zero_optimization_stage() == 0 and state.get_data_parallel_world_size() == 1:
+        engine.enable_backward_allreduce = False  # one replica: nothing to average, skip the bucket copies
     return engine
 
 
