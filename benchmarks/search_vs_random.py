@@ -30,10 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megatron_subnet.cache import cache_dir  # noqa: E402
+from megatron_subnet.data.batches import check_vocab, load_batches  # noqa: E402
 from megatron_subnet.data.indexed import dataset_exists  # noqa: E402
 from megatron_subnet.model.subnet import SubnetConfig  # noqa: E402
 from megatron_subnet.search.evolution import EvolutionConfig, Search, plot_pareto  # noqa: E402
-from megatron_subnet.search.fitness import SubnetFitness, check_vocab, load_batches, load_parent  # noqa: E402
+from megatron_subnet.search.fitness import SubnetFitness, load_parent  # noqa: E402
 from megatron_subnet.search.space import SPACES, SearchSpace, SpaceConfig, check_budget, make_budget  # noqa: E402
 
 

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megatron_subnet.cache import cache_dir  # noqa: E402
+from megatron_subnet.data.batches import load_batches  # noqa: E402
 from megatron_subnet.data.indexed import dataset_exists  # noqa: E402
 from megatron_subnet.model.config import ModelConfig  # noqa: E402
 from megatron_subnet.model.evaluation import (  # noqa: E402
@@ -44,7 +45,6 @@ from megatron_subnet.model.evaluation import (  # noqa: E402
 )
 from megatron_subnet.model.importance import compute_importance, load_importance  # noqa: E402
 from megatron_subnet.model.subnet import SubnetConfig, subnet_indices  # noqa: E402
-from tools.evaluate import load_batches  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

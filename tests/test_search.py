@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_subnet.data.batches import load_batches
 from megatron_subnet.data.indexed import IndexedDatasetBuilder
 from megatron_subnet.model.config import ModelConfig
 from megatron_subnet.model.gpt import GPTModel
 from megatron_subnet.model.subnet import SubnetConfig
 from megatron_subnet.model.weights import save_checkpoint
 from megatron_subnet.search.evolution import EvolutionConfig, Search, read_results
-from megatron_subnet.search.fitness import FitnessConfig, SubnetFitness, load_batches, load_parent
+from megatron_subnet.search.fitness import FitnessConfig, SubnetFitness, load_parent
 from megatron_subnet.search.space import (
     SPACES,
     SearchSpace,

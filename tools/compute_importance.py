@@ -17,9 +17,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_subnet.data.batches import check_vocab, load_batches  # noqa: E402
 from megatron_subnet.model.evaluation import load_any  # noqa: E402
 from megatron_subnet.model.importance import LAYER_METRICS, compute_importance  # noqa: E402
-from tools.evaluate import add_data_args, check_data_args, check_vocab, load_batches  # noqa: E402
+from tools.evaluate import add_data_args, check_data_args  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

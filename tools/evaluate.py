@@ -17,12 +17,12 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_subnet.data.gpt_dataset import SPLIT_NAMES, GPTDataset, build_train_valid_test_datasets  # noqa: E402
+from megatron_subnet.data.batches import check_vocab, load_batches  # noqa: E402
+from megatron_subnet.data.gpt_dataset import SPLIT_NAMES  # noqa: E402
 from megatron_subnet.model.evaluation import evaluate, load_any, load_transformers, transformers_forward  # noqa: E402
 from megatron_subnet.model.importance import LAYER_METRICS, load_importance  # noqa: E402
 from megatron_subnet.model.subnet import SubnetConfig, subnet_indices  # noqa: E402
@@ -47,32 +47,6 @@ def check_data_args(p: argparse.ArgumentParser, args: argparse.Namespace, iters:
             p.error(f"{name} {value}: must be at least 1")
     if iters < 1:
         p.error(f"number of batches {iters}: must be at least 1")
-
-
-def load_batches(
-    data_path: list[str] | str, split: str, split_name: str, seq_length: int, micro_batch_size: int,
-    num_batches: int, seed: int,
-) -> list[torch.Tensor]:
-    """``num_batches`` token batches ``[micro_batch_size, seq_length + 1]`` from one split (Megatron's samples)."""
-    n = num_batches * micro_batch_size
-    counts = [n if name == split_name else 0 for name in SPLIT_NAMES]
-    datasets = build_train_valid_test_datasets(data_path, split, seq_length, seed, counts)
-    dataset = datasets[SPLIT_NAMES.index(split_name)]
-    if dataset is None:
-        raise ValueError(f"--split {split}: no {split_name} documents")
-    if isinstance(dataset, GPTDataset):
-        distinct = (int(dataset.indexed.sequence_lengths[dataset.document_ids].sum(dtype=np.int64)) - 1) // seq_length
-        if distinct < n:
-            print(f"warning: the {split_name} split holds {distinct} samples of {seq_length} tokens; "
-                  f"{n} requested, so some repeat", file=sys.stderr)
-    samples = [torch.from_numpy(np.asarray(dataset[i]["tokens"], dtype=np.int64)) for i in range(n)]
-    return [torch.stack(samples[k : k + micro_batch_size]) for k in range(0, n, micro_batch_size)]
-
-
-def check_vocab(batches: list[torch.Tensor], vocab_size: int) -> None:
-    top = max(int(b.max()) for b in batches)
-    if top >= vocab_size:
-        raise ValueError(f"token id {top} >= the model's vocab size {vocab_size}: data tokenized for another model?")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -30,15 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from megatron_subnet.data.batches import check_vocab, load_batches  # noqa: E402
 from megatron_subnet.model.weights import CheckpointError, load_config  # noqa: E402
 from megatron_subnet.search.evolution import MODES, EvolutionConfig, Search  # noqa: E402
-from megatron_subnet.search.fitness import (  # noqa: E402
-    FitnessConfig,
-    SubnetFitness,
-    check_vocab,
-    load_batches,
-    load_parent,
-)
+from megatron_subnet.search.fitness import FitnessConfig, SubnetFitness, load_parent  # noqa: E402
 from megatron_subnet.search.space import SPACES, SearchSpace, SpaceConfig, check_budget, make_budget  # noqa: E402
 
 

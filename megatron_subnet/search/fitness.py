@@ -23,12 +23,9 @@ import os
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_subnet.data.gpt_dataset import SPLIT_NAMES, build_train_valid_test_datasets
-from megatron_subnet.data.indexed import dataset_exists
 from megatron_subnet.model.gpt import GPTModel
 from megatron_subnet.model.subnet import SubnetConfig, extract_state_dict, subnet_indices
 from megatron_subnet.model.weights import load_model
@@ -45,38 +42,6 @@ def load_parent(path: str | os.PathLike, device: torch.device | str = "cpu") -> 
     model = load_model(path, device)
     model.requires_grad_(False)
     return model
-
-
-def load_batches(
-    data_path: str | list[str],
-    split: str,
-    split_name: str,
-    seq_length: int,
-    micro_batch_size: int,
-    num_batches: int,
-    seed: int,
-) -> list[torch.Tensor]:
-    """``num_batches`` fixed token batches ``[micro_batch_size, seq_length + 1]`` of one split (Megatron's samples)."""
-    prefixes = [data_path] if isinstance(data_path, str) else list(data_path)
-    for prefix in prefixes[1::2] if len(prefixes) > 1 else prefixes:
-        if not dataset_exists(prefix):
-            raise FileNotFoundError(f"--data-path {prefix}: no {prefix}.bin/.idx dataset")
-    n = num_batches * micro_batch_size
-    counts = [n if name == split_name else 0 for name in SPLIT_NAMES]
-    datasets = build_train_valid_test_datasets(prefixes, split, seq_length, seed, counts)
-    dataset = datasets[SPLIT_NAMES.index(split_name)]
-    if dataset is None:
-        raise ValueError(f"--split {split}: no {split_name} documents in --data-path")
-    samples = [torch.from_numpy(np.asarray(dataset[i]["tokens"], dtype=np.int64)) for i in range(n)]
-    return [torch.stack(samples[k : k + micro_batch_size]) for k in range(0, n, micro_batch_size)]
-
-
-def check_vocab(batches: list[torch.Tensor], vocab_size: int) -> None:
-    top = max(int(b.max()) for b in batches)
-    if top >= vocab_size:
-        raise ValueError(
-            f"--data-path: token id {top} >= the parent's vocab size {vocab_size} (data tokenized for another model?)"
-        )
 
 
 @dataclass
