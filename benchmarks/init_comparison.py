@@ -73,10 +73,9 @@ def run(args, name: str, extra: list[str]) -> list[dict]:
         "1",
         "--log-dir",
         str(out),
+        "--overwrite",  # a benchmark run replaces its previous metrics
         *extra,
     ]
-    if (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"{name} failed:\n{result.stderr[-3000:]}")

@@ -61,6 +61,7 @@ def run_tool(corpus: str, tokenizer_dir: str, workers: int, out: str) -> tuple[f
         tokenizer_dir,
         "--workers",
         str(workers),
+        "--overwrite",  # every timed run rewrites the same output
     ]
     start = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True)

@@ -117,6 +117,7 @@ def pretrain_slm(args, subnet_path: str, kd_alpha: float, work: str, zero_stage:
         str(kd_alpha),
         "--log-dir",
         log_dir,
+        "--overwrite",  # a benchmark run replaces its previous metrics
         "--lr-warmup-iters",
         "1",
     ]

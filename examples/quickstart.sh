@@ -32,7 +32,7 @@ NUM_GPUS="$NUM_GPUS" examples/launch_deepspeed.sh --ds_config examples/ds_config
   --teacher-load "$OUT/teacher" --subnet "$OUT/search/best_subnet.json" --data-path "$DATA" \
   --micro-batch-size 2 --global-batch-size 8 --seq-length 256 --train-iters 20 --lr 3e-4 --min-lr 3e-5 \
   --lr-warmup-iters 2 --kd-alpha 0.5 --kd-temperature 1.0 --log-interval 2 --eval-interval 10 --eval-iters 2 \
-  --save "$OUT/student" --save-interval 10
+  --save "$OUT/student" --save-interval 10 --overwrite  # a rerun of the quickstart trains anew
 
 echo "== 5. export to Hugging Face and check with transformers"
 "$PY" tools/convert_checkpoint.py export --input "$OUT/student/final_model" --output "$OUT/student_hf" --overwrite

@@ -7,13 +7,15 @@ import json
 import math
 import os
 
+from megatron_subnet.cli import ArgumentParser, finite_float, fraction, nonnegative_int, positive_int
+
 
 class ArgumentError(ValueError):
     """A flag (or ds_config key) with a bad value; the message names it."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Pretrain a small LM from a sub-network of a teacher, with online distillation (DeepSpeed ZeRO).",
         allow_abbrev=False,
     )
@@ -29,47 +31,63 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--importance", help="importance scores for a counts sub-network with order 'importance'")
     g.add_argument("--model-config", help="student ModelConfig JSON for --init random without a teacher")
     g = p.add_argument_group("distillation")
-    g.add_argument("--kd-alpha", type=float, default=0.5, help="loss = (1-alpha)*CE + alpha*T^2*KL; 0 loads no teacher")
-    g.add_argument("--kd-temperature", type=float, default=1.0)
+    g.add_argument(
+        "--kd-alpha", type=fraction, default=0.5, help="loss = (1-alpha)*CE + alpha*T^2*KL; 0 loads no teacher"
+    )
+    g.add_argument("--kd-temperature", type=finite_float, default=1.0)
     g.add_argument("--kd-loss", choices=["forward_kl", "reverse_kl", "topk_kl"], default="forward_kl")
-    g.add_argument("--kd-topk", type=int, default=64, help="teacher tokens kept by topk_kl")
+    g.add_argument("--kd-topk", type=positive_int, default=64, help="teacher tokens kept by topk_kl")
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", required=True, help="prefix, or weighted prefixes '0.3 a 0.7 b'")
     g.add_argument("--split", default="949,50,1")
-    g.add_argument("--seq-length", type=int, default=512)
+    g.add_argument("--seq-length", type=positive_int, default=512)
     g.add_argument("--data-cache-path", help="where the sample indices are cached (default: beside the data)")
     g = p.add_argument_group("batch")
-    g.add_argument("--micro-batch-size", type=int, required=True)
-    g.add_argument("--global-batch-size", type=int, help="default: micro batch x data-parallel size")
+    g.add_argument("--micro-batch-size", type=positive_int, required=True)
+    g.add_argument("--global-batch-size", type=positive_int, help="default: micro batch x data-parallel size")
     g = p.add_argument_group("training")
-    g.add_argument("--train-iters", type=int)
-    g.add_argument("--train-tokens", type=int, help="alternative to --train-iters")
-    g.add_argument("--lr", type=float, default=3e-4)
-    g.add_argument("--min-lr", type=float, default=3e-5)
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--train-iters", type=positive_int)
+    g.add_argument("--train-tokens", type=positive_int, help="alternative to --train-iters")
+    g.add_argument("--lr", type=finite_float, default=3e-4)
+    g.add_argument("--min-lr", type=finite_float, default=3e-5)
+    g.add_argument("--lr-warmup-iters", type=nonnegative_int, default=0)
     g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant", "wsd"], default="cosine")
-    g.add_argument("--lr-wsd-decay-iters", type=int, help="final decay iterations of the WSD schedule")
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.95)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--clip-grad", type=float, default=1.0, help="gradient clipping (ds_config gradient_clipping)")
-    g.add_argument("--max-skipped-steps", type=int, default=10, help="abort after this many NaN/Inf steps in a row")
+    g.add_argument("--lr-wsd-decay-iters", type=positive_int, help="final decay iterations of the WSD schedule")
+    g.add_argument("--weight-decay", type=finite_float, default=0.1)
+    g.add_argument("--adam-beta1", type=finite_float, default=0.9)
+    g.add_argument("--adam-beta2", type=finite_float, default=0.95)
+    g.add_argument("--adam-eps", type=finite_float, default=1e-8)
+    g.add_argument("--clip-grad", type=finite_float, default=1.0, help="gradient clipping (ds_config's)")
+    g.add_argument(
+        "--max-skipped-steps", type=positive_int, default=10, help="abort after this many NaN/Inf steps in a row"
+    )
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true", help="bf16 training (ds_config bf16.enabled)")
     g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], help="default: nccl with CUDA, else gloo")
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", help="checkpoint directory")
-    g.add_argument("--save-interval", type=int, help="iterations between checkpoints (default: only at the end)")
-    g.add_argument("--keep-last", type=int, default=2, help="checkpoints kept in --save")
+    g.add_argument("--save-interval", type=positive_int, help="iterations between checkpoints (default: at the end)")
+    g.add_argument("--keep-last", type=positive_int, default=2, help="checkpoints kept in --save")
     g.add_argument("--load", help="resume from this checkpoint directory (its 'latest')")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in a --save (or --log-dir) that holds another run's checkpoints (or metrics); "
+        "checkpoints of the same iteration and final_model are replaced, the old run's others are kept",
+    )
+    g.add_argument(
+        "--override-checkpoint-args",
+        action="store_true",
+        help="resume although settings that shape the data order or the objective differ from the checkpoint's "
+        "(the differences are logged)",
+    )
     g = p.add_argument_group("logging")
-    g.add_argument("--log-interval", type=int, default=10)
-    g.add_argument("--eval-interval", type=int, default=100)
-    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--log-interval", type=positive_int, default=10)
+    g.add_argument("--eval-interval", type=positive_int, default=100)
+    g.add_argument("--eval-iters", type=nonnegative_int, default=10)
     g.add_argument("--log-dir", help="metrics.jsonl, TensorBoard and plots (default: --save, else ./runs/latest)")
     g = p.add_argument_group("deepspeed")
     g.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", required=True, help="DeepSpeed JSON config")
@@ -85,35 +103,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    positive = (
-        "micro_batch_size",
-        "seq_length",
-        "log_interval",
-        "eval_interval",
-        "keep_last",
-        "tensor_model_parallel_size",
-        "pipeline_model_parallel_size",
-        "max_skipped_steps",
-    )
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise ArgumentError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
-    if args.eval_iters < 0:
-        raise ArgumentError(f"--eval-iters {args.eval_iters}: must be >= 0")
+    """Checks across flags (single-flag ranges are the argparse types'); ds_config is read and checked too."""
     if args.tensor_model_parallel_size != 1 or args.pipeline_model_parallel_size != 1:
         raise ArgumentError("--tensor-model-parallel-size/--pipeline-model-parallel-size: only 1 is supported so far")
     if (args.train_iters is None) == (args.train_tokens is None):
         raise ArgumentError("give exactly one of --train-iters and --train-tokens")
-    if not 0.0 <= args.kd_alpha <= 1.0:
-        raise ArgumentError(f"--kd-alpha {args.kd_alpha}: must be in [0, 1]")
     if args.kd_temperature <= 0:
         raise ArgumentError(f"--kd-temperature {args.kd_temperature}: must be positive")
-    if args.kd_topk < 1:
-        raise ArgumentError(f"--kd-topk {args.kd_topk}: must be at least 1")
     if args.lr < 0 or args.min_lr < 0 or args.min_lr > args.lr:
         raise ArgumentError(f"--lr {args.lr} / --min-lr {args.min_lr}: need 0 <= min-lr <= lr")
+    for flag, value in (("--adam-beta1", args.adam_beta1), ("--adam-beta2", args.adam_beta2)):
+        if not 0.0 <= value < 1.0:
+            raise ArgumentError(f"{flag} {value}: must be in [0, 1)")
+    if args.adam_eps <= 0:
+        raise ArgumentError(f"--adam-eps {args.adam_eps}: must be positive")
+    for flag, value in (("--weight-decay", args.weight_decay), ("--clip-grad", args.clip_grad)):
+        if value < 0:
+            raise ArgumentError(f"{flag} {value}: must be >= 0")
     if args.lr_decay_style == "wsd" and not args.lr_wsd_decay_iters:
         raise ArgumentError("--lr-decay-style wsd needs --lr-wsd-decay-iters")
+    if args.train_iters is not None and args.lr_warmup_iters > args.train_iters:
+        raise ArgumentError(f"--lr-warmup-iters {args.lr_warmup_iters}: more than --train-iters {args.train_iters}")
     if args.load is None:
         if args.init == "subnet" and not (args.teacher_load and args.subnet):
             raise ArgumentError("--init subnet needs --teacher-load and --subnet")
@@ -127,6 +137,7 @@ def validate_args(args: argparse.Namespace) -> None:
         path = getattr(args, flag)
         if path is not None and not os.path.exists(path):
             raise ArgumentError(f"--{flag.replace('_', '-') if flag != 'ds_config' else flag} {path}: no such file")
+    check_ds_config(load_ds_config(args.ds_config), args.ds_config)
 
 
 def load_ds_config(path: str) -> dict:
@@ -140,6 +151,53 @@ def load_ds_config(path: str) -> dict:
     return config
 
 
+_DS_INTEGERS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "steps_per_print")
+
+
+def check_ds_config(config: dict, path: str) -> None:
+    """ArgumentError naming the key when a ds_config value has the wrong type or range (before any work).
+
+    The ``zero_optimization`` section is checked by DeepSpeed's own config model.
+    """
+    where = f"--ds_config {path}"
+    if "optimizer" in config or "scheduler" in config:
+        raise ArgumentError(
+            f"{where}: remove 'optimizer'/'scheduler'; they come from --lr, --weight-decay, "
+            "--adam-*, --lr-decay-style (Megatron's flags)"
+        )
+    for key in _DS_INTEGERS:
+        value = config.get(key)
+        if value is not None and (type(value) is not int or value < 1):
+            raise ArgumentError(f"{where}: {key} must be a positive integer, got {value!r}")
+    clip = config.get("gradient_clipping")
+    if clip is not None and (type(clip) not in (int, float) or not math.isfinite(clip) or clip < 0):
+        raise ArgumentError(f"{where}: gradient_clipping must be a finite number >= 0, got {clip!r}")
+    for key in ("bf16", "fp16"):
+        section = config.get(key)
+        if section is None:
+            continue
+        if not isinstance(section, dict):
+            raise ArgumentError(f"{where}: {key} must be an object like {{\"enabled\": true}}, got {section!r}")
+        if "enabled" in section and not isinstance(section["enabled"], bool):
+            raise ArgumentError(f"{where}: {key}.enabled must be true or false, got {section['enabled']!r}")
+    if config.get("fp16", {}).get("enabled"):
+        raise ArgumentError(f"{where}: fp16 is not supported; use bf16")
+    zero = config.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ArgumentError(f"{where}: zero_optimization must be an object, got {zero!r}")
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = ".".join(str(k) for k in first["loc"])
+        raise ArgumentError(
+            f"{where}: zero_optimization.{key}: {first['msg']} (got {first.get('input')!r})"
+        ) from None
+
+
 def reconcile_ds_config(args: argparse.Namespace, config: dict, dp_size: int) -> dict:
     """Fill the batch, clipping and precision keys of ds_config from the flags; disagreement is an error.
 
@@ -147,11 +205,7 @@ def reconcile_ds_config(args: argparse.Namespace, config: dict, dp_size: int) ->
     """
     config = dict(config)
     where = f"--ds_config {args.ds_config}"
-    if "optimizer" in config or "scheduler" in config:
-        raise ArgumentError(
-            f"{where}: remove 'optimizer'/'scheduler'; they come from --lr, --weight-decay, "
-            "--adam-*, --lr-decay-style (Megatron's flags)"
-        )
+    check_ds_config(config, args.ds_config)
     micro = args.micro_batch_size
     ds_micro = config.get("train_micro_batch_size_per_gpu", micro)
     if ds_micro != micro:
@@ -182,8 +236,6 @@ def reconcile_ds_config(args: argparse.Namespace, config: dict, dp_size: int) ->
     ds_bf16 = bool(config.get("bf16", {}).get("enabled", args.bf16))
     if ds_bf16 != args.bf16:
         raise ArgumentError(f"{where}: bf16.enabled is {ds_bf16} but --bf16 is {'' if args.bf16 else 'not '}set")
-    if config.get("fp16", {}).get("enabled"):
-        raise ArgumentError(f"{where}: fp16 is not supported; use bf16")
     config.update(
         train_batch_size=global_batch,
         train_micro_batch_size_per_gpu=micro,

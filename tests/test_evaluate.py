@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -135,7 +136,7 @@ def test_errors_are_one_line(tmp_path, setup, capsys):
         (["--load", ckpt, "--data-path", data, "--subnet", str(tmp_path / "none.json")], "invalid sub-network"),
         (["--load", ckpt, "--data-path", data, "--subnet", str(tmp_path / "bad_subnet.json"),
           "--importance", str(tmp_path / "none.safetensors")], "cannot read importance"),
-        (["--load", small, "--data-path", data], "vocab size"),
+        (["--load", small, "--data-path", data], "outside the model's vocabulary"),
     ]
     common = ["--split", SPLIT, "--seq-length", str(SEQ), "--micro-batch-size", str(MBS), "--eval-iters", "2"]
     for args, message in cases:
@@ -147,3 +148,104 @@ def test_errors_are_one_line(tmp_path, setup, capsys):
     assert proc.returncode == 1 and proc.stderr.startswith("error:") and len(proc.stderr.splitlines()) == 1
     with pytest.raises(SystemExit):
         evaluate_main(["--load", ckpt, "--data-path", data, "--hf", "--subnet", "x.json"])
+
+
+# ---------------------------------------------------------------------- issue 8: checked first, nothing silently wrong
+
+
+def _digest(*roots) -> dict[str, str]:
+    import hashlib
+
+    out = {}
+    for root in map(Path, roots):
+        for p in sorted([root] if root.is_file() else root.rglob("*")):
+            out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+    return out
+
+
+def _one_error_line(capsys, *texts) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in captured.err, captured.err
+    assert all(t in lines[0] for t in texts), (texts, lines[0])
+    return lines[0]
+
+
+def nan_checkpoint(directory: Path) -> str:
+    model = tiny_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["layers.1.mlp.linear_fc2.weight"][0, 0] = float("nan")
+    save_checkpoint(directory, model.config, state)
+    return str(directory)
+
+
+def test_bad_flags_and_outputs_are_refused_before_any_work(tmp_path, capsys):
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", tiny_model(max_position_embeddings=12))
+    data = tiny_dataset(tmp_path / "data" / "d")
+    (tmp_path / "outdir").mkdir()
+    (tmp_path / "results.jsonl").write_text('{"loss": 1.0}\n')
+    (Path(ckpt) / "model.safetensors").write_bytes(b"truncated")  # loading the weights would fail: none of these do
+    base = ["--load", ckpt, "--data-path", data, "--split", SPLIT, "--micro-batch-size", str(MBS)]
+    cases = [
+        (["--seq-length", "0"], 2, ["--seq-length", "'0'"]),
+        (["--eval-iters", "-1"], 2, ["--eval-iters", "'-1'"]),
+        (["--micro-batch-size", "1.5"], 2, ["--micro-batch-size", "'1.5'"]),
+        (["--seed", "-3"], 2, ["--seed", "'-3'"]),
+        (["--device", "cuda:99"], 1, ["--device cuda:99"]),
+        (["--device", "tpu"], 1, ["--device tpu"]),
+        (["--seq-length", "16"], 1, ["--seq-length 16", "max_position_embeddings 12"]),
+        (["--output", str(tmp_path / "outdir")], 1, ["--output", "is a directory"]),
+        (["--output", str(Path(ckpt) / "eval.jsonl")], 1, ["--output", "lies inside the input --load"]),
+        (["--output", data + ".bin"], 1, ["--output", "is the input --data-path"]),
+        (["--output", str(tmp_path / "notes.txt" / "r.jsonl")], 1, ["--output"]),
+        (["--seq-length", "8", "--subnet", str(tmp_path / "bad_subnet.json")], 1, ["bad_subnet.json", "num_layers"]),
+    ]
+    (tmp_path / "notes.txt").write_text("a file, not a directory")
+    (tmp_path / "bad_subnet.json").write_text('{"num_layers": true}')
+    before = _digest(tmp_path)
+    for extra, code, texts in cases:
+        try:
+            rc = evaluate_main([*base, *extra])
+        except SystemExit as e:
+            rc = e.code
+        assert rc == code, (extra, capsys.readouterr().err)
+        _one_error_line(capsys, *texts)
+        assert _digest(tmp_path) == before, extra  # nothing written, nothing appended, inputs intact
+
+
+def test_seq_length_beyond_a_hugging_face_models_positions_is_an_error(tmp_path, capsys):
+    model = tiny_model(max_position_embeddings=12)
+    save_hf(tmp_path / "hf", model.config, model.state_dict())
+    data = tiny_dataset(tmp_path / "d")
+    common = ["--load", str(tmp_path / "hf"), "--data-path", data, "--split", SPLIT, "--seq-length", "16",
+              "--micro-batch-size", "2", "--eval-iters", "1", "--output", str(tmp_path / "r.jsonl")]
+    for extra in ([], ["--hf"]):
+        assert evaluate_main(common + extra) == 1
+        _one_error_line(capsys, "--seq-length 16", "max_position_embeddings 12")
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_a_non_finite_loss_fails_and_appends_nothing(tmp_path, capsys):
+    ckpt = nan_checkpoint(tmp_path / "nan")
+    data = tiny_dataset(tmp_path / "d")
+    out = tmp_path / "results.jsonl"
+    out.write_text('{"loss": 1.0}\n')
+    args = ["--load", ckpt, "--data-path", data, "--split", SPLIT, "--seq-length", str(SEQ),
+            "--micro-batch-size", str(MBS), "--eval-iters", "1", "--output", str(out)]
+    assert evaluate_main(args) == 1
+    _one_error_line(capsys, f"--load {ckpt}", "not finite", "nothing was appended")
+    assert out.read_text() == '{"loss": 1.0}\n'
+
+
+def test_a_subprocess_run_prints_one_line_and_no_traceback(tmp_path):
+    data = tiny_dataset(tmp_path / "d")
+    ckpt = nan_checkpoint(tmp_path / "nan")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--split", SPLIT, "--seq-length", str(SEQ), "--micro-batch-size", str(MBS), "--eval-iters", "1"]
+    for extra, code in ((["--load", ckpt], 1), (["--load", ckpt, "--device", "cuda:99"], 1),
+                        (["--load", ckpt, "--seq-length", "nan"], 2)):
+        proc = subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), "--data-path", data,
+                               *common, *extra], capture_output=True, text=True, env=env)
+        assert proc.returncode == code, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: "), proc.stderr
+        assert "Traceback" not in proc.stderr

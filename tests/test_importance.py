@@ -236,8 +236,9 @@ def test_tool_errors_are_one_line(tmp_path, capsys):
     cases = [
         (["--load", str(tmp_path / "nope"), "--data-path", data], "no such file"),
         (["--load", ckpt, "--data-path", str(tmp_path / "nodata")], "no such file"),
-        (["--load", str(tmp_path), "--data-path", data], "not a checkpoint"),
+        (["--load", str(tmp_path / "empty"), "--data-path", data], "not a checkpoint"),
     ]
+    (tmp_path / "empty").mkdir()  # not tmp_path itself: --output may not lie inside --load
     for args, message in cases:
         assert importance_main(args + common) == 1
         err = capsys.readouterr().err.strip()
@@ -245,3 +246,88 @@ def test_tool_errors_are_one_line(tmp_path, capsys):
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "compute_importance.py"), "--load", "nope",
                            "--data-path", data, *common], capture_output=True, text=True)
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# ---------------------------------------------------------------------- issue 8: outputs, flags, NaN
+
+
+def _digest(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+def _one_error_line(capsys, *texts) -> None:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in captured.err, captured.err
+    assert all(t in lines[0] for t in texts), (texts, lines[0])
+
+
+def tool_args(ckpt: str, data: str, out: Path, *extra: str) -> list[str]:
+    return ["--load", ckpt, "--data-path", data, "--split", "80,20,0", "--seq-length", "16",
+            "--micro-batch-size", "2", "--calib-iters", "1", "--drop-loss-iters", "1", "--output", str(out), *extra]
+
+
+def test_tool_replaces_an_existing_output_only_with_overwrite(tmp_path, capsys):
+    model = tiny_model()
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", model)
+    data = tiny_dataset(tmp_path / "data" / "d")
+    out = tmp_path / "imp.safetensors"
+    out.write_bytes(b"earlier scores")
+    before = _digest(tmp_path)
+    assert importance_main(tool_args(ckpt, data, out)) == 1
+    _one_error_line(capsys, f"--output {out}", "exists", "--overwrite")
+    assert _digest(tmp_path) == before
+    assert importance_main(tool_args(ckpt, data, out, "--overwrite")) == 0
+    assert load_importance(out, parent=model.config).metadata["num_tokens"] == str(2 * 16)
+
+
+def test_tool_checks_flags_and_output_before_loading(tmp_path, capsys):
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", tiny_model(max_position_embeddings=8))
+    (Path(ckpt) / "model.safetensors").write_bytes(b"truncated")  # loading the weights would fail: none of these do
+    data = tiny_dataset(tmp_path / "data" / "d")
+    (tmp_path / "a_dir").mkdir()
+    cases = [
+        (["--drop-loss-iters", "-1"], 2, ["--drop-loss-iters", "'-1'"]),
+        (["--calib-iters", "0"], 2, ["--calib-iters", "'0'"]),
+        (["--device", "cuda:99"], 1, ["--device cuda:99"]),
+        (["--seq-length", "16"], 1, ["--seq-length 16", "max_position_embeddings 8"]),
+        (["--output", str(tmp_path / "a_dir")], 1, ["--output", "is a directory"]),
+        (["--output", str(Path(ckpt) / "imp.safetensors")], 1, ["--output", "lies inside the input --load"]),
+        (["--output", data + ".idx", "--overwrite"], 1, ["--output", "is the input --data-path"]),
+    ]
+    before = _digest(tmp_path)
+    for extra, code, texts in cases:
+        try:
+            rc = importance_main(tool_args(ckpt, data, tmp_path / "imp.safetensors", *extra))
+        except SystemExit as e:
+            rc = e.code
+        assert rc == code, (extra, capsys.readouterr().err)
+        _one_error_line(capsys, *texts)
+        assert _digest(tmp_path) == before, extra
+
+
+def test_tool_writes_no_scores_that_are_not_finite(tmp_path, capsys):
+    model = tiny_model()
+    with torch.no_grad():
+        model.layers[2].mlp.linear_fc2.weight[3, 3] = float("nan")
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", model)
+    data = tiny_dataset(tmp_path / "data" / "d")
+    before = _digest(tmp_path)
+    assert importance_main(tool_args(ckpt, data, tmp_path / "imp.safetensors")) == 1
+    _one_error_line(capsys, f"--load {ckpt}", "not finite", "nothing was written")
+    assert _digest(tmp_path) == before
+
+
+def test_tool_in_a_subprocess_gives_one_line_and_no_traceback(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", tiny_model())
+    data = tiny_dataset(tmp_path / "d")
+    out = tmp_path / "imp.safetensors"
+    out.write_bytes(b"keep me")
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "compute_importance.py"),
+                           *tool_args(ckpt, data, out)], capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: --output"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert out.read_bytes() == b"keep me"

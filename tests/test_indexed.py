@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import struct
 
 import numpy as np
 import pytest
 
+from megatron_subnet.data import indexed
 from megatron_subnet.data.indexed import (
     IndexedDataset,
     IndexedDatasetBuilder,
@@ -149,3 +151,63 @@ def test_files_are_interchangeable_with_megatron_lm(tmp_path):
     for i in range(len(docs)):
         np.testing.assert_array_equal(read_by_megatron[i], docs[i])
     np.testing.assert_array_equal(read_by_megatron.document_indices, ours.document_indices)
+
+
+def _rewrite_index(path, lengths, pointers, documents, code=8):
+    """An .idx with exactly these arrays (the writer would derive the pointers itself)."""
+    header = b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, code, len(lengths), len(documents))
+    body = np.asarray(lengths, np.int32).tobytes() + np.asarray(pointers, np.int64).tobytes()
+    path.write_bytes(header + body + np.asarray(documents, np.int64).tobytes())
+
+
+@pytest.mark.parametrize("chunk", [None, 2])  # 2: the check also holds across its vectorised chunks
+def test_index_with_wrong_pointers_or_lengths_is_refused(tmp_path, monkeypatch, chunk):
+    if chunk is not None:
+        monkeypatch.setattr(indexed, "_CHUNK", chunk)
+    build(tmp_path / "d", [[1, 2, 3], [4], [5, 6], [7]], np.uint16)
+    idx = tmp_path / "d.idx"
+    good = idx.read_bytes()
+    cases = [
+        ([3, 1, 2, 1], [0, 6, 2, 12], r"sequence 2 points at byte 2 of the \.bin, but .* byte 8"),  # into doc 0
+        ([3, 1, 2, 1], [0, 6, 8, 100], r"sequence 3 points at byte 100 of the \.bin, but .* byte 12"),  # past end
+        ([3, 1, -2, 5], [0, 6, 8, 4], r"sequence 2 has a negative length \(-2\)"),  # sizes still add up
+    ]
+    for lengths, pointers, message in cases:
+        _rewrite_index(idx, lengths, pointers, [0, 1, 2, 3, 4])
+        with pytest.raises(IndexedDatasetError, match=rf"d\.idx: {message}"):
+            IndexedDataset(tmp_path / "d")
+    idx.write_bytes(good)
+    assert IndexedDataset(tmp_path / "d")[2].tolist() == [5, 6]
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_token_range_is_the_min_and_max_of_the_bin(tmp_path, monkeypatch, dtype):
+    monkeypatch.setattr(indexed, "_CHUNK", 7)  # several chunks, the last one short
+    rng = np.random.default_rng(3)
+    low = -5 if dtype == np.int32 else 0  # signed dtypes can hold negative ids: the range must show them
+    docs = [rng.integers(low, 1000, rng.integers(0, 20)) for _ in range(30)]
+    ds = build(tmp_path / "d", docs, dtype)
+    tokens = np.concatenate(docs).astype(dtype)
+    assert ds.token_range() == (int(tokens.min()), int(tokens.max()))
+    assert all(isinstance(v, int) for v in ds.token_range())
+    assert build(tmp_path / "empty", [[], []], dtype).token_range() is None
+
+
+def test_builder_removes_temporaries_of_killed_builds(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from megatron_subnet.outputs import temp_sibling
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    dead = proc.pid
+    new_style = temp_sibling(tmp_path / "d.bin").name.replace(f"-{os.getpid()}-", f"-{dead}-")
+    live = temp_sibling(tmp_path / "d.idx").name.replace(f"-{os.getpid()}-", "-1-")  # pid 1 is alive
+    leftovers = [new_style, f"d.bin.tmp-{dead}", f"d.idx.tmp-{dead}"]  # the last two: the naming of older releases
+    for name in [*leftovers, live]:
+        (tmp_path / name).write_bytes(b"half written")
+    build(tmp_path / "d", [[1, 2]], np.uint16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live, "d.bin", "d.idx"])
+    err = capsys.readouterr().err
+    assert all(f"removed {tmp_path / name}" in err for name in leftovers)

@@ -543,3 +543,80 @@ def test_cli_bad_inputs_fail_with_one_line(tmp_path, hf_dir, capsys):
     ]
     assert not leftovers, leftovers
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# --- issue 8: nothing lost, nothing left behind -----------------------------------------------------------
+
+
+def _tree_digest(*roots: Path) -> dict[str, str]:
+    """sha256 of every file under ``roots`` (hidden ones included), by path: equal before and after = untouched."""
+    import hashlib
+
+    out = {}
+    for root in roots:
+        for p in sorted(Path(root).rglob("*")):
+            out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+    return out
+
+
+def test_cli_never_replaces_a_directory_that_holds_or_lies_inside_an_input(tmp_path, hf_dir, capsys):
+    """``extract --output PARENT_OF_INPUT --overwrite`` used to delete the teacher (after loading it): now every
+    command refuses an output that is, holds or lies inside one of its inputs, before loading anything."""
+    runs = tmp_path / "runs"
+    ckpt = runs / "teacher"
+    save_checkpoint(ckpt, *load_hf(hf_dir))
+    broken = runs / "broken"
+    _truncated(ckpt, broken)  # loading it would fail: the output check must come first
+    subnets = tmp_path / "subnets"
+    subnets.mkdir()
+    subnet = subnets / "s.json"
+    subnet.write_text(json.dumps({"num_layers": 1}))
+    scores = tmp_path / "scores"
+    scores.mkdir()
+    (scores / "imp.safetensors").write_bytes(b"not read")
+    extract = ["extract", "--input", ckpt, "--subnet", subnet]
+    cases = [
+        ([*extract, "--output", runs], ["--output", "contains the input --input", "write somewhere else"]),
+        ([*extract, "--output", ckpt / "student"], ["--output", "lies inside the input --input"]),
+        ([*extract, "--output", ckpt], ["--output", "is the input --input"]),
+        ([*extract, "--output", subnets], ["--output", "contains the input --subnet"]),
+        ([*extract, "--importance", scores / "imp.safetensors", "--output", scores],
+         ["--output", "contains the input --importance"]),
+        (["extract", "--input", broken, "--subnet", subnet, "--output", runs], ["contains the input --input"]),
+        (["export", "--input", ckpt, "--output", runs], ["--output", "contains the input --input"]),
+        (["import", "--input", hf_dir, "--output", hf_dir.parent], ["--output", "contains the input --input"]),
+        (["import", "--input", hf_dir, "--output", hf_dir / "sub"], ["--output", "lies inside the input --input"]),
+    ]
+    before = _tree_digest(tmp_path, hf_dir.parent)
+    for args, expected in cases:
+        code = convert_main([*map(str, args), "--overwrite"])
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert code == 2, (args, captured.err)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in captured.err, captured.err
+        assert all(text in lines[0] for text in expected), (expected, lines[0])
+        assert captured.out == ""
+    assert _tree_digest(tmp_path, hf_dir.parent) == before  # inputs unchanged, nothing new anywhere
+
+
+def test_cli_removes_the_temporary_directory_a_killed_run_left(tmp_path, hf_dir, capsys):
+    """A SIGKILLed ``import --overwrite`` leaves ``.NAME.tmp-HOST-PID-RANDOM``: the next run of the command
+    removes it (its process is gone) and leaves no hidden file behind."""
+    from megatron_subnet import outputs
+
+    out = tmp_path / "ckpt"
+    argv = ["import", "--input", str(hf_dir), "--output", str(out)]
+    assert convert_main(argv) == 0
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = tmp_path / f".ckpt.tmp-{outputs._HOST}-{dead.pid}-0a1b2c"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half a checkpoint")
+    old = tmp_path / f".ckpt.old-{outputs._HOST}-{dead.pid}-3d4e5f"  # killed between the two renames
+    old.mkdir()
+    assert convert_main([*argv, "--overwrite"]) == 0
+    assert f"removed {leftover}" in capsys.readouterr().err
+    assert not leftover.exists() and not old.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    config, _ = load_checkpoint(out)
+    assert config == load_hf(hf_dir)[0]

@@ -436,8 +436,8 @@ def test_short_distillation_fitness(workdir):
         (["--load", "/nonexistent/ckpt"], "llama", "--load"),
         (["--data-path", "/nonexistent/data"], "llama", "--data-path /nonexistent/data"),
         (["--importance", "/nonexistent/imp.safetensors"], "llama", "--importance"),
-        (["--mutation-prob", "1.5"], "gpt_neox", "--mutation-prob 1.5"),
-        (["--fitness-batches", "0"], "llama", "--fitness-batches 0"),
+        (["--mutation-prob", "1.5"], "gpt_neox", "--mutation-prob: '1.5'"),  # argparse's own wording
+        (["--fitness-batches", "0"], "llama", "--fitness-batches: '0'"),
     ],
 )
 def test_bad_inputs_give_one_line_errors(workdir, tmp_path, capsys, extra, parent, message):
@@ -460,3 +460,167 @@ def test_wrong_checkpoint_layout_is_an_error(workdir, tmp_path, capsys):
     assert search_main(args) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --load") and "do not fit" in err
+
+
+# ---------------------------------------------------------------------- issue 8: flags, outputs, resume, NaN
+
+
+def _digest(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(Path(root).rglob("*"))}
+
+
+def _run(args: list[str]) -> int:
+    try:
+        return search_main(args)
+    except SystemExit as e:
+        return e.code
+
+
+def _one_error_line(capsys, *texts) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in captured.err, captured.err
+    assert all(t in lines[0] for t in texts), (texts, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "extra, code, texts",
+    [
+        (["--target-params", "inf"], 2, ["--target-params", "'inf'"]),
+        (["--target-params", "nan"], 2, ["--target-params", "'nan'"]),
+        (["--tolerance", "nan"], 2, ["--tolerance", "'nan'"]),
+        (["--mutation-prob", "2"], 2, ["--mutation-prob", "'2'"]),
+        (["--crossover-prob", "-0.1"], 2, ["--crossover-prob", "'-0.1'"]),
+        (["--fitness-lr", "nan"], 2, ["--fitness-lr", "'nan'"]),
+        (["--fitness-lr=-1e-4"], 2, ["--fitness-lr", "'-1e-4'"]),
+        (["--fitness-kd-alpha", "1.5"], 2, ["--fitness-kd-alpha", "'1.5'"]),
+        (["--fitness-train-steps", "-1"], 2, ["--fitness-train-steps", "'-1'"]),
+        (["--population", "0"], 2, ["--population", "'0'"]),
+        (["--grid", "2.5"], 2, ["--grid", "'2.5'"]),
+        (["--seed", "-1"], 2, ["--seed", "'-1'"]),
+        (["--device", "cuda:99"], 1, ["--device cuda:99"]),
+        (["--seq-length", "4096"], 1, ["--seq-length 4096", "max_position_embeddings 2048"]),
+    ],
+)
+def test_bad_flags_are_one_line_and_leave_no_output(workdir, tmp_path, capsys, extra, code, texts):
+    assert _run(cli_args(workdir, tmp_path / "out", *extra)) == code
+    _one_error_line(capsys, *texts)
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_location_is_checked_before_the_work(workdir, tmp_path, capsys):
+    """A file, search results without their state, or a directory holding / inside an input: refused before
+    the data or the parent are read, with nothing written anywhere."""
+    (tmp_path / "a_file").write_text("mine")
+    orphans = tmp_path / "orphans"
+    orphans.mkdir()
+    (orphans / "best_subnet.json").write_text("{}")
+    imp_dir = tmp_path / "imp"
+    imp_dir.mkdir()
+    (imp_dir / "importance.safetensors").write_bytes(b"not read")
+    cases = [
+        ([], tmp_path / "a_file", ["--output", "not a directory"]),
+        ([], orphans, ["--output", "holds search results (best_subnet.json)", "no state.json", "--overwrite"]),
+        ([], Path(workdir.ckpts["llama"]) / "search", ["--output", "lies inside the input --load"]),
+        ([], Path(workdir.tmp), ["--output", "contains the input --load"]),
+        (["--overwrite"], Path(workdir.tmp), ["--output", "contains the input"]),
+        (["--importance", str(imp_dir / "importance.safetensors")], imp_dir,
+         ["--output", "contains the input --importance"]),
+    ]
+    before, shared = _digest(tmp_path), _digest(workdir.tmp)
+    for extra, output, texts in cases:
+        assert _run(cli_args(workdir, output, *extra)) == 1, (output, capsys.readouterr().err)
+        _one_error_line(capsys, *texts)
+        assert _digest(tmp_path) == before and _digest(workdir.tmp) == shared
+
+
+def test_overwrite_starts_a_new_search_over_orphaned_results(workdir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.jsonl").write_text('{"generation": 0, "key": "old"}\n')
+    (out / "notes.txt").write_text("mine")
+    assert search_main(cli_args(workdir, out, "--generations", "1", "--overwrite")) == 0
+    assert "old" not in (out / "results.jsonl").read_text() and (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "state.json").read_text())["generation"] == 1
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_resume_compares_the_importance_file_by_content(workdir, tmp_path, capsys):
+    from megatron_subnet.model.importance import Importance
+
+    config = ModelConfig(**PARENTS["llama"])
+
+    def write_scores(path: Path, seed: int) -> None:
+        s = random_importance(config, seed)
+        Importance(hidden=s.hidden, heads=s.heads, query_groups=s.query_groups, mlp=s.mlp, block=s.layers).save(path)
+
+    first, moved = tmp_path / "a" / "imp.safetensors", tmp_path / "b" / "imp.safetensors"
+    first.parent.mkdir()
+    moved.parent.mkdir()
+    write_scores(first, 0)
+    out = tmp_path / "out"
+    args = lambda imp, gens: cli_args(workdir, out, "--importance", str(imp), "--generations", gens)  # noqa: E731
+    assert search_main(args(first, "1")) == 0
+    os.replace(first, moved)  # the same scores elsewhere: resumes
+    assert search_main(args(moved, "2")) == 0
+    assert json.loads((out / "state.json").read_text())["generation"] == 2
+    capsys.readouterr()
+    write_scores(moved, 1)  # other scores at the same path: refused, naming what changed
+    state = (out / "state.json").read_text()
+    assert search_main(args(moved, "3")) == 1
+    _one_error_line(capsys, "written by a search with other settings", "importance_sha256")
+    assert (out / "state.json").read_text() == state
+
+
+def test_a_search_with_no_finite_fitness_fails_and_writes_no_best(workdir, tmp_path, capsys):
+    broken = tmp_path / "nan_parent"
+    model = GPTModel(ModelConfig(**PARENTS["llama"]))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["final_layernorm.weight"][0] = float("nan")
+    save_checkpoint(broken, model.config, state)
+    out = tmp_path / "out"
+    assert search_main(cli_args(workdir, out, "--load", str(broken), "--generations", "2")) == 1
+    _one_error_line(capsys, "non-finite validation loss", "no best sub-network was written")
+    assert not (out / "best_subnet.json").exists() and not (out / "best_per_bin.json").exists()
+    assert not (out / "pareto.png").exists()
+    # the library says the same
+    space, budget, _ = synthetic_problem("uniform")
+    nan_fitness = lambda subnets: [(float("nan"), 0.0) for _ in subnets]  # noqa: E731
+    with pytest.raises(SearchSpaceError, match="non-finite"):
+        Search(space, budget, EvolutionConfig(population=4, generations=2, elite=1), nan_fitness, progress=False).run()
+
+
+def test_kill_in_generation_zero_resumes_exactly(tmp_path):
+    """A fresh run writes state.json for generation 0 before evaluating, so a run killed in generation 0
+    leaves a resumable directory (not orphaned results that need --overwrite)."""
+    space, budget, fitness = synthetic_problem("uniform")
+    config = EvolutionConfig(population=6, generations=3, seed=5)
+    Search(space, budget, config, fitness, tmp_path / "full", progress=False).run()
+    calls = []
+
+    def dying(subnets):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return fitness(subnets)
+
+    with pytest.raises(KeyboardInterrupt):
+        Search(space, budget, config, dying, tmp_path / "part", progress=False).run()
+    assert json.loads((tmp_path / "part" / "state.json").read_text())["generation"] == 0
+    Search(space, budget, config, fitness, tmp_path / "part", progress=False).run()
+    assert losses_and_configs(tmp_path / "full") == losses_and_configs(tmp_path / "part")
+
+
+def test_search_errors_in_a_subprocess_are_one_line(workdir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for extra, code in ((["--tolerance", "nan"], 2), (["--device", "cuda:99"], 1)):
+        proc = subprocess.run([sys.executable, str(ROOT / "tools" / "search_subnet.py"),
+                               *cli_args(workdir, tmp_path / "out", *extra)], capture_output=True, text=True, env=env)
+        assert proc.returncode == code, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: ")
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -361,3 +361,159 @@ def test_load_errors_name_the_file(tmp_path, text, message):
     assert str(path) in str(e.value)
     with pytest.raises(ConfigError, match="No such file"):
         SubnetConfig.load(tmp_path / "missing.json", parent)
+
+
+# ---------------------------------------------------------------------- strict JSON (issue 8)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"num_layers": "2"}, "num_layers: expected an integer, got '2'"),
+        ({"num_layers": True}, "num_layers: expected an integer, got True"),
+        ({"hidden_size": 8.0}, "hidden_size: expected an integer, got 8.0"),
+        ({"num_layers": 2, "ffn_hidden_size": [4, 2.7]}, r"ffn_hidden_size\[1\]: expected an integer, got 2.7"),
+        ({"num_layers": 2, "ffn_hidden_size": ["3", 4]}, r"ffn_hidden_size\[0\]: expected an integer, got '3'"),
+        ({"num_layers": 2, "num_query_groups": [1, True]}, r"num_query_groups\[1\]: expected an integer, got True"),
+        ({"num_layers": 2, "ffn_hidden_size": [4, 4, 4]}, r"ffn_hidden_size: 3 per-layer values, need one per kept"),
+        ({"num_attention_heads": "8"}, "num_attention_heads: expected an integer or a list of integers"),
+        ({"num_layers": 1, "order": ["first"]}, r"order \['first'\]: expected 'first' or 'importance'"),
+        ({"num_layers": 1, "order": True}, "order True: expected 'first' or 'importance'"),
+        ({**dict(layers=[True, 2]), **{k: v for k, v in valid_explicit().items() if k != "layers"}},
+         "layers: expected a list of integers"),
+        ({**valid_explicit(), "hidden": [0, 3.0, 5, 7]}, "hidden: expected a list of integers"),
+        ({**valid_explicit(), "mlp": [[0, 1], [3, 39.0]]}, r"mlp\[1\]: expected a list of integers"),
+        ({**valid_explicit(), "heads": 4}, "heads: expected a list of index lists"),
+        ({**valid_explicit(), "query_groups": [[0, 1], [1], [0]]}, "query_groups: 3 entries for 2 kept layers"),
+    ],
+)
+def test_subnet_json_rejects_what_is_not_an_integer_or_does_not_fit(tmp_path, content, message):
+    """Strings, booleans and floats (once accepted: ``True`` is an int to Python, ``int("3")`` works) and
+    surplus per-layer entries (once silently dropped) are errors naming the file and the key."""
+    parent = ModelConfig(**PARENTS["llama_gqa_tied"])
+    path = tmp_path / "subnet.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ConfigError, match=message) as e:
+        SubnetConfig.load(path, parent, fake_importance(parent))
+    assert str(e.value).startswith(f"{path}: invalid sub-network (")
+
+
+# ---------------------------------------------------------------------- model_config.json (issue 8)
+
+
+def saved_config(tmp_path, config: ModelConfig | None = None, drop=(), **changes):
+    d = (config or ModelConfig(**PARENTS["gpt_neox"])).to_dict()
+    for name in drop:
+        del d[name]
+    d.update(changes)
+    path = tmp_path / "model_config.json"
+    path.write_text(json.dumps(d))
+    return path
+
+
+@pytest.mark.parametrize("name", PARENTS)
+def test_model_config_round_trips_through_its_file(tmp_path, name):
+    config = ModelConfig(**PARENTS[name])
+    config.save(tmp_path / "model_config.json")
+    assert ModelConfig.load(tmp_path / "model_config.json") == config
+
+
+@pytest.mark.parametrize("missing", ["rope_theta", "norm_eps", "rotary_pct", "num_query_groups", "qkv_bias", "arch"])
+def test_model_config_file_must_name_every_field_that_changes_the_numbers(tmp_path, missing):
+    path = saved_config(tmp_path, drop=[missing])
+    with pytest.raises(ConfigError, match=f"missing field {missing} ") as e:
+        ModelConfig.load(path)
+    assert str(e.value).startswith(f"{path}: ")
+
+
+def test_model_config_file_may_leave_out_the_documented_defaults(tmp_path):
+    full = ModelConfig(**{**PARENTS["gpt_neox"], "bos_token_id": 1, "eos_token_id": 2, "extra": {"a": 1}})
+    loaded = ModelConfig.load(saved_config(tmp_path, full, drop=["extra", "bos_token_id", "eos_token_id", "init_std"]))
+    assert (loaded.extra, loaded.bos_token_id, loaded.eos_token_id, loaded.init_std) == ({}, None, None, 0.02)
+    import dataclasses
+
+    same = dataclasses.replace(full, extra={}, bos_token_id=None, eos_token_id=None, init_std=0.02)
+    assert loaded == same
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(norm_eps=-1e-05), "norm_eps: must be a positive finite number, got -1e-05"),
+        (dict(norm_eps=0), "norm_eps: must be a positive finite number, got 0"),
+        (dict(norm_eps=float("nan")), "norm_eps: must be a positive finite number, got nan"),
+        (dict(rope_theta=float("inf")), "rope_theta: must be a positive finite number, got inf"),
+        (dict(rope_theta="10000"), "rope_theta: must be a positive finite number, got '10000'"),
+        (dict(init_std=0.0), "init_std: must be a positive finite number"),
+        (dict(rotary_pct=0), r"rotary_pct: must be a number in \(0, 1\], got 0"),
+        (dict(rotary_pct=1.5), r"rotary_pct: must be a number in \(0, 1\], got 1.5"),
+        (dict(hidden_size=32.0), "hidden_size: must be an integer >= 1, got 32.0"),
+        (dict(hidden_size=True), "hidden_size: must be an integer >= 1, got True"),
+        (dict(num_layers="4"), "num_layers: must be an integer >= 1, got '4'"),
+        (dict(vocab_size=0), "vocab_size: must be an integer >= 1, got 0"),
+        (dict(max_position_embeddings=0), "max_position_embeddings: must be an integer >= 1, got 0"),
+        (dict(num_attention_heads=[4, 4, 4, True]), r"num_attention_heads\[3\]: must be an integer >= 1, got True"),
+        (dict(ffn_hidden_size=[48, 48]), "ffn_hidden_size: 2 per-layer values for 4 layers"),
+        (dict(ffn_hidden_size=0), "ffn_hidden_size: must be an integer >= 1, got 0"),
+        (dict(qkv_bias=1), "qkv_bias: must be true or false, got 1"),
+        (dict(parallel_residual="yes"), "parallel_residual: must be true or false, got 'yes'"),
+        (dict(bos_token_id="1"), "bos_token_id: must be an integer token id or null, got '1'"),
+        (dict(arch="gpt2"), "arch: expected one of llama, gpt_neox, got 'gpt2'"),
+        (dict(activation=None), "activation: expected one of .*, got None"),
+        (dict(extra=[]), "extra: must be a JSON object, got"),
+        (dict(num_query_groups=3), "layer 0: 4 attention heads do not split into 3 query groups"),
+    ],
+)
+def test_model_config_file_errors_name_the_file_and_the_field(tmp_path, changes, message):
+    path = saved_config(tmp_path, **changes)
+    with pytest.raises(ConfigError, match=message) as e:
+        ModelConfig.load(path)
+    assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=message):  # the constructor checks the same
+        ModelConfig(**{**PARENTS["gpt_neox"], **changes})
+
+
+def test_model_config_file_that_is_not_an_object(tmp_path):
+    path = tmp_path / "model_config.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        ModelConfig.load(path)
+
+
+def test_check_seq_length_names_the_flag_and_both_numbers():
+    config = ModelConfig(**{**PARENTS["gpt_neox"], "max_position_embeddings": 64})
+    config.check_seq_length(64)
+    with pytest.raises(ConfigError, match="^--seq-length 65: longer than the model's max_position_embeddings 64$"):
+        config.check_seq_length(65)
+    with pytest.raises(ConfigError, match="^--fitness-seq 99: "):
+        config.check_seq_length(99, "--fitness-seq")
+
+
+def test_saves_write_atomically_and_clear_a_killed_writes_temporaries(tmp_path):
+    """ModelConfig, SubnetConfig and Importance files are written through ``outputs``: a temporary left by a
+    killed writer (its process gone) beside the file is removed by the next save, and none is left."""
+    import subprocess
+    import sys
+
+    from megatron_subnet import outputs
+    from megatron_subnet.model.importance import Importance, load_importance
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    parent = ModelConfig(**PARENTS["llama_gqa_tied"])
+    imp = fake_importance(parent)
+    importance = Importance(imp.hidden, imp.heads, imp.query_groups, imp.mlp, imp.layers)
+    subnet = SubnetConfig.from_counts(parent, num_layers=2)
+    saves = {
+        "model_config.json": (lambda p: parent.save(p), lambda p: ModelConfig.load(p) == parent),
+        "subnet.json": (lambda p: subnet.save(p), lambda p: SubnetConfig.load(p, parent) == subnet),
+        "imp.safetensors": (importance.save, lambda p: torch.equal(load_importance(p).hidden, importance.hidden)),
+    }
+    for name, (save, check) in saves.items():
+        path = tmp_path / name
+        path.write_text("old")
+        leftover = path.with_name(f".{name}.tmp-{outputs._HOST}-{dead.pid}-abc123")
+        leftover.write_text("half-written")
+        save(path)
+        assert check(path) and not leftover.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(saves)

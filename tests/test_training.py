@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -444,3 +446,115 @@ def test_metrics_plot_and_exported_model(name, ws, refs):
             assert batches
             rank_means.append(sum(cross_entropy(model(b[:, :-1]), b[:, 1:]).item() for b in batches) / len(batches))
     assert sum(rank_means) / dp == pytest.approx(records[-1]["test_loss"], abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- 9. nothing lost, nothing silently wrong
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under ``root``."""
+    return {str(p.relative_to(root)): file_sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_new_run_never_takes_over_another_runs_save_dir(ws, refs, tmp_path):
+    """--save holding a 6-step run: a fresh 4-step run without --load is refused and changes nothing; with
+    --overwrite it runs at ZeRO-1, prunes only its own checkpoints by iteration number (--keep-last 1), keeps
+    the old run's, and leaves latest naming its own complete last checkpoint."""
+    save = tmp_path / "ckpt"
+    shutil.copytree(refs("single") / "ckpt", save)
+    before = tree_digest(save)
+    flags = common_flags(ws, 1, iters=4) + ["--save", str(save), "--save-interval", "2", "--keep-last", "1"]
+    refused = run(python_cmd(flags + ["--log-dir", str(tmp_path / "a")]), tmp_path)
+    assert_one_line_error(refused, f"--save {save}", "--load", "--overwrite")
+    assert tree_digest(save) == before and not (tmp_path / "a").exists()
+
+    ok(run(python_cmd(flags + ["--overwrite", "--log-dir", str(tmp_path / "b")]), tmp_path))
+    tags = sorted(p.name for p in save.iterdir() if p.name.startswith("iter_"))
+    assert tags == ["iter_0000003", "iter_0000004", "iter_0000006"]  # the old run's 3 and 6, this run's 4
+    assert latest_tag(save) == "iter_0000004"
+    assert {k: v for k, v in tree_digest(save).items() if k.startswith(("iter_0000003", "iter_0000006"))} == {
+        k: v for k, v in before.items() if k.startswith(("iter_0000003", "iter_0000006"))
+    }
+    meta = json.loads((save / "iter_0000004" / "megatron_subnet.json").read_text())
+    assert meta["iteration"] == 4 and (save / "final_model" / "model.safetensors").is_file()
+    assert sorted(train_records(tmp_path / "b")) == [1, 2, 3, 4]
+
+
+def test_inputs_inside_what_the_run_rewrites_are_refused(ws, refs, tmp_path):
+    """--teacher-load SAVE/final_model --save SAVE (even with --overwrite) is refused before any work, and the
+    teacher it names stays bit-identical."""
+    save = tmp_path / "ckpt"
+    shutil.copytree(refs("single") / "ckpt", save)
+    before = tree_digest(save)
+    flags = common_flags(ws, 0, iters=2)
+    flags[flags.index("--teacher-load") + 1] = str(save / "final_model")
+    from megatron_subnet.model.subnet import SubnetConfig
+    from megatron_subnet.model.weights import load_config
+
+    SubnetConfig.full(load_config(save / "final_model")).save(tmp_path / "full.json")  # valid for that teacher
+    flags[flags.index("--subnet") + 1] = str(tmp_path / "full.json")
+    flags += ["--save", str(save), "--overwrite", "--log-dir", str(tmp_path / "logs")]
+    result = run(python_cmd(flags), tmp_path)
+    assert_one_line_error(result, "--save", "--teacher-load", "final_model")
+    assert tree_digest(save) == before
+
+
+def test_a_run_whose_every_step_is_skipped_fails_and_writes_no_final_model(ws, tmp_path):
+    """NaN logits on every step (fewer than --max-skipped-steps): exit 2 with one line saying nothing was
+    trained; no final model is written."""
+    save = tmp_path / "ckpt"
+    flags = common_flags(ws, 0, iters=3) + ["--save", str(save), "--log-dir", str(tmp_path)]
+    result = run(python_cmd(flags), tmp_path, hooks={"nan_from": 1})
+    assert_one_line_error(result, "every one of this run's 3 steps was skipped")
+    assert not (save / "final_model").exists()
+    assert [r["skipped"] for r in train_records(tmp_path).values()] == [True, True, True]
+
+
+def test_resume_with_changed_data_or_objective_is_refused_unless_overridden(ws, refs, tmp_path):
+    """Resuming the 6-step run with another --seq-length or --kd-alpha is refused with the change named; with
+    --override-checkpoint-args it runs and logs the change."""
+    save = tmp_path / "ckpt"
+    shutil.copytree(refs("single") / "ckpt", save)
+    (save / "latest").write_text("iter_0000003")  # resume in the middle of the run
+    base = common_flags(ws, 0) + ["--save", str(save), "--load", str(save)]
+    changed = [list(base), list(base)]
+    changed[0][changed[0].index("--seq-length") + 1] = "16"
+    changed[1] += ["--kd-alpha", "0.25"]
+    jobs = [(python_cmd(argv + ["--log-dir", str(tmp_path / f"x{i}")]), tmp_path, None, 120, None)
+            for i, argv in enumerate(changed)]
+    first, second = run_many(jobs)
+    assert_one_line_error(first, "--seq-length: 32 -> 16", "--override-checkpoint-args")
+    assert_one_line_error(second, "--kd-alpha: 0.5 -> 0.25")
+    assert latest_tag(save) == "iter_0000003"
+    resumed = ok(run(python_cmd(changed[1] + ["--override-checkpoint-args", "--log-dir", str(tmp_path / "y")]),
+                     tmp_path))
+    assert "--kd-alpha: 0.5 -> 0.25" in resumed.stdout + resumed.stderr
+    assert sorted(train_records(tmp_path / "y")) == [4, 5, 6]
+
+
+def test_ctrl_c_is_one_line_and_exit_130(ws, tmp_path):
+    """SIGINT while training: exit 130, one 'error:' line, no traceback, no final model."""
+    import signal
+    import subprocess
+    import time
+
+    from tests.training_utils import base_env
+
+    save = tmp_path / "ckpt"
+    flags = common_flags(ws, 0, iters=100000) + ["--save", str(save), "--log-dir", str(tmp_path)]
+    proc = subprocess.Popen(python_cmd(flags), cwd=tmp_path, env=base_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((tmp_path / "metrics.jsonl").is_file() and "loss" in (tmp_path / "metrics.jsonl").read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    result = Result(python_cmd(flags), proc.returncode, out, err, 0)
+    assert proc.returncode == 130, result.tail()
+    assert "Traceback" not in err and len(result.error_lines()) == 1, result.tail()
+    assert not (save / "final_model").exists()

@@ -2,10 +2,12 @@
 
     python tools/compute_importance.py --load ckpt/teacher --data-path data/corpus_text_document \\
         [--split 949,50,1] [--split-name train] [--seq-length 512] [--micro-batch-size 4] [--calib-iters 8] \\
-        [--drop-loss-iters N] [--layer-metric block|drop_loss] --output importance.safetensors
+        [--drop-loss-iters N] [--layer-metric block|drop_loss] --output importance.safetensors [--overwrite]
 
 The scores order a sub-network's kept indices: ``{"num_layers": ..., "order": "importance"}`` with
 ``--importance importance.safetensors`` (see megatron_subnet/model/importance.py for the definitions).
+An existing ``--output`` is replaced only with ``--overwrite``; scores that are not finite are an error
+and write nothing.
 """
 
 from __future__ import annotations
@@ -17,48 +19,58 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_subnet.cli import ArgumentParser, nonnegative_int, resolve_device, run_main  # noqa: E402
 from megatron_subnet.data.batches import check_vocab, load_batches  # noqa: E402
 from megatron_subnet.model.evaluation import load_any  # noqa: E402
 from megatron_subnet.model.importance import LAYER_METRICS, compute_importance  # noqa: E402
-from tools.evaluate import add_data_args, check_data_args  # noqa: E402
+from tools.evaluate import add_data_args, check_data_inputs, check_output_location, check_seq_length_early  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="our checkpoint dir, a Hugging Face dir or a .gguf file")
     add_data_args(p, "train", "--calib-iters", 8)
-    p.add_argument("--drop-loss-iters", type=int, default=None,
+    p.add_argument("--drop-loss-iters", type=nonnegative_int, default=None,
                    help="batches for the layer drop-loss (default: all calibration batches; 0: skip it)")
     p.add_argument("--layer-metric", choices=LAYER_METRICS, default="block",
                    help="the layer score saved as the default ordering")
     p.add_argument("--output", required=True, help="importance scores file (.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output when it exists")
     args = p.parse_args(argv)
-    check_data_args(p, args, args.calib_iters)
-    if args.drop_loss_iters is not None and args.drop_loss_iters < 0:
-        p.error(f"--drop-loss-iters {args.drop_loss_iters}: must be >= 0")
     if args.layer_metric == "drop_loss" and args.drop_loss_iters == 0:
         p.error("--layer-metric drop_loss needs --drop-loss-iters > 0")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     start = time.time()
+    # everything that can be checked before loading weights or data
+    device = resolve_device(args.device)
+    data_files = check_data_inputs(args.data_path, args.split)
+    check_output_location(args.output, "file", {"--load": args.load}, data_files, args.overwrite)
+    check_seq_length_early(args.load, args.seq_length)
+    model = load_any(args.load, device)
+    model.config.check_seq_length(args.seq_length)  # Hugging Face / GGUF: known once loaded
+    batches = load_batches(args.data_path, args.split, args.split_name, args.seq_length, args.micro_batch_size,
+                           args.calib_iters, args.seed)
+    check_vocab(batches, model.config.vocab_size)
+    importance = compute_importance(model, batches, args.drop_loss_iters, args.layer_metric)
     try:
-        model = load_any(args.load, args.device)
-        batches = load_batches(args.data_path, args.split, args.split_name, args.seq_length, args.micro_batch_size,
-                               args.calib_iters, args.seed)
-        check_vocab(batches, model.config.vocab_size)
-        importance = compute_importance(model, batches, args.drop_loss_iters, args.layer_metric)
-        importance.metadata.update(load=str(args.load), split_name=args.split_name, seed=str(args.seed))
-        importance.save(args.output)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        importance.check_finite()
+    except ValueError as e:
+        raise ValueError(f"--load {args.load}: {e}; nothing was written to --output") from None
+    importance.metadata.update(load=str(args.load), split_name=args.split_name, seed=str(args.seed))
+    importance.save(args.output)
     meta = importance.metadata
     print(f"wrote {args.output}: {meta['num_tokens']} calibration tokens "
           f"({meta['drop_loss_tokens']} for the drop loss), {time.time() - start:.1f} s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Errors are one ``error:`` line: exit 1 for bad inputs found at run time, 2 for bad flags."""
+    return run_main(_main, argv, error_code=1)
 
 
 if __name__ == "__main__":

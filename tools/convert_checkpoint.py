@@ -12,8 +12,10 @@ transformers) and writes ``model_config.json`` + ``model.safetensors`` + the tok
 saved beside it (``subnet.json``); the sub-network JSON holds explicit indices or counts (see
 ``SubnetConfig.from_dict``), counts taking the most important units when ``"order": "importance"``.
 
-Every output directory is written under a temporary name and renamed into place: a failure leaves
-nothing behind. Errors are one line on stderr (``error: ...``) and exit code 2.
+Every output directory is written under a hidden temporary name and renamed into place: a failure leaves
+nothing behind, and the temporary directory of a killed run is removed by the next write of the same
+output. An existing non-empty ``--output`` is replaced only with ``--overwrite``, and never when it is,
+holds or lies inside an input. Errors are one line on stderr (``error: ...``) and exit code 2.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_subnet.cli import ArgumentParser, run_main  # noqa: E402
 from megatron_subnet.model.config import ConfigError, ModelConfig  # noqa: E402
 from megatron_subnet.model.weights import CheckpointError  # noqa: E402
+from megatron_subnet.outputs import check_output  # noqa: E402
 
 DTYPES = ("keep", "float32", "bfloat16", "float16")
 
@@ -45,13 +49,11 @@ def _context(flag: str, path: str | os.PathLike, error: Exception) -> ConvertErr
 
 
 def _check_output(args: argparse.Namespace) -> None:
-    out, src = Path(args.output), Path(args.input)
-    if out.exists() and src.exists() and out.resolve() == src.resolve():
-        raise ConvertError(f"--output {out}: is the input; write to another directory")
-    if out.exists() and not out.is_dir():
-        raise ConvertError(f"--output {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise ConvertError(f"--output {out}: exists and is not empty (pass --overwrite to replace it)")
+    """Where ``--output`` goes, checked before anything is loaded: a directory that may be (re)placed, holding
+    and lying inside none of the inputs (``--overwrite`` replaces a non-empty one, never an input)."""
+    inputs = {"--input": args.input, "--subnet": getattr(args, "subnet", None),
+              "--importance": getattr(args, "importance", None)}
+    check_output(args.output, "--output", "dir", args.overwrite, inputs=inputs)
 
 
 def _cast(state: dict, dtype: str) -> dict:
@@ -164,7 +166,7 @@ def cmd_extract(args: argparse.Namespace) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="{import,export,extract}")
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -191,16 +193,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    try:
-        _check_output(args)
-        message = args.func(args)
-    except (ConvertError, CheckpointError, ConfigError, OSError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    print(message)
+    _check_output(args)  # before anything is loaded
+    print(args.func(args))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Errors are one ``error:`` line and exit code 2 (bad flags too)."""
+    return run_main(_main, argv, error_code=2)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,16 @@ Each output line is ``{"text": ..., "source": <package>, "id": <path in the pack
 GCIDE entries are grouped into documents of consecutive entries (dictionary order) that share the
 headword's first letter, about 50 KB each.
 
-    python tools/fetch_demo_corpus.py [--output PATH] [--cache-dir DIR]
+    python tools/fetch_demo_corpus.py [--output PATH] [--cache-dir DIR] [--force]
+
+An existing ``--output`` is summarized, and rebuilt (replaced) only with ``--force``; the new file is
+written under a temporary name and renamed into place.
 """
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
-import os
 import re
 import subprocess
 import sys
@@ -31,6 +32,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from megatron_subnet.cache import cache_dir  # noqa: E402
+from megatron_subnet.cli import ArgumentParser, one_line, run_main  # noqa: E402
+from megatron_subnet.outputs import check_not_nested, check_writable_location, write_file_atomically  # noqa: E402
 
 # In this order; meta packages are resolved to the versioned package that holds the files.
 PACKAGES = ("linux-doc", "python3-doc", "dict-gcide", "debian-handbook")
@@ -327,20 +330,25 @@ EXTRACTORS = {"linux-doc": linux_docs, "python3-doc": python_docs, "debian-handb
 def summarize(path: Path) -> dict[str, tuple[int, int]]:
     """source -> (documents, UTF-8 bytes of text) of an existing corpus file."""
     stats: dict[str, tuple[int, int]] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            d = json.loads(line)
-            n, c = stats.get(d["source"], (0, 0))
-            stats[d["source"]] = (n + 1, c + len(d["text"].encode("utf-8")))
+    number = 1
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                d = json.loads(line)
+                n, c = stats.get(d["source"], (0, 0))
+                stats[d["source"]] = (n + 1, c + len(d["text"].encode("utf-8")))
+                number += 1
+    except (ValueError, KeyError, TypeError) as e:  # JSON and UTF-8 errors are ValueErrors
+        raise CorpusError(f"--output {path}: line {number} is not a corpus line ({type(e).__name__}: {e}); "
+                          "--force rebuilds it") from None
     return stats
 
 
 def build(out: Path, work: Path) -> dict[str, tuple[int, int]]:
     """Fetch, unpack and convert every package into ``out`` (written to a temp file, then renamed)."""
     stats: dict[str, tuple[int, int]] = {}
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
+
+    def fill(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             for meta in PACKAGES:
                 pkg = resolve_package(meta) if meta in META_PACKAGES else meta
@@ -357,19 +365,18 @@ def build(out: Path, work: Path) -> dict[str, tuple[int, int]]:
                         f.write(json.dumps({"text": text, "source": pkg, "id": doc_id}, ensure_ascii=False) + "\n")
                         n, chars = n + 1, chars + len(text.encode("utf-8"))
                 stats[pkg] = (n, chars)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_file_atomically(out, fill)
     return stats
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _main(argv: list[str] | None = None) -> int:
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", type=Path, default=None,
                    help="JSONL to write (default: <cache>/demo_corpus/corpus.jsonl)")
     p.add_argument("--cache-dir", type=Path, default=None, help="cache root; .deb files go to <cache>/demo_corpus/debs "
                    "(default: $MEGATRON_SUBNET_CACHE or ~/.cache/megatron_subnet)")
-    p.add_argument("--force", action="store_true", help="rebuild the JSONL even if it exists")
+    p.add_argument("--force", action="store_true", help="rebuild the JSONL even if it exists (replacing it)")
     args = p.parse_args(argv)
     work = (args.cache_dir or cache_dir()) / "demo_corpus"
     out = args.output or work / "corpus.jsonl"
@@ -379,9 +386,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{out} exists; summarizing it (--force rebuilds)")
             stats = summarize(out)
         else:
+            check_writable_location(out, "--output", "file")
+            check_not_nested(out, "--output", {"--cache-dir": work / "debs"})
             stats = build(out, work)
-    except (CorpusError, OSError, ValueError) as e:
-        print(f"fetch_demo_corpus: error: {e}", file=sys.stderr)
+    except CorpusError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     for src, (n, c) in stats.items():
         print(f"  {src:<20} {n:>7} docs  {c / 1e6:8.2f} MB")
@@ -389,6 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'total':<20} {n:>7} docs  {c / 1e6:8.2f} MB  (UTF-8 text)")
     print(f"corpus: {out}  ({out.stat().st_size / 1e6:.1f} MB on disk, {time.perf_counter() - t0:.1f}s)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: one ``error:`` line and a non-zero exit on failure, 130 on Ctrl-C."""
+    return run_main(_main, argv, error_code=1)
 
 
 if __name__ == "__main__":

@@ -16,51 +16,69 @@ Parameter budgets count non-embedding parameters (``--include-embeddings``: tota
 fractions of the parent, larger ones absolute counts; ``--tolerance`` is relative to the target.
 Writes ``results.jsonl``, ``best_subnet.json`` (for ``pretrain_slm.py --subnet``), ``best_per_bin.json``,
 ``pareto.png`` and ``state.json``; running the same command again resumes a killed search (only
-``--generations`` may change, to extend it).
+``--generations`` may change, to extend it; the importance file is compared by content). ``--output`` may
+not hold search results without their ``state.json`` (``--overwrite`` starts a new search there instead),
+nor contain or lie inside an input. A search in which no candidate gets a finite loss exits non-zero.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from megatron_subnet.cli import (  # noqa: E402
+    ArgumentParser,
+    finite_float,
+    fraction,
+    nonnegative_int,
+    positive_int,
+    resolve_device,
+    run_main,
+)
 from megatron_subnet.data.batches import check_vocab, load_batches  # noqa: E402
 from megatron_subnet.model.weights import CheckpointError, load_config  # noqa: E402
-from megatron_subnet.search.evolution import MODES, EvolutionConfig, Search  # noqa: E402
+from megatron_subnet.outputs import OutputError, check_not_nested, check_writable_location  # noqa: E402
+from megatron_subnet.search.evolution import MODES, OUTPUT_NAMES, STATE_NAME, EvolutionConfig, Search  # noqa: E402
 from megatron_subnet.search.fitness import FitnessConfig, SubnetFitness, load_parent  # noqa: E402
 from megatron_subnet.search.space import SPACES, SearchSpace, SpaceConfig, check_budget, make_budget  # noqa: E402
+from tools.evaluate import check_data_inputs  # noqa: E402
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+def nonnegative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("parent and data")
     g.add_argument("--load", required=True, help="the parent: our checkpoint directory")
     g.add_argument("--data-path", nargs="+", required=True, help="dataset prefix, or 'weight prefix' pairs")
     g.add_argument("--split", default="949,50,1", help="train,valid,test proportions of the documents")
-    g.add_argument("--seq-length", type=int, default=256)
-    g.add_argument("--micro-batch-size", type=int, default=4)
-    g.add_argument("--fitness-batches", type=int, default=4, help="validation batches every candidate is scored on")
-    g.add_argument("--data-seed", type=int, default=1234, help="seed of the sample shuffle (fixes the batches)")
+    g.add_argument("--seq-length", type=positive_int, default=256)
+    g.add_argument("--micro-batch-size", type=positive_int, default=4)
+    g.add_argument("--fitness-batches", type=positive_int, default=4,
+                   help="validation batches every candidate is scored on")
+    g.add_argument("--data-seed", type=nonnegative_int, default=1234,
+                   help="seed of the sample shuffle (fixes the batches)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g = p.add_argument_group("search space")
     g.add_argument("--space", choices=SPACES, default="uniform")
     g.add_argument("--importance", help="importance scores (.safetensors, tools/compute_importance.py)")
     g.add_argument("--layer-metric", choices=("block", "drop_loss"), help="layer score to order by (default: file's)")
-    g.add_argument("--grid", type=int, default=8, help="hidden and MLP sizes are multiples of this")
-    g.add_argument("--min-layers", type=int, default=1)
-    g.add_argument("--max-layers", type=int, default=None, help="default: the parent's")
+    g.add_argument("--grid", type=positive_int, default=8, help="hidden and MLP sizes are multiples of this")
+    g.add_argument("--min-layers", type=positive_int, default=1)
+    g.add_argument("--max-layers", type=positive_int, default=None, help="default: the parent's")
     g.add_argument(
         "--hidden-divisible-by-heads",
         action=argparse.BooleanOptionalAction,
@@ -70,35 +88,61 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--include-embeddings", action="store_true", help="budget on total, not non-embedding, params")
     g = p.add_argument_group("budget: a target, or bins")
-    g.add_argument("--target-params", type=float, help="fraction of the parent (<= 1) or absolute count")
-    g.add_argument("--tolerance", type=float, default=0.05, help="relative to --target-params")
-    g.add_argument("--bins", type=int, help="equal parameter bins over [--min-params, --max-params], best per bin")
-    g.add_argument("--min-params", type=float)
-    g.add_argument("--max-params", type=float)
+    g.add_argument("--target-params", type=finite_float, help="fraction of the parent (<= 1) or absolute count")
+    g.add_argument("--tolerance", type=finite_float, default=0.05, help="relative to --target-params")
+    g.add_argument("--bins", type=positive_int,
+                   help="equal parameter bins over [--min-params, --max-params], best per bin")
+    g.add_argument("--min-params", type=finite_float)
+    g.add_argument("--max-params", type=finite_float)
     g = p.add_argument_group("search")
     g.add_argument("--mode", choices=MODES, default="evolution")
-    g.add_argument("--population", type=int, default=16)
-    g.add_argument("--generations", type=int, default=10)
-    g.add_argument("--mutation-prob", type=float, default=0.2, help="per gene")
-    g.add_argument("--crossover-prob", type=float, default=0.5)
-    g.add_argument("--tournament-size", type=int, default=3)
-    g.add_argument("--elite", type=int, default=2, help="best candidates kept per bin each generation")
-    g.add_argument("--max-tries", type=int, default=100, help="tries to make a new in-budget candidate")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--population", type=positive_int, default=16)
+    g.add_argument("--generations", type=positive_int, default=10)
+    g.add_argument("--mutation-prob", type=fraction, default=0.2, help="per gene")
+    g.add_argument("--crossover-prob", type=fraction, default=0.5)
+    g.add_argument("--tournament-size", type=positive_int, default=3)
+    g.add_argument("--elite", type=nonnegative_int, default=2, help="best candidates kept per bin each generation")
+    g.add_argument("--max-tries", type=positive_int, default=100, help="tries to make a new in-budget candidate")
+    g.add_argument("--seed", type=nonnegative_int, default=0)
     g.add_argument("--output", required=True, help="directory for results, best sub-network(s), plot and state")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new search in --output, replacing the search results (and state) there")
     g = p.add_argument_group("short distillation before scoring (optional)")
-    g.add_argument("--fitness-train-steps", type=int, default=0, help="AdamW steps of distillation per candidate")
-    g.add_argument("--fitness-lr", type=float, default=1e-4)
-    g.add_argument("--fitness-kd-alpha", type=float, default=0.5)
+    g.add_argument("--fitness-train-steps", type=nonnegative_int, default=0,
+                   help="AdamW steps of distillation per candidate")
+    g.add_argument("--fitness-lr", type=nonnegative_float, default=1e-4)
+    g.add_argument("--fitness-kd-alpha", type=fraction, default=0.5)
     args = p.parse_args(argv)
-    for flag in ("seq_length", "micro_batch_size", "fitness_batches"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
-    if args.fitness_train_steps < 0:
-        p.error(f"--fitness-train-steps {args.fitness_train_steps}: must be >= 0")
     if args.layer_metric and not args.importance:
         p.error("--layer-metric orders by importance scores: give --importance")
     return args
+
+
+def check_search_output(args: argparse.Namespace, data_files: list[str]) -> None:
+    """``--output``: a directory we may write, nested in no input, whose search results come with their state."""
+    out = Path(args.output)
+    check_writable_location(out, "--output", "dir")
+    check_not_nested(out, "--output", {"--load": args.load, "--importance": args.importance})
+    for path in data_files:
+        check_not_nested(out, "--output", {"--data-path": path})
+    if out.is_dir() and not args.overwrite and not (out / STATE_NAME).exists():
+        found = [name for name in OUTPUT_NAMES if (out / name).exists()]
+        if found:
+            raise OutputError(
+                f"--output {out}: holds search results ({', '.join(found)}) but no {STATE_NAME} to resume from "
+                "(pass --overwrite to replace them)"
+            )
+
+
+def file_sha256(path: str, flag: str) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot read it ({e.strerror or e})") from None
+    return digest.hexdigest()
 
 
 def init_distributed(device: str) -> str:
@@ -128,97 +172,98 @@ def init_distributed(device: str) -> str:
     return device
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     start = time.time()
+    # everything that can be checked before loading the data or the parent's weights
+    device = resolve_device(args.device)
+    data_files = check_data_inputs(args.data_path, args.split)
+    check_search_output(args, data_files)
+    device = init_distributed(device)
     try:
-        device = init_distributed(args.device)
-        try:
-            parent_config = load_config(args.load)
-        except CheckpointError as e:
-            hint = ""
-            if os.path.isfile(os.path.join(args.load, "config.json")):
-                hint = " (a Hugging Face directory: import it with tools/convert_checkpoint.py import)"
-            raise ValueError(f"--load: {e}{hint}") from None
-        importance = None
-        if args.importance:
-            from megatron_subnet.model.importance import load_importance
+        parent_config = load_config(args.load)
+    except CheckpointError as e:
+        hint = ""
+        if os.path.isfile(os.path.join(args.load, "config.json")):
+            hint = " (a Hugging Face directory: import it with tools/convert_checkpoint.py import)"
+        raise ValueError(f"--load: {e}{hint}") from None
+    parent_config.check_seq_length(args.seq_length)
+    importance = importance_sha256 = None
+    if args.importance:
+        from megatron_subnet.model.importance import load_importance
 
-            try:
-                importance = load_importance(args.importance, args.layer_metric, parent_config)
-            except ValueError as e:
-                raise ValueError(f"--importance: {e}") from None
-        space = SearchSpace(
-            parent_config,
-            SpaceConfig(
-                kind=args.space,
-                grid=args.grid,
-                min_layers=args.min_layers,
-                max_layers=args.max_layers,
-                hidden_divisible_by_heads=args.hidden_divisible_by_heads,
-                include_embeddings=args.include_embeddings,
-            ),
-            importance,
-        )
-        budget = make_budget(
-            space.parent_params(), args.target_params, args.tolerance, args.bins, args.min_params, args.max_params
-        )
-        evolution = EvolutionConfig(
-            population=args.population,
-            generations=args.generations,
-            mutation_prob=args.mutation_prob,
-            crossover_prob=args.crossover_prob,
-            tournament_size=args.tournament_size,
-            elite=args.elite,
-            mode=args.mode,
-            seed=args.seed,
-            max_tries=args.max_tries,
-        )
-        evolution.validate(budget.bins)
-        check_budget(space, budget)
-        data = (args.data_path, args.split)
-        valid = load_batches(
-            *data, "valid", args.seq_length, args.micro_batch_size, args.fitness_batches, args.data_seed
-        )
-        train = None
-        if args.fitness_train_steps:
-            train = load_batches(
-                *data, "train", args.seq_length, args.micro_batch_size, args.fitness_train_steps, args.data_seed
-            )
-        check_vocab(valid + (train or []), parent_config.vocab_size)
         try:
-            parent = load_parent(args.load, device)
-        except CheckpointError as e:
-            raise ValueError(f"--load: {e}") from None
-        fitness = SubnetFitness(
-            parent,
-            valid,
-            train,
-            FitnessConfig(
-                train_steps=args.fitness_train_steps,
-                lr=args.fitness_lr,
-                kd_alpha=args.fitness_kd_alpha,
-            ),
+            importance = load_importance(args.importance, args.layer_metric, parent_config)
+        except ValueError as e:
+            raise ValueError(f"--importance: {e}") from None
+        importance_sha256 = file_sha256(args.importance, "--importance")
+    space = SearchSpace(
+        parent_config,
+        SpaceConfig(
+            kind=args.space,
+            grid=args.grid,
+            min_layers=args.min_layers,
+            max_layers=args.max_layers,
+            hidden_divisible_by_heads=args.hidden_divisible_by_heads,
+            include_embeddings=args.include_embeddings,
+        ),
+        importance,
+    )
+    budget = make_budget(
+        space.parent_params(), args.target_params, args.tolerance, args.bins, args.min_params, args.max_params
+    )
+    evolution = EvolutionConfig(
+        population=args.population,
+        generations=args.generations,
+        mutation_prob=args.mutation_prob,
+        crossover_prob=args.crossover_prob,
+        tournament_size=args.tournament_size,
+        elite=args.elite,
+        mode=args.mode,
+        seed=args.seed,
+        max_tries=args.max_tries,
+    )
+    evolution.validate(budget.bins)
+    check_budget(space, budget)
+    settings = {
+        "load": os.path.abspath(args.load),
+        "importance_sha256": importance_sha256,  # the file's content: a moved copy resumes, a changed file not
+        "layer_metric": args.layer_metric,
+        "data": [
+            args.data_path,
+            args.split,
+            args.seq_length,
+            args.micro_batch_size,
+            args.fitness_batches,
+            args.data_seed,
+        ],
+        "fitness": [args.fitness_train_steps, args.fitness_lr, args.fitness_kd_alpha],
+    }
+    # a saved state of another search is refused here, before the data and the weights are read
+    search = Search(space, budget, evolution, None, args.output, settings, restart=args.overwrite)
+    data = (args.data_path, args.split)
+    valid = load_batches(*data, "valid", args.seq_length, args.micro_batch_size, args.fitness_batches, args.data_seed)
+    train = None
+    if args.fitness_train_steps:
+        train = load_batches(
+            *data, "train", args.seq_length, args.micro_batch_size, args.fitness_train_steps, args.data_seed
         )
-        settings = {
-            "load": os.path.abspath(args.load),
-            "importance": args.importance,
-            "layer_metric": args.layer_metric,
-            "data": [
-                args.data_path,
-                args.split,
-                args.seq_length,
-                args.micro_batch_size,
-                args.fitness_batches,
-                args.data_seed,
-            ],
-            "fitness": [args.fitness_train_steps, args.fitness_lr, args.fitness_kd_alpha],
-        }
-        search = Search(space, budget, evolution, fitness, args.output, settings)
-        search.run()
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    check_vocab(valid + (train or []), parent_config.vocab_size)
+    try:
+        parent = load_parent(args.load, device)
+    except CheckpointError as e:
+        raise ValueError(f"--load: {e}") from None
+    search.fitness = SubnetFitness(
+        parent,
+        valid,
+        train,
+        FitnessConfig(
+            train_steps=args.fitness_train_steps,
+            lr=args.fitness_lr,
+            kd_alpha=args.fitness_kd_alpha,
+        ),
+    )
+    search.run()
     if search.writer:
         total = space.parent_params()
         for entry in search.best_per_bin():
@@ -234,6 +279,11 @@ def main(argv: list[str] | None = None) -> int:
             f"({search.evaluations} evaluations, {time.time() - start:.1f} s)"
         )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Errors are one ``error:`` line: exit 1 for bad inputs found at run time, 2 for bad flags."""
+    return run_main(_main, argv, error_code=1)
 
 
 if __name__ == "__main__":

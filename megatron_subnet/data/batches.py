@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from megatron_subnet.data.gpt_dataset import SPLIT_NAMES, GPTDataset, build_train_valid_test_datasets
-from megatron_subnet.data.indexed import dataset_exists
+from megatron_subnet.data.gpt_dataset import SPLIT_NAMES, GPTDataset, build_train_valid_test_datasets, parse_data_path
+from megatron_subnet.data.indexed import IndexedDataset, dataset_exists
 
 
 def load_batches(
@@ -41,9 +41,33 @@ def load_batches(
 
 
 def check_vocab(batches: list[torch.Tensor], vocab_size: int) -> None:
-    """ValueError when a token id does not fit the model's vocabulary."""
+    """ValueError when a token id does not fit the model's vocabulary (negative ids included)."""
     top = max(int(b.max()) for b in batches)
-    if top >= vocab_size:
+    bottom = min(int(b.min()) for b in batches)
+    if top >= vocab_size or bottom < 0:
+        bad = top if top >= vocab_size else bottom
         raise ValueError(
-            f"--data-path: token id {top} >= the model's vocab size {vocab_size} (data tokenized for another model?)"
+            f"--data-path: token id {bad} is outside the model's vocabulary [0, {vocab_size}) "
+            "(data tokenized for another model?)"
         )
+
+
+def check_token_ids(data_path: Sequence[str] | str, vocab_size: int) -> None:
+    """ValueError naming the dataset when a token id anywhere in ``--data-path`` lies outside ``[0, vocab_size)``.
+
+    One pass over each ``.bin`` (memory-mapped); none when the token dtype cannot hold a bad id.
+    """
+    for _, prefix in parse_data_path(data_path):
+        dataset = IndexedDataset(prefix)
+        if dataset.num_tokens == 0:
+            continue
+        dtype = np.dtype(dataset.dtype)
+        if dtype.kind == "u" and np.iinfo(dtype).max < vocab_size:
+            continue
+        low, high = dataset.token_range()
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"--data-path {prefix}: token id {bad} is outside the model's vocabulary [0, {vocab_size}) "
+                "(data tokenized for another model?)"
+            )

@@ -25,14 +25,12 @@ the rounded cumulative fractions are used instead.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import operator
 import os
 import re
-import secrets
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -40,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from megatron_subnet.data.indexed import IndexedDataset, idx_path
+from megatron_subnet.outputs import write_file_atomically
 
 CACHE_FORMAT_VERSION = 1
 SPLIT_NAMES = ("train", "valid", "test")
@@ -124,19 +123,17 @@ def get_split_indices(fractions: Sequence[float], num_documents: int) -> list[in
 
 
 def _write_atomic(path: str, data: np.ndarray | str) -> None:
-    """Write under a unique temporary name, then rename: readers see the whole file or none."""
-    tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
+    """Write through ``outputs.write_file_atomically``: readers see the whole file or none, and temporaries an
+    interrupted (killed) build left are removed."""
+
+    def fill(tmp) -> None:
         with open(tmp, "wb") as f:
             if isinstance(data, str):
                 f.write(data.encode())
             else:
                 np.save(f, data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+
+    write_file_atomically(path, fill)
 
 
 def _load_or_build(

@@ -12,6 +12,11 @@
     int64[D] document indices  sequence index where each document starts, then N
 
 ``.bin`` is the headerless concatenation of all token arrays.
+
+Opening a pair checks it cheaply (vectorised over the .idx, no pass over the .bin): sizes, no negative
+sequence length, every pointer equal to the byte offset the lengths before it give (a pointer into another
+sequence or past the end of the .bin is refused), document indices ascending from 0 to N.
+``IndexedDataset.token_range`` reads the whole .bin once to find the smallest and largest token id.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import struct
 from pathlib import Path
 
 import numpy as np
+
+from megatron_subnet.outputs import remove_stale_temps, temp_sibling
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -37,6 +44,7 @@ DTYPE_CODES: dict[int, type[np.number]] = {
 }
 _CODE_OF = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
 _HEADER = struct.Struct("<9sQBQQ")
+_CHUNK = 16 << 20  # elements per vectorised pass over large arrays (bounds the temporary memory)
 
 
 class IndexedDatasetError(ValueError):
@@ -112,6 +120,30 @@ class _Index:
         self.sequence_pointers = np.frombuffer(buffer, np.int64, count, offset)
         offset += self.sequence_pointers.nbytes
         self.document_indices = np.frombuffer(buffer, np.int64, doc_count, offset)
+        self._check_sequences(path)
+
+    def _check_sequences(self, path: str) -> None:
+        """No negative length; pointer ``i`` is the byte offset the lengths before ``i`` give (as every writer does)."""
+        lengths, pointers = self.sequence_lengths, self.sequence_pointers
+        negative = np.flatnonzero(lengths < 0)
+        if len(negative):
+            i = int(negative[0])
+            raise IndexedDatasetError(
+                f"{path}: sequence {i} has a negative length ({int(lengths[i])}); the index is corrupt"
+            )
+        itemsize = self.dtype.itemsize
+        offset = 0  # byte offset where the current chunk's first sequence must start
+        for start in range(0, len(lengths), _CHUNK):
+            chunk = lengths[start : start + _CHUNK].astype(np.int64) * itemsize
+            expected = np.cumsum(chunk) - chunk + offset
+            wrong = np.flatnonzero(pointers[start : start + _CHUNK] != expected)
+            if len(wrong):
+                i = start + int(wrong[0])
+                raise IndexedDatasetError(
+                    f"{path}: sequence {i} points at byte {int(pointers[i])} of the .bin, but the lengths before it "
+                    f"put it at byte {int(expected[wrong[0]])}; the index is corrupt"
+                )
+            offset += int(chunk.sum())
 
 
 class IndexedDataset:
@@ -158,6 +190,22 @@ class IndexedDataset:
     def __len__(self) -> int:
         return len(self._index.sequence_lengths)
 
+    def token_range(self) -> tuple[int, int] | None:
+        """``(smallest, largest)`` token id in the whole .bin, or None when it holds no tokens.
+
+        Reads the .bin once, 16M tokens at a time. Signed dtypes can hold negative ids: they show up as a
+        negative smallest id (check it against ``[0, vocab_size)``).
+        """
+        if len(self._bin) == 0:
+            return None
+        low = high = None
+        for start in range(0, len(self._bin), _CHUNK):
+            chunk = self._bin[start : start + _CHUNK]
+            lo, hi = chunk.min().item(), chunk.max().item()
+            low = lo if low is None else min(low, lo)
+            high = hi if high is None else max(high, hi)
+        return low, high
+
     def __getitem__(self, i: int) -> np.ndarray:
         return self.get(i)
 
@@ -175,14 +223,11 @@ class IndexedDataset:
         return self._bin[start : start + length]
 
 
-def _tmp(path: str) -> str:
-    return f"{path}.tmp-{os.getpid()}"
-
-
 class IndexedDatasetBuilder:
     """Writes a .bin/.idx pair under temporary names; ``finalize`` renames them into place.
 
-    An interrupted build leaves only ``*.tmp-PID`` files: never a pair that looks finished.
+    An interrupted build leaves only hidden temporaries (``outputs.temp_sibling``), never a pair that looks
+    finished; the next builder of the same prefix removes those whose process is gone (``kill -9`` included).
     """
 
     def __init__(self, prefix: str | os.PathLike, dtype: type[np.number] | np.dtype):
@@ -191,7 +236,10 @@ class IndexedDatasetBuilder:
         if self.dtype not in _CODE_OF:
             raise ValueError(f"unsupported token dtype {self.dtype}")
         Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
-        self._bin_tmp = _tmp(bin_path(prefix))
+        for path in (bin_path(prefix), idx_path(prefix)):
+            remove_stale_temps(path)
+        self._bin_tmp = temp_sibling(bin_path(prefix))
+        self._idx_tmp = temp_sibling(idx_path(prefix))
         self._bin = open(self._bin_tmp, "wb")
         self._lengths: list[int] = []
         self._documents: list[int] = [0]
@@ -231,7 +279,7 @@ class IndexedDatasetBuilder:
     def finalize(self) -> None:
         """Write the index and move both files into place (.idx last)."""
         self._bin.close()
-        idx_tmp = _tmp(idx_path(self.prefix))
+        idx_tmp = self._idx_tmp
         write_index(idx_tmp, self.dtype, np.array(self._lengths, dtype=np.int32), np.array(self._documents))
         # Drop a stale index first so an interruption never pairs a new .bin with an old .idx.
         if os.path.exists(idx_path(self.prefix)):
@@ -242,7 +290,7 @@ class IndexedDatasetBuilder:
     def abort(self) -> None:
         """Close and delete the temporary files."""
         self._bin.close()
-        for path in (self._bin_tmp, _tmp(idx_path(self.prefix))):
+        for path in (self._bin_tmp, self._idx_tmp):
             if os.path.exists(path):
                 os.remove(path)
 

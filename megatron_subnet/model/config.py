@@ -8,17 +8,52 @@ per-layer sub-network has layers of different widths.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
+from megatron_subnet.outputs import write_text_atomically
+
 ARCHITECTURES = ("llama", "gpt_neox")
 ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh", "relu")
+NORMALIZATIONS = ("rmsnorm", "layernorm")
+
+# Fields a model_config.json may leave out: none of them changes the numbers a loaded model computes.
+FILE_DEFAULTS = {"extra": {}, "bos_token_id": None, "eos_token_id": None, "init_std": 0.02}
 
 
 class ConfigError(ValueError):
     """A configuration that is inconsistent or cannot describe the given weights."""
+
+
+def is_int(value) -> bool:
+    """An int that is not a bool (JSON ``true`` is no layer index)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_size(name: str, value) -> None:
+    if not is_int(value) or value < 1:
+        raise ConfigError(f"{name}: must be an integer >= 1, got {value!r}")
+
+
+def _check_sizes(name: str, value, num_layers: int) -> None:
+    """An int >= 1, or a list of such ints, one per layer."""
+    if isinstance(value, list | tuple):
+        if len(value) != num_layers:
+            raise ConfigError(f"{name}: {len(value)} per-layer values for {num_layers} layers")
+        for i, v in enumerate(value):
+            _check_size(f"{name}[{i}]", v)
+    else:
+        if not is_int(value):
+            raise ConfigError(f"{name}: must be an integer >= 1 or a list of them (one per layer), got {value!r}")
+        _check_size(name, value)
 
 
 def _per_layer(value: int | list[int], num_layers: int, name: str) -> list[int]:
@@ -31,7 +66,14 @@ def _per_layer(value: int | list[int], num_layers: int, name: str) -> list[int]:
 
 @dataclass
 class ModelConfig:
-    """Architecture of a decoder-only transformer; int-or-list fields may vary per layer."""
+    """Architecture of a decoder-only transformer; int-or-list fields may vary per layer.
+
+    The constructor's defaults serve code that builds a config; a ``model_config.json`` (``load``,
+    ``from_dict``) must name every field except ``extra`` (default ``{}``), ``bos_token_id`` and
+    ``eos_token_id`` (default ``None``) and ``init_std`` (default 0.02, used only to initialise random
+    weights): a missing ``norm_eps`` or ``rope_theta`` would silently change a loaded model's numbers.
+    ``validate`` (run by the constructor) checks the type and range of every field.
+    """
 
     arch: str = "llama"
     vocab_size: int = 32000
@@ -61,23 +103,44 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
-        if self.arch not in ARCHITECTURES:
-            raise ConfigError(f"arch {self.arch!r}: expected one of {', '.join(ARCHITECTURES)}")
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"activation {self.activation!r}: expected one of {', '.join(ACTIVATIONS)}")
-        if self.normalization not in ("rmsnorm", "layernorm"):
-            raise ConfigError(f"normalization {self.normalization!r}: expected rmsnorm or layernorm")
-        for name in ("vocab_size", "hidden_size", "num_layers", "head_dim"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        """ConfigError naming the first field whose type or value is wrong (``field: must be ..., got ...``)."""
+        for name, allowed in (("arch", ARCHITECTURES), ("activation", ACTIVATIONS), ("normalization", NORMALIZATIONS)):
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in allowed:
+                raise ConfigError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "head_dim", "max_position_embeddings"):
+            _check_size(name, getattr(self, name))
+        for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+            _check_sizes(name, getattr(self, name), self.num_layers)
+        for name in ("norm_eps", "rope_theta", "init_std"):
+            value = getattr(self, name)
+            if not _is_number(value) or value <= 0:
+                raise ConfigError(f"{name}: must be a positive finite number, got {value!r}")
+        if not _is_number(self.rotary_pct) or not 0.0 < self.rotary_pct <= 1.0:
+            raise ConfigError(f"rotary_pct: must be a number in (0, 1], got {self.rotary_pct!r}")
+        for name in ("tie_word_embeddings", "qkv_bias", "proj_bias", "mlp_bias", "parallel_residual"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: must be true or false, got {getattr(self, name)!r}")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not is_int(value):
+                raise ConfigError(f"{name}: must be an integer token id or null, got {value!r}")
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"extra: must be a JSON object, got {self.extra!r}")
         for i in range(self.num_layers):
             heads, groups = self.layer_heads(i), self.layer_query_groups(i)
-            if groups < 1 or heads < 1 or heads % groups:
+            if heads % groups:
                 raise ConfigError(f"layer {i}: {heads} attention heads do not split into {groups} query groups")
-            if self.layer_ffn(i) < 1:
-                raise ConfigError(f"layer {i}: ffn_hidden_size must be positive")
-        if not 0.0 < self.rotary_pct <= 1.0 or self.rotary_dim % 2:
+        if self.rotary_dim % 2 or self.rotary_dim == 0:
             raise ConfigError(f"rotary_pct {self.rotary_pct}: gives an odd or empty rotary dimension")
+
+    def check_seq_length(self, seq_length: int, flag: str = "--seq-length") -> None:
+        """ConfigError when ``seq_length`` exceeds the positions the model was built for."""
+        if seq_length > self.max_position_embeddings:
+            raise ConfigError(
+                f"{flag} {seq_length}: longer than the model's max_position_embeddings "
+                f"{self.max_position_embeddings}"
+            )
 
     def layer_heads(self, i: int) -> int:
         return _per_layer(self.num_attention_heads, self.num_layers, "num_attention_heads")[i]
@@ -128,25 +191,31 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        """A config as ``model_config.json`` holds it: every field but those in ``FILE_DEFAULTS`` is required."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"expected a JSON object, got {type(d).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(known))
         if unknown:
             raise ConfigError(f"unknown ModelConfig fields: {', '.join(unknown)}")
-        return cls(**d)
+        missing = [name for name in known if name not in d and name not in FILE_DEFAULTS]
+        if missing:
+            raise ConfigError(
+                f"missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)} (only "
+                f"{', '.join(FILE_DEFAULTS)} may be left out)"
+            )
+        return cls(**{name: d.get(name, copy.deepcopy(FILE_DEFAULTS.get(name))) for name in known})
 
     def save(self, path: str | os.PathLike) -> None:
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_text_atomically(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ModelConfig:
+        """Read and validate a ``model_config.json``; ConfigError names the file and the field."""
         try:
             with open(path) as f:
                 d = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: cannot read model config ({e})") from None
         try:
             return cls.from_dict(d)

@@ -396,7 +396,7 @@ def save_hf(
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    from megatron_subnet.model.weights import write_directory_atomically
+    from megatron_subnet.outputs import write_directory_atomically
 
     hf_config = config_to_hf(config)
     hf_config.architectures = [

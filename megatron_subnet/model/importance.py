@@ -32,6 +32,7 @@ from tqdm import tqdm
 from megatron_subnet.model.config import ModelConfig
 from megatron_subnet.model.evaluation import lm_loss
 from megatron_subnet.model.gpt import GPTModel, rotary_cos_sin
+from megatron_subnet.outputs import write_file_atomically
 
 LAYER_METRICS = ("block", "drop_loss")
 FORMAT_VERSION = "1"
@@ -104,9 +105,18 @@ class Importance:
         """Write a safetensors file (atomically) with the scores and string metadata."""
         meta = {k: str(v) for k, v in self.metadata.items()}
         meta.update(format_version=FORMAT_VERSION, layer_metric=self.layer_metric, num_layers=str(len(self.block)))
-        tmp = f"{path}.tmp-{os.getpid()}"
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in self._tensors().items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
+        tensors = {k: v.detach().float().contiguous().cpu() for k, v in self._tensors().items()}
+        write_file_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    def check_finite(self) -> None:
+        """ImportanceError naming the scores that hold NaN or infinity (nothing useful was computed)."""
+        bad = sorted(name for name, t in self._tensors().items() if not torch.isfinite(t).all())
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise ImportanceError(
+                f"the scores of {shown} are not finite (NaN or infinity: the model's activations overflowed "
+                "or its weights hold NaN)"
+            )
 
 
 def save_importance(importance: Importance, path: str | os.PathLike) -> None:

@@ -17,7 +17,8 @@ from typing import Protocol
 
 import torch
 
-from megatron_subnet.model.config import ConfigError, ModelConfig
+from megatron_subnet.model.config import ConfigError, ModelConfig, is_int
+from megatron_subnet.outputs import write_text_atomically
 from megatron_subnet.parallel.layers import select
 
 Counts = int | Sequence[int] | None
@@ -48,6 +49,8 @@ class SubnetConfig:
         _check_indices("layers", self.layers, parent.num_layers, "parent layers")
         _check_indices("hidden", self.hidden, parent.hidden_size, "hidden channels")
         for name in ("heads", "query_groups", "mlp"):
+            if not isinstance(getattr(self, name), list | tuple):
+                raise ConfigError(f"{name}: expected a list of index lists (one per kept layer)")
             if len(getattr(self, name)) != len(self.layers):
                 raise ConfigError(f"{name}: {len(getattr(self, name))} entries for {len(self.layers)} kept layers")
         for j, layer in enumerate(self.layers):
@@ -112,10 +115,26 @@ class SubnetConfig:
         number in each (``num_attention_heads / num_query_groups``).
         """
         num_layers = parent.num_layers if num_layers is None else num_layers
+        hidden_size = parent.hidden_size if hidden_size is None else hidden_size
+        for name, value in (("num_layers", num_layers), ("hidden_size", hidden_size)):
+            if not is_int(value):
+                raise ConfigError(f"{name}: expected an integer, got {value!r}")
         if not 1 <= num_layers <= parent.num_layers:
             raise ConfigError(f"num_layers {num_layers}: must be in 1..{parent.num_layers}")
         layers = _top(importance.layers if importance else None, parent.num_layers, num_layers)
-        hidden_size = parent.hidden_size if hidden_size is None else hidden_size
+        for name, value in (
+            ("num_attention_heads", num_attention_heads),
+            ("num_query_groups", num_query_groups),
+            ("ffn_hidden_size", ffn_hidden_size),
+        ):
+            if value is None or is_int(value):
+                continue
+            if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+                raise ConfigError(
+                    f"{name}: expected an integer or a list of integers (one per kept layer), got {value!r}"
+                )
+            if len(value) != num_layers:
+                raise ConfigError(f"{name}: {len(value)} per-layer values, need one per kept layer ({num_layers})")
         if not 1 <= hidden_size <= parent.hidden_size:
             raise ConfigError(f"hidden_size {hidden_size}: must be in 1..{parent.hidden_size}")
         hidden = _top(importance.hidden if importance else None, parent.hidden_size, hidden_size)
@@ -153,15 +172,17 @@ class SubnetConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | os.PathLike) -> None:
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_text_atomically(path, json.dumps(self.to_dict()) + "\n")
 
     @classmethod
     def from_dict(cls, d: dict, parent: ModelConfig, importance: ImportanceScores | None = None) -> SubnetConfig:
-        """Explicit indices (``layers``, ``hidden``, ...) or counts (``num_layers``, ``hidden_size``, ...)."""
+        """Explicit indices (``layers``, ``hidden``, ...) or counts (``num_layers``, ``hidden_size``, ...).
+
+        Indices and counts must be JSON integers (not strings, booleans or floats); per-layer lists hold
+        exactly one entry per kept layer; ``order`` is ``"first"`` (default) or ``"importance"``.
+        """
+        if not isinstance(d, dict):
+            raise ConfigError("expected a JSON object")
         explicit = {f.name for f in dataclasses.fields(cls)}
         counts = {"num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "order"}
         if set(d) & explicit:
@@ -176,7 +197,7 @@ class SubnetConfig:
         if set(d) - counts:
             raise ConfigError(f"unknown keys {sorted(set(d) - counts)}; expected explicit indices or counts")
         order = d.get("order", "first")
-        if order not in ("first", "importance"):
+        if not isinstance(order, str) or order not in ("first", "importance"):
             raise ConfigError(f"order {order!r}: expected 'first' or 'importance'")
         if order == "importance" and importance is None:
             raise ConfigError("order 'importance' needs importance scores (--importance FILE)")
@@ -197,8 +218,8 @@ class SubnetConfig:
 
 
 def _check_indices(name: str, indices: Sequence[int], size: int, what: str) -> None:
-    if not isinstance(indices, list | tuple) or not all(isinstance(i, int) for i in indices):
-        raise ConfigError(f"{name}: expected a list of integers")
+    if not isinstance(indices, list | tuple) or not all(is_int(i) for i in indices):
+        raise ConfigError(f"{name}: expected a list of integers, got {indices!r}")
     if not indices:
         raise ConfigError(f"{name}: empty")
     for a, b in zip(indices, indices[1:]):
@@ -218,11 +239,13 @@ def _collapse(values: list[int]) -> int | list[int]:
 def _count(value: Counts, j: int, default: int, name: str) -> int:
     if value is None:
         return default
-    if isinstance(value, int):
+    if is_int(value):
         return value
     if j >= len(value):
         raise ConfigError(f"{name}: {len(value)} per-layer values, need one per kept layer")
-    return int(value[j])
+    if not is_int(value[j]):
+        raise ConfigError(f"{name}[{j}]: expected an integer, got {value[j]!r}")
+    return value[j]
 
 
 def _top(scores: torch.Tensor | None, size: int, k: int) -> list[int]:

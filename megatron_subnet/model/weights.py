@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from megatron_subnet.model.config import ConfigError, ModelConfig
+from megatron_subnet.outputs import write_directory_atomically
 
 CONFIG_NAME = "model_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -82,36 +82,6 @@ def copy_tokenizer_files(src: str | os.PathLike | None, dst: str | os.PathLike) 
             shutil.copy2(path, Path(dst) / name)
             copied.append(name)
     return copied
-
-
-def _apply_umask(root: Path) -> None:
-    """Give ``root`` and its files the modes a plain mkdir/open would (mkdtemp and safetensors use 0o700/0o600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(root, 0o777 & ~mask)
-    for path in root.rglob("*"):
-        if not path.is_symlink():
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
-
-
-def write_directory_atomically(directory: str | os.PathLike, fill) -> None:
-    """Call ``fill(tmp_dir)``, then move the temporary directory to ``directory`` (replacing it)."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        fill(tmp)
-        _apply_umask(tmp)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_checkpoint(

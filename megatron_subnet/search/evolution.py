@@ -15,6 +15,10 @@ state, the population, the cache and the best per bin are written to ``state.jso
 every generation, so a killed search resumes where it stopped and ends with the same result as an
 uninterrupted one. Under data parallelism every rank runs the same search (same RNG), only the fitness
 evaluations are split (``fitness.py``), and rank 0 writes the files.
+
+A fresh run writes ``state.json`` for generation 0 before the first evaluation, so an output directory
+with search results always holds the state they came from. A search in which no candidate got a finite
+loss raises ``SearchSpaceError`` and writes no best sub-network.
 """
 
 from __future__ import annotations
@@ -33,10 +37,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron_subnet.model.subnet import SubnetConfig
+from megatron_subnet.outputs import write_file_atomically, write_text_atomically
 from megatron_subnet.search.space import Budget, SearchSpace, SearchSpaceError, check_budget
 
 MODES = ("evolution", "random")
 STATE_VERSION = 1
+STATE_NAME = "state.json"
+OUTPUT_NAMES = ("results.jsonl", "best_subnet.json", "best_per_bin.json", "pareto.png")  # beside state.json
 
 # candidates -> [(validation loss, seconds)] in the same order
 Fitness = Callable[[list[SubnetConfig]], list[tuple[float, float]]]
@@ -101,11 +108,7 @@ def _broadcast(obj):
 
 
 def _write_json(path: Path, obj, indent: int | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=indent)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(obj, indent=indent) + "\n")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -131,11 +134,14 @@ class Search:
         space: SearchSpace,
         budget: Budget,
         config: EvolutionConfig,
-        fitness: Fitness,
+        fitness: Fitness | None,
         output: str | os.PathLike | None = None,
         settings: dict | None = None,
         progress: bool | None = None,
+        restart: bool = False,
     ):
+        """``fitness`` may be set later (before ``run``): constructing checks a saved state against the
+        settings without it. ``restart``: ignore and replace a saved state (``--overwrite``)."""
         config.validate(budget.bins)
         self.space, self.budget, self.config, self.fitness = space, budget, config, fitness
         self.output = Path(output) if output is not None else None
@@ -160,14 +166,16 @@ class Search:
         self.cache: dict[str, dict] = {}  # key -> {loss, params, bin, generation, seconds}
         self.best: list[dict | None] = [None] * budget.bins  # {key, params, loss, generation, genome}
         self.records: list[dict] = []  # results.jsonl lines
+        self.restart = restart
+        self.resumed = False
         self._resume()
 
     # ------------------------------------------------------------------ state
 
     def _resume(self) -> None:
         saved = None
-        if self.output is not None and _rank() == 0:
-            path = self.output / "state.json"
+        if self.output is not None and _rank() == 0 and not self.restart:
+            path = self.output / STATE_NAME
             if path.is_file():
                 try:
                     saved = json.loads(path.read_text())
@@ -175,10 +183,7 @@ class Search:
                     saved = {"error": f"{path}: unreadable search state ({e})"}
         saved = _broadcast(saved)
         if saved is None:
-            if self.writer:
-                self.output.mkdir(parents=True, exist_ok=True)
-                (self.output / "results.jsonl").unlink(missing_ok=True)  # a run killed in generation 0
-            return
+            return  # run() starts the output
         if "error" in saved:
             raise SearchSpaceError(saved["error"])
         if saved.get("version") != STATE_VERSION or saved.get("settings") != self.settings:
@@ -191,14 +196,22 @@ class Search:
         self.rng.bit_generator.state = saved["rng"]
         self.generation, self.evaluations = saved["generation"], saved["evaluations"]
         self.population, self.cache, self.best = saved["population"], saved["cache"], saved["best"]
+        self.resumed = True
+
+    def _start_output(self) -> None:
+        """A fresh output: the previous search's files gone (``restart``), state.json for generation 0."""
+        self.output.mkdir(parents=True, exist_ok=True)
+        for name in (STATE_NAME, *OUTPUT_NAMES):  # only there with restart, or a run killed in generation 0
+            (self.output / name).unlink(missing_ok=True)
+        self._save([])
+
+    def _trim_results(self) -> None:
         if self.writer:
             results = self.output / "results.jsonl"
             lines = results.read_text().splitlines() if results.is_file() else []
             self.records = [r for r in map(json.loads, lines) if r["generation"] < self.generation]
             # drop a generation that was written but not committed to state.json
-            tmp = results.with_name(f".{results.name}.tmp-{os.getpid()}")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-            os.replace(tmp, results)
+            write_text_atomically(results, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def _save(self, new_records: list[dict]) -> None:
         if not self.writer:
@@ -215,7 +228,7 @@ class Search:
             "cache": self.cache,
             "best": self.best,
         }
-        _write_json(self.output / "state.json", state)
+        _write_json(self.output / STATE_NAME, state)
         self._write_best()
 
     # ------------------------------------------------------------------ loop
@@ -223,6 +236,13 @@ class Search:
     def run(self) -> list[dict | None]:
         """Run the remaining generations; returns the best per bin ({key, params, loss, generation, genome})."""
         check_budget(self.space, self.budget)
+        if self.fitness is None:
+            raise TypeError("Search.run: no fitness function set")
+        if self.writer:
+            if self.resumed:
+                self._trim_results()
+            else:
+                self._start_output()
         total = self.config.total_evaluations(self.budget.bins)
         disable = (not self.progress if self.progress is not None else None) if _rank() == 0 else True
         bar = tqdm(
@@ -238,6 +258,13 @@ class Search:
             self.generation += 1
             self._save(new_records)
         bar.close()
+        best = self.overall_best()
+        if best is None or not math.isfinite(best["loss"]):
+            raise SearchSpaceError(
+                f"every one of the {self.evaluations} candidates got a non-finite validation loss (NaN or "
+                "infinity: the parent's weights hold NaN/inf or its activations overflow); no best sub-network "
+                "was written"
+            )
         if self.writer:
             self._write_best()
             plot_pareto(self.output / "pareto.png", {self.config.mode: self.records})
@@ -374,7 +401,7 @@ class Search:
 
     def _write_best(self) -> None:
         best = self.overall_best()
-        if best is None:
+        if best is None or not math.isfinite(best["loss"]):
             return
         self.space.to_subnet(best["genome"]).save(self.output / "best_subnet.json")
         _write_json(self.output / "best_per_bin.json", self.best_per_bin(), indent=1)
@@ -441,8 +468,7 @@ def plot_pareto(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        write_file_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format=Path(path).suffix[1:] or "png"))
+    finally:
+        plt.close(fig)

@@ -517,8 +517,8 @@ def make_budget(
     """
 
     def absolute(value: float, flag: str) -> float:
-        if not value > 0:
-            raise SearchSpaceError(f"{flag} {value}: must be positive")
+        if not (math.isfinite(value) and value > 0):
+            raise SearchSpaceError(f"{flag} {value}: must be a positive finite number")
         return value * parent_params if value <= 1 else value
 
     if target is not None:

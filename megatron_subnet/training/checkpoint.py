@@ -7,6 +7,11 @@
 
 Each checkpoint is written as ``iter_XXXXXXX.tmp`` and renamed when every rank has finished, so a
 process killed mid-write leaves the previous checkpoint and ``latest`` untouched.
+
+A run carries a ``run_id`` from its first step to its last resume. ``--keep-last`` prunes only that run's
+checkpoints, by iteration number, and never the one ``latest`` names; checkpoints of other runs in the same
+directory are never deleted. ``check_save_dir`` decides, before any work, whether a run may write into a
+``--save`` directory at all.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +29,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_subnet.model.config import ModelConfig
+from megatron_subnet.outputs import temp_sibling, write_text_atomically
 
 META_NAME = "megatron_subnet.json"
 LATEST = "latest"
+FINAL_MODEL = "final_model"
+_TAG = re.compile(r"iter_(\d+)")
 # Fault injection for the crash-safety test: SIGKILL rank 0 after DeepSpeed wrote the files, before the rename.
 _KILL_ENV = "MEGATRON_SUBNET_TEST_KILL_BEFORE_RENAME"
 
@@ -66,10 +76,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
 
 
 def save_checkpoint(engine, save_dir: str, iteration: int, meta: dict, keep_last: int) -> Path:
@@ -84,26 +92,92 @@ def save_checkpoint(engine, save_dir: str, iteration: int, meta: dict, keep_last
     engine.save_checkpoint(str(save), tag=tmp_tag, client_state={"iteration": iteration}, save_latest=False)
     rng_dir = save / tmp_tag / "rng"
     rng_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(rng_dir / f"rank_{_rank():05d}.json", json.dumps(rng_state()))
+    write_text_atomically(rng_dir / f"rank_{_rank():05d}.json", json.dumps(rng_state()))
     if _rank() == 0:
-        _write_text(save / tmp_tag / META_NAME, json.dumps({**meta, "iteration": iteration}, indent=1))
+        write_text_atomically(save / tmp_tag / META_NAME, json.dumps({**meta, "iteration": iteration}, indent=1))
     _barrier()
     if _rank() == 0:
         if os.environ.get(_KILL_ENV) == str(iteration):
             os.kill(os.getpid(), 9)
-        if (save / tag).exists():
-            shutil.rmtree(save / tag)
-        os.replace(save / tmp_tag, save / tag)
-        _write_text(save / LATEST, tag)
-        _prune(save, keep_last)
+        if (save / tag).exists():  # a tag of this run redone after a resume, or replaced with --overwrite
+            old = temp_sibling(save / tag, "old")
+            os.replace(save / tag, old)
+            os.replace(save / tmp_tag, save / tag)
+            shutil.rmtree(old)
+        else:
+            os.replace(save / tmp_tag, save / tag)
+        write_text_atomically(save / LATEST, tag)
+        _prune(save, meta["run_id"], keep_last)
     _barrier()
     return save / tag
 
 
-def _prune(save: Path, keep_last: int) -> None:
-    tags = sorted(p for p in save.iterdir() if p.is_dir() and p.name.startswith("iter_") and "." not in p.name)
-    for old in tags[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+def _checkpoints(save: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``save``, by iteration number."""
+    found = []
+    for path in save.iterdir() if save.is_dir() else []:
+        match = _TAG.fullmatch(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def _run_id(checkpoint: Path) -> str | None:
+    try:
+        return json.loads((checkpoint / META_NAME).read_text()).get("run_id")
+    except (OSError, ValueError):
+        return None
+
+
+def _prune(save: Path, run_id: str, keep_last: int) -> None:
+    """Delete this run's checkpoints but the newest ``keep_last`` (and never the one ``latest`` names)."""
+    latest = (save / LATEST).read_text().strip() if (save / LATEST).is_file() else None
+    ours = [path for _, path in _checkpoints(save) if _run_id(path) == run_id]
+    for old in ours[:-keep_last]:
+        if old.name != latest:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def check_save_dir(save_dir: str, load_dir: str | None, run_id: str | None, overwrite: bool) -> None:
+    """ResumeError when ``--save`` holds another run's checkpoints or final model and ``--overwrite`` is not given.
+
+    The directory is this run's when ``--load`` is the same directory, or when its ``latest`` checkpoint has
+    this run's ``run_id`` (``run_id`` None: a new run).
+    """
+    save = Path(save_dir)
+    if overwrite or not save.is_dir():
+        return
+    if load_dir is not None and Path(load_dir).resolve() == save.resolve():
+        return
+    checkpoints = _checkpoints(save)
+    held = [p.name for _, p in checkpoints[-2:]] + [n for n in (LATEST, FINAL_MODEL) if (save / n).exists()]
+    if not held:
+        return
+    if run_id is not None and (save / LATEST).is_file():
+        latest = save / (save / LATEST).read_text().strip()
+        if _run_id(latest) == run_id:
+            return
+    raise ResumeError(
+        f"--save {save_dir}: holds another run's checkpoints ({', '.join(held)}); resume that run with "
+        f"--load {save_dir}, choose a new --save, or pass --overwrite to start a new run there"
+    )
+
+
+# Settings that shape the data order or the training objective: a resume that changes them is not the same run.
+RESUME_ARGS = (
+    "data_path", "split", "seq_length", "seed", "global_batch_size", "train_iters",
+    "kd_alpha", "kd_loss", "kd_temperature", "kd_topk",
+)  # fmt: skip
+
+
+def changed_args(meta: dict, args: dict) -> list[str]:
+    """``"name: old -> new"`` for every RESUME_ARGS setting where this launch differs from the checkpoint."""
+    saved = meta.get("args", {})
+    changes = []
+    for name in RESUME_ARGS:
+        if name in saved and saved[name] != args.get(name):
+            changes.append(f"--{name.replace('_', '-')}: {saved[name]} -> {args.get(name)}")
+    return changes
 
 
 def latest_checkpoint(load_dir: str) -> Path:
@@ -113,6 +187,8 @@ def latest_checkpoint(load_dir: str) -> Path:
     if not latest.is_file():
         raise ResumeError(f"--load {load_dir}: no '{LATEST}' file, so no complete checkpoint")
     path = load / latest.read_text().strip()
+    if not path.is_dir():
+        raise ResumeError(f"--load {load_dir}: '{LATEST}' names {path.name}, which does not exist")
     if not (path / META_NAME).is_file():
         raise ResumeError(f"--load {load_dir}: {path.name} is incomplete (no {META_NAME})")
     return path

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from megatron_subnet.outputs import write_file_atomically
+
 
 def peak_memory_mb() -> float:
     """Peak accelerator memory if there is one, else the process's peak resident set size."""
@@ -19,9 +21,12 @@ def peak_memory_mb() -> float:
 
 
 class MetricsLogger:
-    """Appends one JSON object per record to ``log_dir/metrics.jsonl`` (resumed runs append)."""
+    """Appends one JSON object per record to ``log_dir/metrics.jsonl`` (resumed runs append; ``fresh``
+    starts the file anew)."""
 
-    def __init__(self, log_dir: str | Path, enabled: bool, total_iters: int, start_iter: int = 0):
+    def __init__(
+        self, log_dir: str | Path, enabled: bool, total_iters: int, start_iter: int = 0, fresh: bool = False
+    ):
         self.enabled = enabled
         self.log_dir = Path(log_dir)
         self.bar = None
@@ -30,7 +35,7 @@ class MetricsLogger:
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.log_dir / "metrics.jsonl"
-        self.file = open(self.path, "a", buffering=1)
+        self.file = open(self.path, "w" if fresh else "a", buffering=1)
         self.bar = tqdm(total=total_iters, initial=start_iter, desc="training", unit="it", dynamic_ncols=True)
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -67,14 +72,16 @@ class MetricsLogger:
         if self.enabled:
             self.bar.write(message)
 
-    def close(self) -> None:
-        if not self.enabled:
+    def close(self, plot: bool = True) -> None:
+        """End the progress bar, close the files and (``plot``) draw the loss curve; later calls do nothing."""
+        if not self.enabled or self.file.closed:
             return
         self.bar.close()
         self.file.close()
         if self.writer is not None:
             self.writer.close()
-        plot_loss_curve(self.path, self.log_dir / "loss_curve.png")
+        if plot:
+            plot_loss_curve(self.path, self.log_dir / "loss_curve.png")
 
 
 def plot_loss_curve(metrics_path: Path, output: Path) -> None:
@@ -100,7 +107,7 @@ def plot_loss_curve(metrics_path: Path, output: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = output.with_name(f".{output.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(output)
+    try:
+        write_file_atomically(output, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)

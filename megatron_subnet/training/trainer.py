@@ -13,12 +13,14 @@ import numpy as np
 import torch
 
 from megatron_subnet.arguments import load_ds_config, reconcile_ds_config
+from megatron_subnet.data.batches import check_token_ids
 from megatron_subnet.data.gpt_dataset import PretrainingSampler, build_train_valid_test_datasets
-from megatron_subnet.initialize import barrier, initialize_distributed, rank, set_seed
+from megatron_subnet.initialize import barrier, broadcast_object, initialize_distributed, rank, set_seed
 from megatron_subnet.model.config import ModelConfig
 from megatron_subnet.model.gpt import GPTModel
 from megatron_subnet.model.subnet import SubnetConfig, extract_state_dict
 from megatron_subnet.model.weights import load_checkpoint as load_model_checkpoint
+from megatron_subnet.model.weights import load_config
 from megatron_subnet.model.weights import save_checkpoint as save_model_checkpoint
 from megatron_subnet.parallel import state
 from megatron_subnet.training import checkpoint
@@ -34,7 +36,8 @@ from megatron_subnet.training.schedules import LRSchedule
 
 
 class TrainingAborted(RuntimeError):
-    """Too many non-finite steps in a row."""
+    """A run that cannot produce anything useful: too many non-finite steps in a row, every step skipped, or a
+    non-finite final evaluation."""
 
 
 def _load_importance(path: str | None):
@@ -45,23 +48,83 @@ def _load_importance(path: str | None):
     return load_importance(path)
 
 
-def build_student(
-    args: argparse.Namespace, teacher_config: ModelConfig | None, teacher_state: dict | None, resume_meta: dict | None
-) -> tuple[GPTModel, dict | None]:
-    """The student model (weights from the teacher, random, or to be overwritten by --load) and its subnet."""
+def plan_student(
+    args: argparse.Namespace, teacher_config: ModelConfig | None, resume_meta: dict | None
+) -> tuple[ModelConfig, SubnetConfig | None]:
+    """The student's architecture and the sub-network it is cut from (None for a random student without one),
+    from the configs alone: nothing is loaded but JSON."""
     if resume_meta is not None:
+        subnet = resume_meta.get("subnet")
         config = ModelConfig.from_dict(resume_meta["model_config"])
-        return GPTModel(config), resume_meta.get("subnet")
+        return config, None if subnet is None or teacher_config is None else SubnetConfig(**subnet)
     subnet = None
     if args.subnet:
         subnet = SubnetConfig.load(args.subnet, teacher_config, _load_importance(args.importance))
-    if args.init == "subnet":
-        config, weights = extract_state_dict(teacher_config, teacher_state, subnet)
+    if subnet is not None:
+        return subnet.student_config(teacher_config), subnet
+    return ModelConfig.load(args.model_config), None
+
+
+def build_student(
+    args: argparse.Namespace,
+    config: ModelConfig,
+    subnet: SubnetConfig | None,
+    teacher_config: ModelConfig | None,
+    teacher_state: dict | None,
+    resuming: bool,
+) -> GPTModel:
+    """The student model: cut from the teacher, Megatron's random init, or (resuming) to be overwritten by --load."""
+    if args.init == "subnet" and not resuming:
+        _, weights = extract_state_dict(teacher_config, teacher_state, subnet)
         model = GPTModel(config)
         model.load_state_dict(weights)
-        return model, subnet.to_dict()
-    config = subnet.student_config(teacher_config) if subnet is not None else ModelConfig.load(args.model_config)
-    return GPTModel(config), subnet.to_dict() if subnet is not None else None
+        return model
+    return GPTModel(config)
+
+
+def _data_files(data_path: list[str]) -> list[str]:
+    from megatron_subnet.data.gpt_dataset import parse_data_path
+    from megatron_subnet.data.indexed import bin_path, idx_path
+
+    return [f for _, prefix in parse_data_path(data_path) for f in (bin_path(prefix), idx_path(prefix))]
+
+
+def check_outputs(args: argparse.Namespace, log_dir: Path, run_id: str | None, resuming: bool) -> bool:
+    """Refuse, before any work, outputs this run may not write (see ``outputs.py``); returns whether the
+    metrics file starts anew (a new run with --overwrite)."""
+    from megatron_subnet.outputs import OutputError, check_not_nested, check_writable_location
+
+    inputs = {
+        "--teacher-load": args.teacher_load,
+        "--subnet": args.subnet,
+        "--importance": args.importance,
+        "--model-config": args.model_config,
+        "--ds_config": args.ds_config,
+        **{f"--data-path ({Path(f).name})": f for f in _data_files(args.data_path)},
+    }
+    rewritten = [log_dir / "metrics.jsonl", log_dir / "loss_curve.png", log_dir / "tensorboard"]
+    if args.save:
+        check_writable_location(args.save, "--save", "dir")
+        checkpoint.check_save_dir(args.save, args.load, run_id, args.overwrite)
+        rewritten.append(Path(args.save) / checkpoint.FINAL_MODEL)
+        save = Path(args.save).resolve()
+        for flag, path in inputs.items():
+            resolved = Path(path).resolve() if path else None
+            parts = resolved.relative_to(save).parts if resolved and resolved.is_relative_to(save) else ()
+            if parts[:1] and parts[0].startswith("iter_"):
+                raise OutputError(f"--save {args.save}: {flag} {path} lies in a checkpoint this run may replace")
+    for output in rewritten:
+        check_not_nested(output, "--save" if output.name == checkpoint.FINAL_MODEL else "--log-dir", inputs)
+    check_writable_location(log_dir, "--log-dir", "dir")
+    metrics = log_dir / "metrics.jsonl"
+    if resuming or not metrics.exists():
+        return False
+    if args.overwrite:
+        return True
+    raise OutputError(
+        f"--log-dir {log_dir}: holds another run's metrics.jsonl; choose a new --log-dir (or --save) or pass "
+        "--overwrite to start it anew"
+    )
 
 
 def micro_batches(dataset, sampler: PretrainingSampler) -> Iterator[torch.Tensor]:
@@ -86,19 +149,40 @@ def pretrain(args: argparse.Namespace) -> int:
     ds_config = reconcile_ds_config(args, load_ds_config(args.ds_config), dp_size)
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     layout = {"world_size": dp_size, "zero_stage": zero_stage, "bf16": args.bf16}
+
+    # Everything that can be checked from flags and JSON is checked before any weights or data are read.
     resume_meta = checkpoint.read_meta(args.load) if args.load else None
+    changes = []
     if resume_meta is not None:
         checkpoint.check_layout(resume_meta, layout, None, args.load)
+        changes = checkpoint.changed_args(resume_meta, vars(args))
+        if changes and not args.override_checkpoint_args:
+            raise checkpoint.ResumeError(
+                f"--load {args.load}: this launch changes what the checkpoint was trained on ({'; '.join(changes)}); "
+                "use the checkpoint's settings, or pass --override-checkpoint-args if you mean it"
+            )
+    run_id = resume_meta.get("run_id") if resume_meta is not None else None
+    log_dir = Path(args.log_dir or args.save or "runs/latest")
+    fresh_metrics = check_outputs(args, log_dir, run_id, resume_meta is not None)
+    run_id = broadcast_object(run_id or checkpoint.new_run_id())
+    teacher_config = load_config(args.teacher_load) if args.teacher_load else None
+    student_config, subnet = plan_student(args, teacher_config, resume_meta)
+    student_config.check_seq_length(args.seq_length)
+    if args.kd_alpha > 0:
+        teacher_config.check_seq_length(args.seq_length)
+    if args.kd_alpha > 0 and teacher_config.vocab_size != student_config.vocab_size:
+        raise checkpoint.ResumeError(
+            f"--teacher-load {args.teacher_load}: vocabulary {teacher_config.vocab_size} "
+            f"differs from the student's {student_config.vocab_size}"
+        )
+    check_token_ids(args.data_path, student_config.vocab_size)
 
-    teacher_config, teacher_state = load_model_checkpoint(args.teacher_load) if args.teacher_load else (None, None)
-    student, subnet = build_student(args, teacher_config, teacher_state, resume_meta)
+    teacher_state = None
+    if args.teacher_load and (args.kd_alpha > 0 or (args.init == "subnet" and resume_meta is None)):
+        teacher_config, teacher_state = load_model_checkpoint(args.teacher_load)
+    student = build_student(args, student_config, subnet, teacher_config, teacher_state, resume_meta is not None)
     teacher = None
     if args.kd_alpha > 0:
-        if teacher_config.vocab_size != student.config.vocab_size:
-            raise checkpoint.ResumeError(
-                f"--teacher-load {args.teacher_load}: vocabulary {teacher_config.vocab_size} "
-                f"differs from the student's {student.config.vocab_size}"
-            )
         teacher_model = GPTModel(teacher_config)
         teacher_model.load_state_dict(teacher_state)
         teacher = Teacher(teacher_model, ds_config, device)
@@ -129,110 +213,147 @@ def pretrain(args: argparse.Namespace) -> int:
     schedule = LRSchedule(
         args.lr, args.min_lr, args.lr_warmup_iters, args.train_iters, args.lr_decay_style, args.lr_wsd_decay_iters or 0
     )
-    log_dir = Path(args.log_dir or args.save or "runs/latest")
-    logger = MetricsLogger(log_dir, rank() == 0, args.train_iters, iteration)
-    logger.write(
-        f"student: {student.config.num_parameters():,} parameters "
-        f"({student.config.num_parameters(False):,} non-embedding); teacher: "
-        f"{'none' if teacher is None else f'{teacher_config.num_parameters():,}'}; "
-        f"data parallel {dp_size}, ZeRO stage {zero_stage}, global batch {global_batch} "
-        f"= {args.micro_batch_size} x {accumulation} x {dp_size}"
-    )
-    meta = {
-        "args": {k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool | list | None)},
-        "model_config": student.config.to_dict(),
-        "subnet": subnet,
-        "layout": layout,
-    }
-    valid_batches = fixed_batches(valid_ds, args.eval_iters, args.micro_batch_size, dp_rank, dp_size)
-    sampler = PretrainingSampler(len(train_ds), consumed, args.micro_batch_size, dp_rank, dp_size)
-    train_iter = micro_batches(train_ds, sampler)
-    tokens_per_step = global_batch * args.seq_length
-    skipped_in_a_row = 0
-    last_saved = None
-    resumed_from = checkpoint.latest_checkpoint(args.load) if args.load else None
-    if valid_batches and iteration == 0:
-        # Where the student starts: the quality of the initialisation is what sub-network selection buys.
-        loss = evaluate(engine, valid_batches, engine.device)
-        logger.log({"iteration": 0, "tokens": 0, "valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0))})
-    window_start, window_steps = time.perf_counter(), 0
-    while iteration < args.train_iters:
-        lr = schedule(iteration)
-        result = train_step(engine, teacher, [next(train_iter) for _ in range(accumulation)], lr, args)
-        iteration += 1
-        consumed += global_batch
-        window_steps += 1
-        skipped_in_a_row = skipped_in_a_row + 1 if result.skipped else 0
-        if result.skipped:
-            logger.write(
-                f"iteration {iteration}: non-finite loss or gradient (loss {result.loss}, grad norm "
-                f"{result.grad_norm}); step skipped ({skipped_in_a_row} in a row)"
-            )
-        if iteration % args.log_interval == 0 or iteration == args.train_iters or result.skipped:
-            elapsed = time.perf_counter() - window_start
-            logger.log(
-                {
-                    "iteration": iteration,
-                    "loss": result.loss,
-                    "ce": result.ce,
-                    "kd": result.kd,
-                    "lr": lr,
-                    "grad_norm": result.grad_norm,
-                    "skipped": result.skipped,
-                    "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9),
-                    "tokens": consumed * args.seq_length,
-                    "peak_memory_mb": peak_memory_mb(),
-                }
-            )
-            window_start, window_steps = time.perf_counter(), 0
-        if skipped_in_a_row >= args.max_skipped_steps:  # after the step's record is in metrics.jsonl
-            logger.close()  # ends the progress bar's line, so the error is a line of its own
-            good = last_saved or resumed_from or "none"
-            raise TrainingAborted(
-                f"--max-skipped-steps {args.max_skipped_steps}: {skipped_in_a_row} non-finite "
-                f"steps in a row at iteration {iteration}; last good checkpoint: {good}"
-            )
-        logger.advance()
-        if valid_batches and (iteration % args.eval_interval == 0 or iteration == args.train_iters):
+    logger = MetricsLogger(log_dir, rank() == 0, args.train_iters, iteration, fresh=fresh_metrics)
+    try:
+        for change in changes:
+            logger.write(f"resuming with a changed setting (--override-checkpoint-args): {change}")
+        logger.write(
+            f"student: {student.config.num_parameters():,} parameters "
+            f"({student.config.num_parameters(False):,} non-embedding); teacher: "
+            f"{'none' if teacher is None else f'{teacher_config.num_parameters():,}'}; "
+            f"data parallel {dp_size}, ZeRO stage {zero_stage}, global batch {global_batch} "
+            f"= {args.micro_batch_size} x {accumulation} x {dp_size}"
+        )
+        meta = {
+            "args": {k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool | list | None)},
+            "model_config": student.config.to_dict(),
+            "subnet": subnet.to_dict() if subnet is not None else None,
+            "layout": layout,
+            "run_id": run_id,
+        }
+        valid_batches = fixed_batches(valid_ds, args.eval_iters, args.micro_batch_size, dp_rank, dp_size)
+        sampler = PretrainingSampler(len(train_ds), consumed, args.micro_batch_size, dp_rank, dp_size)
+        train_iter = micro_batches(train_ds, sampler)
+        tokens_per_step = global_batch * args.seq_length
+        skipped_in_a_row = steps_run = steps_applied = 0
+        last_saved = None
+        last_valid = None
+        resumed_from = checkpoint.latest_checkpoint(args.load) if args.load else None
+
+        def abort(message: str) -> TrainingAborted:
+            logger.close()  # with the plot of what was trained
+            return TrainingAborted(message)
+
+        if valid_batches and iteration == 0:
+            # Where the student starts: the quality of the initialisation is what sub-network selection buys.
             loss = evaluate(engine, valid_batches, engine.device)
-            logger.log(
-                {
-                    "iteration": iteration,
-                    "tokens": consumed * args.seq_length,
-                    "valid_loss": loss,
-                    "valid_ppl": math.exp(min(loss, 50.0)),
-                }
+            logger.log({"iteration": 0, "tokens": 0, "valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0))})
+        window_start, window_steps = time.perf_counter(), 0
+        while iteration < args.train_iters:
+            lr = schedule(iteration)
+            result = train_step(engine, teacher, [next(train_iter) for _ in range(accumulation)], lr, args)
+            iteration += 1
+            consumed += global_batch
+            window_steps += 1
+            steps_run += 1
+            steps_applied += not result.skipped
+            skipped_in_a_row = skipped_in_a_row + 1 if result.skipped else 0
+            if result.skipped:
+                logger.write(
+                    f"iteration {iteration}: non-finite loss or gradient (loss {result.loss}, grad norm "
+                    f"{result.grad_norm}); step skipped ({skipped_in_a_row} in a row)"
+                )
+            if iteration % args.log_interval == 0 or iteration == args.train_iters or result.skipped:
+                elapsed = time.perf_counter() - window_start
+                logger.log(
+                    {
+                        "iteration": iteration,
+                        "loss": result.loss,
+                        "ce": result.ce,
+                        "kd": result.kd,
+                        "lr": lr,
+                        "grad_norm": result.grad_norm,
+                        "skipped": result.skipped,
+                        "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9),
+                        "tokens": consumed * args.seq_length,
+                        "peak_memory_mb": peak_memory_mb(),
+                    }
+                )
+                window_start, window_steps = time.perf_counter(), 0
+            if skipped_in_a_row >= args.max_skipped_steps:  # after the step's record is in metrics.jsonl
+                good = last_saved or resumed_from or "none"
+                raise abort(
+                    f"--max-skipped-steps {args.max_skipped_steps}: {skipped_in_a_row} non-finite "
+                    f"steps in a row at iteration {iteration}; last good checkpoint: {good}"
+                )
+            logger.advance()
+            if valid_batches and (iteration % args.eval_interval == 0 or iteration == args.train_iters):
+                last_valid = evaluate(engine, valid_batches, engine.device)
+                logger.log(
+                    {
+                        "iteration": iteration,
+                        "tokens": consumed * args.seq_length,
+                        "valid_loss": last_valid,
+                        "valid_ppl": math.exp(min(last_valid, 50.0)),
+                    }
+                )
+            if args.save and args.save_interval and iteration % args.save_interval == 0:
+                last_saved = checkpoint.save_checkpoint(
+                    engine, args.save, iteration, {**meta, "consumed_samples": consumed}, args.keep_last
+                )
+        if steps_run and not steps_applied:
+            raise abort(
+                f"every one of this run's {steps_run} steps was skipped (non-finite loss or gradient); nothing was "
+                f"trained, no final model written; last good checkpoint: {last_saved or resumed_from or 'none'}"
             )
-        if args.save and args.save_interval and iteration % args.save_interval == 0:
+        if args.save and (last_saved is None or last_saved.name != checkpoint.tag_for(iteration)):
             last_saved = checkpoint.save_checkpoint(
                 engine, args.save, iteration, {**meta, "consumed_samples": consumed}, args.keep_last
             )
-    if args.save and (last_saved is None or last_saved.name != checkpoint.tag_for(iteration)):
-        last_saved = checkpoint.save_checkpoint(
-            engine, args.save, iteration, {**meta, "consumed_samples": consumed}, args.keep_last
-        )
-    test_batches = fixed_batches(test_ds, args.eval_iters, args.micro_batch_size, dp_rank, dp_size)
-    if test_batches:
-        loss = evaluate(engine, test_batches, engine.device)
-        logger.log({"iteration": iteration, "test_loss": loss, "test_ppl": math.exp(min(loss, 50.0))})
-    if args.save and rank() == 0:
-        weights = checkpoint.consolidated_state_dict(engine, last_saved)
-        tokenizer_from = args.teacher_load
-        save_model_checkpoint(Path(args.save) / "final_model", student.config, weights, tokenizer_from, subnet)
-        logger.write(f"final model: {Path(args.save) / 'final_model'} (tools/convert_checkpoint.py export)")
-    barrier()
-    logger.close()
+        test_batches = fixed_batches(test_ds, args.eval_iters, args.micro_batch_size, dp_rank, dp_size)
+        final = {}
+        if test_batches:
+            final["test"] = evaluate(engine, test_batches, engine.device)
+            test_ppl = math.exp(min(final["test"], 50.0))
+            logger.log({"iteration": iteration, "test_loss": final["test"], "test_ppl": test_ppl})
+        if last_valid is not None:
+            final["validation"] = last_valid
+        bad = [f"{name} loss {value}" for name, value in final.items() if not math.isfinite(value)]
+        if bad:
+            raise abort(f"the final {' and '.join(bad)}: the model is broken; no final model written")
+        if args.save and rank() == 0:
+            weights = checkpoint.consolidated_state_dict(engine, last_saved)
+            tokenizer_from = args.teacher_load
+            save_model_checkpoint(
+                Path(args.save) / checkpoint.FINAL_MODEL,
+                student.config,
+                weights,
+                tokenizer_from,
+                subnet.to_dict() if subnet is not None else None,
+            )
+            final_model = Path(args.save) / checkpoint.FINAL_MODEL
+            logger.write(f"final model: {final_model} (tools/convert_checkpoint.py export)")
+        barrier()
+        logger.close()
+    except BaseException:
+        logger.close(plot=False)  # ends the progress bar's line, so an error is a line of its own
+        raise
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from megatron_subnet.arguments import ArgumentError, parse_args
-    from megatron_subnet.model.config import ConfigError
-    from megatron_subnet.model.weights import CheckpointError
+def _main(argv: list[str] | None) -> int:
+    from megatron_subnet.arguments import parse_args
 
+    args = parse_args(argv)
     try:
-        args = parse_args(argv)
         return pretrain(args)
-    except (ArgumentError, ConfigError, CheckpointError, checkpoint.ResumeError, TrainingAborted, ValueError) as e:
+    except TrainingAborted as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``pretrain_slm.py``: errors are one ``error:`` line and exit 2, Ctrl-C exit 130."""
+    from megatron_subnet.cli import run_main
+
+    return run_main(_main, argv)

@@ -1,0 +1,111 @@
+"""What every command-line entry point does with bad input: one ``error:`` line on stderr and a non-zero exit.
+
+- ``ArgumentParser`` reports a bad flag as one line (argparse prints the usage block too);
+- ``finite_float``, ``positive_int``, ``nonnegative_int``, ``fraction`` are argparse types that name the flag
+  through argparse's own message (NaN and infinity are never a valid value);
+- ``run_main`` calls a tool's ``main`` and turns the errors users cause (``ValueError``, ``OSError``), Ctrl-C
+  (exit 130) and a closed output pipe into one line each. ``MEGATRON_SUBNET_TRACEBACK=1`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Callable
+
+TRACEBACK_ENV = "MEGATRON_SUBNET_TRACEBACK"
+EXIT_INTERRUPTED = 130
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (``error: argument --lr: ...``) and exit code 2."""
+
+    def error(self, message: str) -> None:  # noqa: D102 - argparse's hook
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def finite_float(text: str) -> float:
+    """A float that is neither NaN nor infinite."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A finite float in [0, 1]."""
+    value = finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not in [0, 1]")
+    return value
+
+
+def _integer(text: str, low: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{text!r} must be {what}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    return _integer(text, 1, "at least 1")
+
+
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0."""
+    return _integer(text, 0, ">= 0")
+
+
+def resolve_device(device: str, flag: str = "--device") -> str:
+    """``device`` if this machine has it; ValueError naming the flag otherwise."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"{flag} {device}: not a device (expected cpu, cuda or cuda:N)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{flag} {device}: this machine has no CUDA device; use {flag} cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"{flag} {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif parsed.type != "cpu":
+        raise ValueError(f"{flag} {device}: unsupported device type {parsed.type!r} (cpu or cuda)")
+    return device
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line (its type's name when it has none)."""
+    text = " ".join(str(error).split())
+    if isinstance(error, OSError) and error.filename is not None and str(error.filename) not in text:
+        text = f"{error.filename}: {text}"
+    return text or type(error).__name__
+
+
+def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None, error_code: int = 2) -> int:
+    """``main(argv)``; a ValueError/OSError becomes one ``error:`` line and ``error_code``, Ctrl-C exit 130."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); finished outputs are intact, unfinished ones were not written",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # stdout went away (`| head`): nothing to report on it; keep Python from complaining at exit too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (ValueError, OSError) as e:
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return error_code
