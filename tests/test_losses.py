@@ -56,3 +56,15 @@ def test_alpha_zero_is_plain_cross_entropy():
         assert kl is None
         torch.testing.assert_close(loss.double(), reference.double())
         torch.testing.assert_close(grad, ref_grad)
+
+
+def test_cross_entropy_sum_is_token_weighted_mean():
+    logits = torch.randn(2, 3, 11, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 3))
+    total = cross_entropy(logits, labels, reduction="sum")
+    torch.testing.assert_close(total, 6 * cross_entropy(logits, labels))
+    (grad,) = torch.autograd.grad(total, logits)
+    (ref_grad,) = torch.autograd.grad(6 * cross_entropy(logits, labels, reduction="mean"), logits)
+    torch.testing.assert_close(grad, ref_grad)
+    with pytest.raises(ValueError, match="reduction"):
+        cross_entropy(logits, labels, reduction="none")

@@ -16,8 +16,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from megatron_subnet.model.config import ModelConfig
-from megatron_subnet.model.weights import CONFIG_NAME, CheckpointError, load_checkpoint
+from megatron_subnet.model.weights import (
+    CONFIG_NAME,
+    CheckpointError,
+    load_checkpoint,
+    load_model,
+    model_from_state,
+    shard_state_dict,
+)
+from megatron_subnet.parallel.layers import TPShard
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # tokens [batch, seq] -> logits [batch, seq, vocab]
 
@@ -56,16 +63,6 @@ def evaluate(
     return EvalResult(total / tokens, tokens)
 
 
-def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], device: torch.device | str = "cpu"):
-    """A GPTModel holding ``state`` (no copy on CPU), in eval mode."""
-    from megatron_subnet.model.gpt import GPTModel
-
-    with torch.device("meta"):
-        model = GPTModel(config)
-    model.load_state_dict(state, assign=True)
-    return model.to(device).eval()
-
-
 def checkpoint_kind(path: str | os.PathLike) -> str:
     """``"ours"`` (model_config.json), ``"hf"`` (config.json) or ``"gguf"``; CheckpointError otherwise."""
     path = Path(path)
@@ -81,14 +78,19 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
 
 
 def load_any(path: str | os.PathLike, device: torch.device | str = "cpu"):
-    """Our GPTModel from our checkpoint directory, a Hugging Face directory or a ``.gguf`` file."""
+    """This rank's tensor-parallel shard of our GPTModel from our checkpoint directory (only the shard is
+    read), a Hugging Face directory or a ``.gguf`` file (read whole by transformers, then sharded)."""
     if checkpoint_kind(path) == "ours":
-        config, state = load_checkpoint(path)
-    else:
-        from megatron_subnet.model.hf import load_hf
+        return load_model(path, device)
+    from megatron_subnet.model.hf import load_hf
 
-        config, state = load_hf(path)
-    return model_from_state(config, state, device)
+    config, state = load_hf(path)
+    shard = TPShard.current()
+    try:
+        state = shard_state_dict(config, state, shard)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return model_from_state(config, state, device, shard)
 
 
 def load_transformers(path: str | os.PathLike, device: torch.device | str = "cpu"):

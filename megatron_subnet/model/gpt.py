@@ -3,9 +3,8 @@
 ``model(tokens)`` runs the dense network. ``model(tokens, subnet=...)`` runs only the selected layers,
 hidden channels, heads / query groups and MLP neurons of the same weights (see ``subnet.py``).
 
-Attention keeps Megatron's fused QKV layout, grouped by query group: for each group, its query heads,
-then its key head, then its value head (``[groups, heads_per_group + 2, head_dim]`` rows). GPT-NeoX's
-own fused layout is this layout with one query head per group.
+Attention keeps Megatron's fused QKV layout, grouped by query group (``qkv.py`` owns it). The layers are
+Megatron's tensor-parallel ones (``parallel/layers.py``): with one TP rank they hold whole matrices.
 """
 
 from __future__ import annotations
@@ -15,15 +14,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_subnet.model.config import ModelConfig
+from megatron_subnet.model.qkv import QKVLayout
 from megatron_subnet.model.subnet import LayerIndices, SubnetConfig, SubnetIndices, subnet_indices
 from megatron_subnet.parallel.layers import (
     ColumnParallelLinear,
     LayerNorm,
     RMSNorm,
     RowParallelLinear,
+    TPShard,
     VocabParallelEmbedding,
+    divide,
     scaled_init_std,
 )
+from megatron_subnet.parallel.mappings import copy_to_tensor_model_parallel_region
 
 _ACTIVATIONS = {
     "swiglu": F.silu,
@@ -58,15 +61,24 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    """Causal self-attention with grouped queries; under TP each rank holds a contiguous block of query groups
+    (with their heads) of the fused QKV rows and the matching columns of the output projection."""
+
+    def __init__(self, config: ModelConfig, layer: int, shard: TPShard):
         super().__init__()
         h, d = config.hidden_size, config.head_dim
-        self.num_heads, self.num_groups, self.head_dim = config.layer_heads(layer), config.layer_query_groups(layer), d
-        qkv_out = (self.num_heads + 2 * self.num_groups) * d
-        self.linear_qkv = ColumnParallelLinear(h, qkv_out, bias=config.qkv_bias, init_std=config.init_std)
+        heads, groups = config.layer_heads(layer), config.layer_query_groups(layer)
+        divide(groups, shard.size, f"layer {layer}: num_query_groups")
+        self.layout = QKVLayout(heads, groups, d).shard(shard.size)  # this rank's heads and groups
+        self.head_dim = d
+        self.linear_qkv = ColumnParallelLinear(
+            h, (heads + 2 * groups) * d, bias=config.qkv_bias, init_std=config.init_std, shard=shard,
+            what=f"layer {layer}: fused QKV rows",
+        )  # fmt: skip
         self.linear_proj = RowParallelLinear(
-            self.num_heads * d, h, bias=config.proj_bias, init_std=scaled_init_std(config.init_std, config.num_layers)
-        )
+            heads * d, h, bias=config.proj_bias, init_std=scaled_init_std(config.init_std, config.num_layers),
+            shard=shard, what=f"layer {layer}: attention heads x head_dim",
+        )  # fmt: skip
 
     def forward(
         self,
@@ -76,32 +88,43 @@ class SelfAttention(nn.Module):
         index: LayerIndices | None = None,
         hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        heads, groups = (self.num_heads, self.num_groups) if index is None else (index.num_heads, index.num_groups)
-        per_group = heads // groups
-        qkv = self.linear_qkv(x, rows=None if index is None else index.qkv_rows, cols=hidden)
-        b, t, _ = qkv.shape
-        qkv = qkv.view(b, t, groups, per_group + 2, self.head_dim)
-        q = qkv[:, :, :, :per_group].reshape(b, t, heads, self.head_dim).transpose(1, 2)
-        k = qkv[:, :, :, per_group].transpose(1, 2)
-        v = qkv[:, :, :, per_group + 1].transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=per_group > 1)
-        out = out.transpose(1, 2).reshape(b, t, heads * self.head_dim)
+        if index is None:
+            heads, groups = self.layout.num_heads, self.layout.num_groups
+        else:
+            heads, groups = index.num_heads, index.num_groups
+        b, t, _ = x.shape
+        if heads == 0:  # this rank's shard keeps no head: it adds zeros to the projection's all-reduce
+            out = x.new_zeros(b, t, 0)
+        else:
+            qkv = self.linear_qkv(x, rows=None if index is None else index.qkv_rows, cols=hidden)
+            per_group = heads // groups
+            q, k, v = QKVLayout.unpack(qkv, groups, per_group, self.head_dim)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=per_group > 1)
+            out = out.transpose(1, 2).reshape(b, t, heads * self.head_dim)
         return self.linear_proj(out, rows=hidden, cols=None if index is None else index.proj_cols)
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    """fc1 (and gate) column-parallel over the MLP neurons, fc2 row-parallel."""
+
+    def __init__(self, config: ModelConfig, layer: int, shard: TPShard):
         super().__init__()
         h, ffn = config.hidden_size, config.layer_ffn(layer)
+        what = f"layer {layer}: ffn_hidden_size"
         self.act = _ACTIVATIONS[config.activation]
-        self.linear_fc1 = ColumnParallelLinear(h, ffn, bias=config.mlp_bias, init_std=config.init_std)
+        self.linear_fc1 = ColumnParallelLinear(
+            h, ffn, bias=config.mlp_bias, init_std=config.init_std, shard=shard, what=what
+        )
         self.linear_gate = (
-            ColumnParallelLinear(h, ffn, bias=config.mlp_bias, init_std=config.init_std) if config.gated_mlp else None
+            ColumnParallelLinear(h, ffn, bias=config.mlp_bias, init_std=config.init_std, shard=shard, what=what)
+            if config.gated_mlp
+            else None
         )
         self.linear_fc2 = RowParallelLinear(
-            ffn, h, bias=config.mlp_bias, init_std=scaled_init_std(config.init_std, config.num_layers)
-        )
+            ffn, h, bias=config.mlp_bias, init_std=scaled_init_std(config.init_std, config.num_layers), shard=shard,
+            what=what,
+        )  # fmt: skip
 
     def forward(
         self, x: torch.Tensor, index: LayerIndices | None = None, hidden: torch.Tensor | None = None
@@ -116,13 +139,13 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig, layer: int, shard: TPShard):
         super().__init__()
         self.parallel_residual = config.parallel_residual
         self.input_layernorm = make_norm(config)
-        self.self_attention = SelfAttention(config, layer)
+        self.self_attention = SelfAttention(config, layer, shard)
         self.pre_mlp_layernorm = make_norm(config)
-        self.mlp = MLP(config, layer)
+        self.mlp = MLP(config, layer, shard)
 
     def forward(
         self,
@@ -140,23 +163,40 @@ class TransformerLayer(nn.Module):
 
 
 class GPTModel(nn.Module):
-    """Embedding, transformer layers, final norm and the (tied or untied) output layer."""
+    """Embedding, transformer layers, final norm and the (tied or untied) output layer.
 
-    def __init__(self, config: ModelConfig):
+    Under tensor parallelism (``shard``, default: this rank's place in the TP group) every layer holds its
+    shard, and the logits come out split over the vocabulary: ``[batch, seq, vocab / TP]``, this rank's
+    ids ``[rank * vocab / TP, (rank + 1) * vocab / TP)`` (``parallel.losses`` works on them as they are;
+    ``gather_from_tensor_model_parallel_region`` joins them).
+    """
+
+    def __init__(self, config: ModelConfig, shard: TPShard | None = None):
         super().__init__()
         self.config = config
-        self.embedding = VocabParallelEmbedding(config.vocab_size, config.hidden_size, init_std=config.init_std)
-        self.layers = nn.ModuleList(TransformerLayer(config, i) for i in range(config.num_layers))
+        self.shard = shard or TPShard.current()
+        self.embedding = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, init_std=config.init_std, shard=self.shard
+        )
+        self.layers = nn.ModuleList(TransformerLayer(config, i, self.shard) for i in range(config.num_layers))
         self.final_layernorm = make_norm(config)
         self.output_layer = (
             None
             if config.tie_word_embeddings
-            else ColumnParallelLinear(config.hidden_size, config.vocab_size, bias=False, init_std=config.init_std)
+            else ColumnParallelLinear(
+                config.hidden_size, config.vocab_size, bias=False, init_std=config.init_std, shard=self.shard,
+                what="vocab_size",
+            )  # fmt: skip
         )
 
     def forward(self, tokens: torch.Tensor, subnet: SubnetConfig | SubnetIndices | None = None) -> torch.Tensor:
-        """Logits ``[batch, seq, vocab]`` of the whole model, or of ``subnet`` run on these weights."""
-        index = subnet_indices(self.config, subnet, tokens.device) if isinstance(subnet, SubnetConfig) else subnet
+        """This rank's logits ``[batch, seq, vocab / TP]`` of the whole model, or of ``subnet`` run on these
+        weights (given in parent indices; each rank computes with the part on its shard)."""
+        index = (
+            subnet_indices(self.config, subnet, tokens.device, self.shard)
+            if isinstance(subnet, SubnetConfig)
+            else subnet
+        )
         hidden = None if index is None else index.hidden
         cos, sin = rotary_cos_sin(self.config, tokens.shape[1], tokens.device)
         x = self.embedding(tokens, cols=hidden)
@@ -172,5 +212,6 @@ class GPTModel(nn.Module):
         return self.output_layer(x, cols=hidden)
 
     def embedding_logits(self, x: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+        """Logits through the tied embedding (this rank's vocabulary rows)."""
         weight = self.embedding.weight if hidden is None else self.embedding.weight.index_select(1, hidden)
-        return F.linear(x, weight)
+        return F.linear(copy_to_tensor_model_parallel_region(x), weight)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from megatron_subnet.model.config import ConfigError, ModelConfig
+from megatron_subnet.model.qkv import QKVLayout
 from megatron_subnet.model.weights import CheckpointError, check_state_dict, copy_tokenizer_files
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
@@ -226,9 +227,8 @@ def weight_map(config: ModelConfig) -> dict[str, str]:
     return m
 
 
-def _qkv_parts(config: ModelConfig, i: int) -> tuple[int, int, int]:
-    heads, groups = config.layer_heads(i), config.layer_query_groups(i)
-    return groups, heads // groups, config.head_dim
+def _qkv_layout(config: ModelConfig, i: int) -> QKVLayout:
+    return QKVLayout(config.layer_heads(i), config.layer_query_groups(i), config.head_dim)
 
 
 def state_from_hf(config: ModelConfig, hf_state: dict[str, torch.Tensor], source: str = "") -> dict[str, torch.Tensor]:
@@ -247,19 +247,13 @@ def state_from_hf(config: ModelConfig, hf_state: dict[str, torch.Tensor], source
             used.add(theirs)
     if config.arch == "llama":
         for i in range(config.num_layers):
-            groups, per_group, d = _qkv_parts(config, i)
+            layout = _qkv_layout(config, i)
             p = f"model.layers.{i}.self_attn."
             for kind in ("weight", "bias"):
                 names = [f"{p}{x}_proj.{kind}" for x in "qkv"]
                 if not all(n in hf_state for n in names):
                     continue
-                q, k, v = (hf_state[n] for n in names)
-                tail = q.shape[1:]
-                fused = torch.cat(
-                    [q.reshape(groups, per_group * d, *tail), k.reshape(groups, d, *tail), v.reshape(groups, d, *tail)],
-                    dim=1,
-                )
-                out[f"layers.{i}.self_attention.linear_qkv.{kind}"] = fused.reshape(-1, *tail)
+                out[f"layers.{i}.self_attention.linear_qkv.{kind}"] = layout.fuse(*(hf_state[n] for n in names))
                 used.update(names)
     unused = sorted(set(hf_state) - used)
     missing = sorted(expected - set(out))
@@ -279,18 +273,14 @@ def state_to_hf(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str
     out = {theirs: state[ours] for ours, theirs in weight_map(config).items() if ours in state}
     if config.arch == "llama":
         for i in range(config.num_layers):
-            groups, per_group, d = _qkv_parts(config, i)
+            layout = _qkv_layout(config, i)
             for kind in ("weight", "bias"):
                 name = f"layers.{i}.self_attention.linear_qkv.{kind}"
                 if name not in state:
                     continue
-                fused = state[name]
-                tail = fused.shape[1:]
-                q, k, v = fused.reshape(groups, (per_group + 2) * d, *tail).split([per_group * d, d, d], dim=1)
                 p = f"model.layers.{i}.self_attn."
-                out[f"{p}q_proj.{kind}"] = q.reshape(-1, *tail)
-                out[f"{p}k_proj.{kind}"] = k.reshape(-1, *tail)
-                out[f"{p}v_proj.{kind}"] = v.reshape(-1, *tail)
+                for x, part in zip("qkv", layout.split(state[name])):
+                    out[f"{p}{x}_proj.{kind}"] = part
     return {k: v.contiguous() for k, v in out.items()}
 
 

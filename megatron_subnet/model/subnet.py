@@ -18,8 +18,9 @@ from typing import Protocol
 import torch
 
 from megatron_subnet.model.config import ConfigError, ModelConfig, is_int
+from megatron_subnet.model.qkv import QKVLayout
 from megatron_subnet.outputs import write_text_atomically
-from megatron_subnet.parallel.layers import select
+from megatron_subnet.parallel.layers import WHOLE, TPShard, select
 
 Counts = int | Sequence[int] | None
 
@@ -283,29 +284,29 @@ def _as_index(indices: Sequence[int], size: int, device: torch.device) -> torch.
     return torch.tensor(indices, dtype=torch.long, device=device)
 
 
-def subnet_indices(parent: ModelConfig, subnet: SubnetConfig, device: torch.device | str = "cpu") -> SubnetIndices:
-    """Index tensors for running ``subnet`` on the parent's weights (fused-QKV rows grouped by query group)."""
+def subnet_indices(
+    parent: ModelConfig, subnet: SubnetConfig, device: torch.device | str = "cpu", shard: TPShard | None = None
+) -> SubnetIndices:
+    """Index tensors for running ``subnet`` on the parent's weights, in the LOCAL numbering of tensor-parallel
+    ``shard`` (default: this rank's): the heads, query groups and MLP neurons of the selection that live on
+    it (possibly none); hidden channels are replicated."""
     subnet.validate(parent)
-    d = parent.head_dim
+    shard = shard or TPShard.current()
     per_layer = []
     for j, layer in enumerate(subnet.layers):
-        heads, groups = parent.layer_heads(layer), parent.layer_query_groups(layer)
-        per_group = heads // groups
-        block = (per_group + 2) * d
-        rows: list[int] = []
-        for g in subnet.query_groups[j]:
-            for h in (h for h in subnet.heads[j] if h // per_group == g):
-                start = g * block + (h - g * per_group) * d
-                rows += range(start, start + d)
-            rows += range(g * block + per_group * d, g * block + block)  # key and value heads
-        proj = [h * d + r for h in subnet.heads[j] for r in range(d)]
+        layout = QKVLayout(parent.layer_heads(layer), parent.layer_query_groups(layer), parent.head_dim)
+        local = layout.shard(shard.size)
+        groups, heads = layout.shard_selection(subnet.query_groups[j], subnet.heads[j], shard.rank, shard.size)
+        ffn_local = parent.layer_ffn(layer) // shard.size
+        first_neuron = shard.rank * ffn_local
+        neurons = [n - first_neuron for n in subnet.mlp[j] if first_neuron <= n < first_neuron + ffn_local]
         per_layer.append(
             LayerIndices(
-                num_heads=len(subnet.heads[j]),
-                num_groups=len(subnet.query_groups[j]),
-                qkv_rows=_as_index(rows, (heads + 2 * groups) * d, device),
-                proj_cols=_as_index(proj, heads * d, device),
-                mlp_rows=_as_index(subnet.mlp[j], parent.layer_ffn(layer), device),
+                num_heads=len(heads),
+                num_groups=len(groups),
+                qkv_rows=_as_index(local.selected_rows(groups, heads), local.rows, device),
+                proj_cols=_as_index(local.selected_columns(heads), local.num_heads * local.head_dim, device),
+                mlp_rows=_as_index(neurons, ffn_local, device),
             )
         )
     return SubnetIndices(list(subnet.layers), _as_index(subnet.hidden, parent.hidden_size, device), per_layer)
@@ -316,7 +317,7 @@ def extract_state_dict(
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The dense student's config and weights: the sub-network's rows and columns of the parent's."""
     student = subnet.student_config(parent)
-    index = subnet_indices(parent, subnet, "cpu")
+    index = subnet_indices(parent, subnet, "cpu", WHOLE)
     hidden = index.hidden
 
     def take(name: str, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:

@@ -1,25 +1,40 @@
-"""Our model checkpoint on disk: ``model_config.json`` + ``model.safetensors`` (+ the tokenizer's files).
+"""Our model checkpoint on disk, and the one loader that builds a model from it.
 
-Directories are written under a temporary name and renamed into place, so a reader never sees half of
-one. Loading checks every tensor name and shape against the config and names what does not fit.
+    model_config.json                         the architecture (ModelConfig)
+    model.safetensors                         consolidated weights, or, saved at tensor-parallel size N:
+    mp_rank_00.safetensors ... mp_rank_{N-1}  one shard per TP rank (Megatron's mp_rank naming)
+    tokenizer files, subnet.json              as the source had them / the sub-network it was cut by
+
+Tensor-parallel splits are plain chunks along one dimension per tensor, which the model's parameters
+name (``partition_dim``, see ``parallel/layers.py``); replicated tensors are stored in every shard.
+``CheckpointReader`` reads any rows and columns of a tensor in GLOBAL numbering from either layout,
+touching only the bytes it needs (safetensors slices), so a rank builds its shard of a model, or of a
+student cut from it, without ever holding the whole parent. ``load_model`` is the one loader: meta
+device, this rank's shard materialised, names and shapes checked.
+
+Directories are written under a temporary name and renamed into place, so a reader never sees half of one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from megatron_subnet.model.config import ConfigError, ModelConfig
 from megatron_subnet.outputs import write_directory_atomically
+from megatron_subnet.parallel.layers import WHOLE, TPShard
 
 CONFIG_NAME = "model_config.json"
 WEIGHTS_NAME = "model.safetensors"
+SHARD_PATTERN = re.compile(r"mp_rank_(\d{2})\.safetensors")
 SUBNET_NAME = "subnet.json"
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -32,23 +47,55 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 
+# read(name, rows, cols): rows/columns (global indices, None = all) of one tensor
+TensorSource = Callable[[str, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
+
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, or does not fit its config."""
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Name and shape of every tensor a model of ``config`` holds (built on the meta device: no memory)."""
+def shard_file(rank: int) -> str:
+    return f"mp_rank_{rank:02d}.safetensors"
+
+
+# ----------------------------------------------------------------------------- shapes and splits
+
+
+def _meta_model(config: ModelConfig, shard: TPShard):
     from megatron_subnet.model.gpt import GPTModel
 
     with torch.device("meta"):
-        model = GPTModel(config)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        return GPTModel(config, shard)
 
 
-def check_state_dict(config: ModelConfig, state: dict[str, torch.Tensor], source: str) -> None:
+def expected_shapes(config: ModelConfig, shard: TPShard = WHOLE) -> dict[str, tuple[int, ...]]:
+    """Name and shape of every tensor a model of ``config`` holds on ``shard`` (meta device: no memory).
+
+    ValueError naming the dimension when ``config`` does not split into ``shard.size`` ranks."""
+    return {name: tuple(t.shape) for name, t in _meta_model(config, shard).state_dict().items()}
+
+
+def partition_dims(config: ModelConfig) -> dict[str, int | None]:
+    """The dimension each tensor is split on under tensor parallelism (None: replicated), asked of the model."""
+    model = _meta_model(config, WHOLE)
+    return {
+        name: p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
+        for name, p in model.named_parameters()
+    }
+
+
+def check_divisible(config: ModelConfig, tp_size: int) -> None:
+    """ValueError naming the first dimension of ``config`` that does not split into ``tp_size`` ranks."""
+    if tp_size > 1:
+        _meta_model(config, TPShard(0, tp_size))
+
+
+def check_state_dict(
+    config: ModelConfig, state: dict[str, torch.Tensor], source: str, shard: TPShard = WHOLE
+) -> None:
     """Raise CheckpointError naming missing, unexpected or mis-shaped tensors."""
-    shapes = expected_shapes(config)
+    shapes = expected_shapes(config, shard)
     missing = sorted(set(shapes) - set(state))
     unexpected = sorted(set(state) - set(shapes))
     wrong = sorted(n for n in set(shapes) & set(state) if tuple(state[n].shape) != shapes[n])
@@ -71,6 +118,173 @@ def _names(names: list[str]) -> str:
     return ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
 
 
+def shard_state_dict(config: ModelConfig, state: dict[str, torch.Tensor], shard: TPShard) -> dict[str, torch.Tensor]:
+    """This ``shard``'s tensors of a consolidated state dict (views where possible)."""
+    check_divisible(config, shard.size)
+    dims = partition_dims(config)
+    return {
+        name: t if dims.get(name) is None or shard.size == 1 else t.chunk(shard.size, dims[name])[shard.rank]
+        for name, t in state.items()
+    }
+
+
+def merge_state_dicts(config: ModelConfig, shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The consolidated state dict of ``shards`` (TP ranks in order)."""
+    if len(shards) == 1:
+        return dict(shards[0])
+    dims = partition_dims(config)
+    return {
+        name: shards[0][name] if dims.get(name) is None else torch.cat([s[name] for s in shards], dims[name])
+        for name in shards[0]
+    }
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _weight_files(directory: Path) -> tuple[list[Path], int]:
+    """(files, tensor-parallel size they were saved at)."""
+    consolidated = directory / WEIGHTS_NAME
+    shards = sorted(p for p in directory.iterdir() if SHARD_PATTERN.fullmatch(p.name)) if directory.is_dir() else []
+    if consolidated.is_file() and shards:
+        raise CheckpointError(f"{directory}: holds both {WEIGHTS_NAME} and {shards[0].name}; keep one layout")
+    if consolidated.is_file():
+        return [consolidated], 1
+    if not shards:
+        raise CheckpointError(f"{directory / WEIGHTS_NAME}: no such file (nor mp_rank_XX.safetensors shards)")
+    ranks = [int(SHARD_PATTERN.fullmatch(p.name).group(1)) for p in shards]
+    if ranks != list(range(len(shards))):
+        raise CheckpointError(f"{directory}: tensor-parallel shards {ranks} are not 0..{len(shards) - 1}")
+    return shards, len(shards)
+
+
+class CheckpointReader:
+    """Reads tensors (or some of their rows and columns, in global numbering) from a checkpoint directory,
+    consolidated or sharded; ``with`` closes its files."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.config = load_config(directory)
+        files, self.tp_size = _weight_files(self.directory)
+        self._files = []
+        try:
+            for path in files:
+                self._files.append(safe_open(str(path), framework="pt"))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors ({str(e).splitlines()[0]})") from None
+        try:
+            self.dims = partition_dims(self.config)
+            if self.tp_size > 1:
+                check_divisible(self.config, self.tp_size)
+        except ValueError as e:
+            raise CheckpointError(f"{self.directory}: {e}") from None
+        names = set(self._files[0].keys())
+        for f, path in zip(self._files[1:], files[1:]):
+            if set(f.keys()) != names:
+                raise CheckpointError(f"{path}: holds other tensors than {files[0].name}")
+        shapes = {}
+        for name in names:
+            shape = list(self._files[0].get_slice(name).get_shape())
+            if self.dims.get(name) is not None:
+                shape[self.dims[name]] *= self.tp_size
+            shapes[name] = tuple(shape)
+        state = {n: torch.empty(s, device="meta") for n, s in shapes.items()}
+        check_state_dict(self.config, state, str(self.directory))
+        self.shapes = shapes
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for f in self._files:
+            if hasattr(f, "__exit__"):
+                f.__exit__(None, None, None)
+        self._files = []
+
+    def read(self, name: str, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.Tensor:
+        """``tensor[rows][:, cols]`` in global numbering (``None``: all), reading only the covering ranges."""
+        if name not in self.shapes:
+            raise CheckpointError(f"{self.directory}: no tensor {name}")
+        dim = self.dims.get(name) if self.tp_size > 1 else None
+        index = [rows, cols][: len(self.shapes[name])]
+        if dim is None:
+            return _read_ranges(self._files[0].get_slice(name), index)
+        per_rank = self.shapes[name][dim] // self.tp_size
+        wanted = index[dim] if index[dim] is not None else torch.arange(self.shapes[name][dim])
+        order = torch.argsort(wanted, stable=True)
+        ascending = wanted[order]
+        owner = ascending.div(per_rank, rounding_mode="floor")
+        parts = []
+        for rank in owner.unique_consecutive().tolist():
+            local = list(index)
+            local[dim] = ascending[owner == rank] - rank * per_rank
+            parts.append(_read_ranges(self._files[rank].get_slice(name), local))
+        out = torch.cat(parts, dim) if parts else _read_ranges(self._files[0].get_slice(name), index)
+        return out if torch.equal(order, torch.arange(len(order))) else out.index_select(dim, torch.argsort(order))
+
+    def read_shard(self, shard: TPShard) -> dict[str, torch.Tensor]:
+        """Every tensor of tensor-parallel ``shard`` (this rank's chunk of each split tensor)."""
+        try:
+            expected = expected_shapes(self.config, shard)
+        except ValueError as e:
+            raise CheckpointError(f"{self.directory}: {e}") from None
+        if self.tp_size == shard.size:
+            return {name: self._files[shard.rank].get_tensor(name) for name in expected}
+        out = {}
+        for name, shape in expected.items():
+            dim = self.dims.get(name)
+            if dim is None or shard.size == 1:
+                out[name] = self.read(name)
+                continue
+            chunk = torch.arange(shard.rank * shape[dim], (shard.rank + 1) * shape[dim])
+            out[name] = self.read(name, *(chunk, None) if dim == 0 else (None, chunk))
+        return out
+
+    def read_all(self) -> dict[str, torch.Tensor]:
+        """The consolidated state dict."""
+        return self.read_shard(WHOLE)
+
+
+def _read_ranges(slice_, index: list[torch.Tensor | None]) -> torch.Tensor:
+    """Read the covering range of each indexed dimension of a safetensors slice, then pick the indices."""
+    ranges = []
+    for idx in index:
+        ranges.append(slice(None) if idx is None or idx.numel() == 0 else slice(int(idx.min()), int(idx.max()) + 1))
+    empty = [d for d, idx in enumerate(index) if idx is not None and idx.numel() == 0]
+    if empty:
+        shape = list(slice_.get_shape())
+        for d in empty:
+            shape[d] = 0
+        return torch.empty(shape, dtype=_dtype(slice_.get_dtype()))
+    tensor = slice_[tuple(ranges)] if ranges else slice_[:]
+    for d, idx in enumerate(index):
+        if idx is not None:
+            offset = ranges[d].start or 0
+            if not (idx.numel() == tensor.shape[d] and torch.equal(idx - offset, torch.arange(tensor.shape[d]))):
+                tensor = tensor.index_select(d, idx - offset)
+    return tensor.contiguous()
+
+
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def _dtype(name: str) -> torch.dtype:
+    return _DTYPES.get(name, torch.float32)
+
+
+def state_source(state: dict[str, torch.Tensor]) -> TensorSource:
+    """``read(name, rows, cols)`` over an in-memory consolidated state dict."""
+    from megatron_subnet.parallel.layers import select
+
+    return lambda name, rows, cols: select(state[name], rows, cols)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
 def copy_tokenizer_files(src: str | os.PathLike | None, dst: str | os.PathLike) -> list[str]:
     """Copy whatever tokenizer files ``src`` has into ``dst``; returns their names."""
     copied = []
@@ -90,15 +304,24 @@ def save_checkpoint(
     state: dict[str, torch.Tensor],
     tokenizer_from: str | os.PathLike | None = None,
     subnet: dict | None = None,
+    tensor_parallel_size: int = 1,
 ) -> None:
-    """Write config, weights (safetensors), the tokenizer's files and optionally the sub-network it came from."""
+    """Write config, weights (consolidated, or ``tensor_parallel_size`` shards), the tokenizer's files and
+    optionally the sub-network it came from; ``state`` is consolidated."""
     check_state_dict(config, state, str(directory))
+    try:
+        size = tensor_parallel_size
+        shards = [shard_state_dict(config, state, TPShard(r, size)) for r in range(size)]
+    except ValueError as e:
+        raise CheckpointError(f"{directory}: {e}") from None
 
     def fill(tmp: Path) -> None:
         config.save(tmp / CONFIG_NAME)
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / WEIGHTS_NAME, metadata={"format": "pt"}
-        )
+        for rank, shard in enumerate(shards):
+            name = WEIGHTS_NAME if tensor_parallel_size == 1 else shard_file(rank)
+            meta = {"format": "pt", "tensor_model_parallel_size": str(tensor_parallel_size),
+                    "tensor_model_parallel_rank": str(rank)}  # fmt: skip
+            save_file({k: v.detach().contiguous().cpu() for k, v in shard.items()}, tmp / name, metadata=meta)
         copy_tokenizer_files(tokenizer_from, tmp)
         if subnet is not None:
             (tmp / SUBNET_NAME).write_text(json.dumps(subnet) + "\n")
@@ -116,26 +339,33 @@ def load_config(directory: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(str(e)) from None
 
 
+def checkpoint_tp_size(directory: str | os.PathLike) -> int:
+    """The tensor-parallel size a checkpoint's weights were saved at (1: consolidated)."""
+    return _weight_files(Path(directory))[1]
+
+
 def load_checkpoint(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Config and weights of a checkpoint, checked against each other."""
-    config = load_config(directory)
-    path = Path(directory) / WEIGHTS_NAME
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        state = load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: corrupt or truncated safetensors ({str(e).splitlines()[0]})") from None
-    check_state_dict(config, state, str(path))
-    return config, state
+    """Config and consolidated weights of a checkpoint (shards merged), checked against each other."""
+    with CheckpointReader(directory) as reader:
+        return reader.config, reader.read_all()
 
 
-def load_model(directory: str | os.PathLike, device: torch.device | str = "cpu"):
-    """A GPTModel with a checkpoint's weights, in eval mode."""
+def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], device: torch.device | str = "cpu",
+                     shard: TPShard | None = None):
+    """A GPTModel of this rank's ``shard`` holding ``state`` (that shard's tensors; no copy on CPU), eval mode."""
     from megatron_subnet.model.gpt import GPTModel
 
-    config, state = load_checkpoint(directory)
     with torch.device("meta"):
-        model = GPTModel(config)
+        model = GPTModel(config, shard)
+    check_state_dict(config, state, "weights", model.shard)
     model.load_state_dict(state, assign=True)
     return model.to(device).eval()
+
+
+def load_model(directory: str | os.PathLike, device: torch.device | str = "cpu", shard: TPShard | None = None):
+    """The one loader: a GPTModel of this rank's tensor-parallel ``shard`` (default: its place in the TP
+    group), built on the meta device, with only that shard's weights read from the checkpoint; eval mode."""
+    shard = shard or TPShard.current()
+    with CheckpointReader(directory) as reader:
+        state = reader.read_shard(shard)
+        return model_from_state(reader.config, state, device, shard)

@@ -1,0 +1,180 @@
+"""Tensor parallelism: TP=2 and TP=4 (gloo processes) equal one process. Logits of the dense model and of 20+
+masked sub-networks (kept heads placed unevenly, or on one rank only), the loss and every parameter
+gradient after a backward pass, and Megatron-style random init; plus the sharded checkpoint round trip."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_subnet.model.config import ModelConfig
+from megatron_subnet.model.gpt import GPTModel
+from megatron_subnet.model.subnet import SubnetConfig
+from megatron_subnet.model.weights import (
+    CheckpointReader,
+    load_model,
+    merge_state_dicts,
+    model_from_state,
+    save_checkpoint,
+    shard_state_dict,
+)
+from megatron_subnet.parallel.layers import TPShard
+from megatron_subnet.parallel.mappings import gather_from_tensor_model_parallel_region
+from tests.distributed import run_distributed
+from tests.test_subnet import random_subnet
+
+VOCAB = 64
+CONFIGS = {
+    "llama_gqa_tied": dict(arch="llama", vocab_size=VOCAB, hidden_size=24, num_layers=3, num_attention_heads=8,
+                           num_query_groups=4, head_dim=6, ffn_hidden_size=32, tie_word_embeddings=True, init_std=0.3),
+    "qwen2_bias_untied": dict(arch="llama", vocab_size=VOCAB, hidden_size=24, num_layers=2, num_attention_heads=4,
+                              num_query_groups=4, head_dim=6, ffn_hidden_size=16, qkv_bias=True, init_std=0.3),
+    "llama_every_bias": dict(arch="llama", vocab_size=VOCAB, hidden_size=16, num_layers=2, num_attention_heads=8,
+                             num_query_groups=4, head_dim=4, ffn_hidden_size=24, qkv_bias=True, proj_bias=True,
+                             mlp_bias=True, init_std=0.3),
+    "gpt_neox": dict(arch="gpt_neox", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_attention_heads=4,
+                     num_query_groups=4, head_dim=8, ffn_hidden_size=48, activation="gelu", normalization="layernorm",
+                     qkv_bias=True, proj_bias=True, mlp_bias=True, parallel_residual=True, rotary_pct=0.25,
+                     init_std=0.3),
+}  # fmt: skip
+SUBNETS_PER_CONFIG = 6
+
+
+def parent_state(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Large random weights with non-trivial norms and biases, so that every index matters."""
+    torch.manual_seed(seed)
+    model = GPTModel(config, TPShard())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name or name.endswith("bias"):
+                p.add_(0.5 * torch.randn_like(p))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def uneven_subnets(config: ModelConfig) -> list[SubnetConfig]:
+    """Kept groups all in the first half, all in the last quarter, and one group only: some TP ranks keep no head."""
+    out = []
+    groups = config.layer_query_groups(0)
+    per_group = config.layer_heads(0) // groups
+    for kept in ([0, 1] if groups > 2 else [0], [groups - 1], [1]):
+        out.append(
+            SubnetConfig(
+                layers=list(range(config.num_layers)),
+                hidden=list(range(0, config.hidden_size, 2)),
+                heads=[[g * per_group for g in kept]] * config.num_layers,
+                query_groups=[kept] * config.num_layers,
+                mlp=[list(range(config.layer_ffn(0) // 2))] * config.num_layers,  # neurons of the first ranks only
+            )
+        )
+    return out
+
+
+def cases() -> dict[str, tuple[dict, dict, list[SubnetConfig], torch.Tensor]]:
+    rng = random.Random(0)
+    out = {}
+    for i, (name, kwargs) in enumerate(CONFIGS.items()):
+        config = ModelConfig(**kwargs)
+        subnets = uneven_subnets(config) + [random_subnet(config, rng) for _ in range(SUBNETS_PER_CONFIG)]
+        tokens = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(i))
+        out[name] = (kwargs, parent_state(config, i), subnets, tokens)
+    return out
+
+
+def forward_and_grads(model: GPTModel, subnets: list[SubnetConfig], tokens: torch.Tensor) -> dict:
+    """Full-vocabulary logits (dense and masked), the loss and this rank's gradients."""
+    gather = gather_from_tensor_model_parallel_region
+    with torch.no_grad():
+        logits = [gather(model(tokens[:, :-1]))] + [gather(model(tokens[:, :-1], subnet=s)) for s in subnets]
+    model.train()
+    loss = F.cross_entropy(gather(model(tokens[:, :-1])).flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    return {"logits": logits, "loss": loss.item(), "grads": grads}
+
+
+def _run_tp(rank: int, all_cases: dict) -> dict:
+    out = {}
+    for name, (kwargs, state, subnets, tokens) in all_cases.items():
+        config = ModelConfig(**kwargs)
+        shard = TPShard.current()
+        model = model_from_state(config, {k: v.clone() for k, v in shard_state_dict(config, state, shard).items()})
+        out[name] = forward_and_grads(model.requires_grad_(True), subnets, tokens)
+    return out
+
+
+def _init(rank: int, kwargs: dict, seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return GPTModel(ModelConfig(**kwargs)).state_dict()
+
+
+@pytest.fixture(scope="module")
+def reference() -> tuple[dict, dict]:
+    all_cases = cases()
+    results = {}
+    for name, (kwargs, state, subnets, tokens) in all_cases.items():
+        model = model_from_state(ModelConfig(**kwargs), {k: v.clone() for k, v in state.items()}, shard=TPShard())
+        results[name] = forward_and_grads(model.requires_grad_(True), subnets, tokens)
+    return all_cases, results
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_equals_one_process(tp, reference):
+    all_cases, expected = reference
+    ranks = run_distributed(_run_tp, tp, tensor_parallel=tp, args=(all_cases,))
+    for name, (kwargs, _, subnets, _) in all_cases.items():
+        config = ModelConfig(**kwargs)
+        for rank in ranks:
+            got = rank[name]
+            assert len(got["logits"]) == len(subnets) + 1 >= 9
+            for i, (a, b) in enumerate(zip(got["logits"], expected[name]["logits"])):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{name} logits {i} at TP={tp}")
+            assert got["loss"] == pytest.approx(expected[name]["loss"], rel=1e-6)
+        merged = merge_state_dicts(config, [rank[name]["grads"] for rank in ranks])
+        for key, grad in expected[name]["grads"].items():
+            torch.testing.assert_close(merged[key], grad, rtol=1e-5, atol=1e-5, msg=f"{name} grad {key} at TP={tp}")
+        shards = [rank[name]["grads"] for rank in ranks]
+        for key in shards[0]:  # replicated parameters: the same gradient on every rank
+            if shards[0][key].shape == expected[name]["grads"][key].shape:
+                assert all(torch.equal(s[key], shards[0][key]) for s in shards), f"{name} {key} differs across ranks"
+
+
+def test_random_init_at_tp2_is_the_single_process_init():
+    kwargs = CONFIGS["llama_every_bias"]
+    config = ModelConfig(**kwargs)
+    expected = _init(0, kwargs, 7)
+    shards = run_distributed(_init, 2, tensor_parallel=2, args=(kwargs, 7))
+    merged = merge_state_dicts(config, shards)
+    assert merged.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(merged[key], expected[key]), key
+
+
+def _load_sharded(rank: int, path: str, tokens: torch.Tensor) -> torch.Tensor:
+    model = load_model(path)
+    with torch.no_grad():
+        return gather_from_tensor_model_parallel_region(model(tokens))
+
+
+@pytest.mark.parametrize("saved_at", [1, 2, 4])
+def test_each_rank_reads_its_shard_of_any_checkpoint_layout(saved_at, tmp_path):
+    """A checkpoint saved consolidated or at TP=2/4: read at TP=2 (slices of the consolidated file, or the
+    shard files) it gives the single-process logits; read whole it gives the same tensors."""
+    kwargs = CONFIGS["llama_gqa_tied"]
+    config = ModelConfig(**kwargs)
+    state = parent_state(config)
+    save_checkpoint(tmp_path / "ckpt", config, state, tensor_parallel_size=saved_at)
+    with CheckpointReader(tmp_path / "ckpt") as reader:
+        assert reader.tp_size == saved_at
+        whole = reader.read_all()
+        assert all(torch.equal(whole[k], state[k]) for k in state)
+        rows = torch.tensor([1, 5, 9, 40, 63])
+        cols = torch.tensor([0, 3])
+        assert torch.equal(reader.read("embedding.weight", rows, cols), state["embedding.weight"][rows][:, cols])
+    tokens = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    expected = model_from_state(config, state, shard=TPShard())(tokens)
+    got = run_distributed(_load_sharded, 2, tensor_parallel=2, args=(str(tmp_path / "ckpt"), tokens))
+    for logits in got:
+        torch.testing.assert_close(logits, expected.detach(), rtol=1e-5, atol=1e-5)
