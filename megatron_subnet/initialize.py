@@ -1,4 +1,7 @@
-"""Distributed start-up for the deepspeed, torchrun and mpirun launchers; seeds; parallel state."""
+"""Distributed start-up for every entry point (deepspeed, torchrun, mpirun launchers or a plain process); seeds.
+
+Rank and group queries live in ``parallel/state.py``; this module only brings the process group up.
+"""
 
 from __future__ import annotations
 
@@ -11,36 +14,67 @@ import torch.distributed as dist
 
 from megatron_subnet.parallel import state
 
-
-def initialize_distributed(backend: str | None = None, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> str:
-    """Join the process group (ranks from torchrun/deepspeed env, or from MPI through mpi4py); returns the device.
-
-    nccl when CUDA is present, gloo otherwise.
-    """
-    import deepspeed
-
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if not dist.is_initialized():
-        if "RANK" not in os.environ and not _in_mpi():
-            # A plain `python pretrain_slm.py`: a world of one.
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        # Under mpirun DeepSpeed's MPI discovery sets MASTER_PORT to its argument (default 29500, torchrun's
-        # default too): honour a MASTER_PORT the user exported (mpirun -x MASTER_PORT) so jobs can share a node.
-        port = int(os.environ.get("MASTER_PORT", 29500))
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, distributed_port=port, verbose=False)
-    state.initialize_model_parallel(tensor_parallel, pipeline_parallel)
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        return f"cuda:{local_rank}"
-    return "cpu"
+_MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 
 
 def _in_mpi() -> bool:
-    return any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE"))
+    return any(k in os.environ for k in _MPI_ENV)
+
+
+def _launched() -> bool:
+    """Started by torchrun or the deepspeed launcher (they export RANK and MASTER_ADDR)."""
+    return "RANK" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def initialize_distributed(
+    backend: str | None = None,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    device: str | None = None,
+    deepspeed_comm: bool = True,
+) -> str:
+    """Join the launcher's process group and build the TP/PP/DP groups; returns this rank's device.
+
+    Ranks come from the torchrun/deepspeed environment, or from MPI (mpirun) through DeepSpeed's mpi4py
+    discovery. A plain ``python`` run is a world of one. ``deepspeed_comm`` starts DeepSpeed's comm layer
+    (what the training engine needs); tools without an engine use torch.distributed alone, which avoids
+    DeepSpeed's one-off CPU comm-op build. ``device``: ``cpu``/``cuda`` (default: cuda when present).
+    """
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    backend = backend or ("nccl" if use_cuda else "gloo")
+    if not dist.is_initialized():
+        if not _launched() and not _in_mpi():
+            if tensor_parallel * pipeline_parallel > 1:
+                raise ValueError(
+                    f"--tensor-model-parallel-size {tensor_parallel} x --pipeline-model-parallel-size "
+                    f"{pipeline_parallel} needs that many processes: start it with torchrun --nproc-per-node "
+                    f"{tensor_parallel * pipeline_parallel} (or deepspeed / mpirun)"
+                )
+            if not deepspeed_comm:
+                return _device(use_cuda)  # one process, no group needed
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if deepspeed_comm or _in_mpi():
+            import deepspeed
+
+            # Under mpirun DeepSpeed's MPI discovery sets MASTER_PORT to its argument (default 29500, torchrun's
+            # default too): honour a MASTER_PORT the user exported (mpirun -x MASTER_PORT) so jobs can share a node.
+            port = int(os.environ.get("MASTER_PORT", 29500))
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, distributed_port=port,
+                                       verbose=False)  # fmt: skip
+        else:
+            dist.init_process_group(backend)
+    state.initialize_model_parallel(tensor_parallel, pipeline_parallel)
+    return _device(use_cuda)
+
+
+def _device(use_cuda: bool) -> str:
+    if not use_cuda:
+        return "cpu"
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local_rank)
+    return f"cuda:{local_rank}"
 
 
 def _free_port() -> int:
@@ -52,31 +86,9 @@ def _free_port() -> int:
 
 
 def set_seed(seed: int) -> None:
-    """The same seed on every rank: model init and data order agree across replicas."""
+    """The same seed on every rank: model init (every TP rank draws the full tensor) and data order agree."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def broadcast_object(obj):
-    """Rank 0's ``obj`` on every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

@@ -178,3 +178,28 @@ def test_each_rank_reads_its_shard_of_any_checkpoint_layout(saved_at, tmp_path):
     got = run_distributed(_load_sharded, 2, tensor_parallel=2, args=(str(tmp_path / "ckpt"), tokens))
     for logits in got:
         torch.testing.assert_close(logits, expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("saved_at", [1, 4])
+def test_student_shards_cut_from_checkpoint_slices_equal_the_extracted_student(saved_at, tmp_path):
+    """extract_shard through a CheckpointReader (consolidated, or parent saved at TP=4) gives, rank by rank,
+    the TP=2 shards of the student that extract_state_dict cuts from the whole parent in memory."""
+    from megatron_subnet.model.subnet import extract_shard, extract_state_dict
+
+    config = ModelConfig(**CONFIGS["llama_gqa_tied"])
+    state = parent_state(config)
+    save_checkpoint(tmp_path / "parent", config, state, tensor_parallel_size=saved_at)
+    subnet = SubnetConfig(
+        layers=[0, 2], hidden=[1, 2, 3, 5, 8, 13, 21, 22], heads=[[2, 5], [0, 7]], query_groups=[[1, 2], [0, 3]],
+        mlp=[list(range(0, 32, 2)), list(range(5, 21))],
+    )
+    student_config, expected = extract_state_dict(config, state, subnet)
+    with CheckpointReader(tmp_path / "parent") as reader:
+        shards = [extract_shard(config, reader.read, subnet, TPShard(r, 2))[1] for r in range(2)]
+        merged = merge_state_dicts(student_config, shards)
+        assert merged.keys() == expected.keys()
+        for key in expected:
+            assert torch.equal(merged[key], expected[key]), key
+        odd = SubnetConfig(subnet.layers, subnet.hidden, [[2], [0]], [[1], [0]], subnet.mlp)
+        with pytest.raises(ValueError, match="num_query_groups 1 is not divisible by --tensor-model-parallel-size 2"):
+            extract_shard(config, reader.read, odd, TPShard(0, 2))

@@ -44,6 +44,7 @@ from megatron_subnet.cli import (  # noqa: E402
     run_main,
 )
 from megatron_subnet.data.batches import check_vocab, load_batches  # noqa: E402
+from megatron_subnet.initialize import initialize_distributed  # noqa: E402
 from megatron_subnet.model.weights import CheckpointError, load_config  # noqa: E402
 from megatron_subnet.outputs import OutputError, check_not_nested, check_writable_location  # noqa: E402
 from megatron_subnet.search.evolution import MODES, OUTPUT_NAMES, STATE_NAME, EvolutionConfig, Search  # noqa: E402
@@ -145,33 +146,6 @@ def file_sha256(path: str, flag: str) -> str:
     return digest.hexdigest()
 
 
-def init_distributed(device: str) -> str:
-    """Join the launcher's process group; a plain run stays a single process.
-
-    torchrun and the deepspeed launcher set ``RANK``/``MASTER_ADDR``: a plain torch.distributed group
-    (gloo on CPU, nccl on GPU) is all the search needs (DeepSpeed's init would JIT-build its CPU comm op);
-    under mpirun, ``initialize_distributed`` discovers the ranks through mpi4py.
-    """
-    if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
-        import torch.distributed as dist
-
-        from megatron_subnet.parallel import state
-
-        if device != "cpu":
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("gloo" if device == "cpu" else "nccl")
-        state.initialize_model_parallel(1, 1)
-        return device
-    if any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")):
-        from megatron_subnet.initialize import initialize_distributed
-
-        rank_device = initialize_distributed("gloo" if device == "cpu" else None)
-        return device if device == "cpu" else rank_device
-    return device
-
-
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     start = time.time()
@@ -179,7 +153,7 @@ def _main(argv: list[str] | None) -> int:
     device = resolve_device(args.device)
     data_files = check_data_inputs(args.data_path, args.split)
     check_search_output(args, data_files)
-    device = init_distributed(device)
+    device = initialize_distributed(device=device, deepspeed_comm=False)
     try:
         parent_config = load_config(args.load)
     except CheckpointError as e:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -316,17 +316,37 @@ def extract_state_dict(
     parent: ModelConfig, state: dict[str, torch.Tensor], subnet: SubnetConfig
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The dense student's config and weights: the sub-network's rows and columns of the parent's."""
+    return extract_shard(parent, lambda name, rows, cols: select(state[name], rows, cols), subnet, WHOLE)
+
+
+def extract_shard(
+    parent: ModelConfig,
+    read: Callable[[str, torch.Tensor | None, torch.Tensor | None], torch.Tensor],
+    subnet: SubnetConfig,
+    shard: TPShard,
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The student's config and the weights of its tensor-parallel ``shard``, fetched through
+    ``read(parent tensor name, rows, cols)`` in the parent's global numbering (a ``CheckpointReader`` reads
+    only those bytes): no rank needs the whole parent. ValueError when the student does not split into
+    ``shard.size`` ranks."""
+    from megatron_subnet.model.weights import expected_shapes, partition_dims
+
     student = subnet.student_config(parent)
+    shapes = expected_shapes(student, shard)  # raises, naming the dimension, when the student cannot be sharded
+    dims = partition_dims(student)
     index = subnet_indices(parent, subnet, "cpu", WHOLE)
     hidden = index.hidden
 
-    def take(name: str, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
-        return select(state[name], rows, cols).clone().contiguous()
+    def take(src: str, dst: str, rows: torch.Tensor | None, cols: torch.Tensor | None = None) -> torch.Tensor:
+        dim = dims.get(dst)
+        if dim is not None and shard.size > 1:  # this shard's chunk of the student's rows (or columns)
+            full = rows if dim == 0 else cols
+            n = shapes[dst][dim]
+            chunk = (torch.arange(n * shard.size) if full is None else full)[shard.rank * n : (shard.rank + 1) * n]
+            rows, cols = (chunk, cols) if dim == 0 else (rows, chunk)
+        return read(src, rows, cols).clone().contiguous()
 
-    def take_vector(name: str, rows: torch.Tensor | None) -> torch.Tensor:
-        return select(state[name], rows, None).clone().contiguous()
-
-    out = {"embedding.weight": take("embedding.weight", None, hidden)}
+    out = {"embedding.weight": take("embedding.weight", "embedding.weight", None, hidden)}
     norm_params = ["weight"] + (["bias"] if parent.normalization == "layernorm" else [])
     for j, (i, li) in enumerate(zip(index.layers, index.per_layer)):
         src, dst = f"layers.{i}.", f"layers.{j}."
@@ -339,14 +359,14 @@ def extract_state_dict(
         if parent.gated_mlp:
             linears["mlp.linear_gate"] = (li.mlp_rows, hidden)
         for name, (rows, cols) in linears.items():
-            out[f"{dst}{name}.weight"] = take(f"{src}{name}.weight", rows, cols)
-            if f"{src}{name}.bias" in state:
-                out[f"{dst}{name}.bias"] = take_vector(f"{src}{name}.bias", rows)
+            out[f"{dst}{name}.weight"] = take(f"{src}{name}.weight", f"{dst}{name}.weight", rows, cols)
+            if f"{dst}{name}.bias" in shapes:
+                out[f"{dst}{name}.bias"] = take(f"{src}{name}.bias", f"{dst}{name}.bias", rows)
         for norm in ("input_layernorm", "pre_mlp_layernorm"):
             for p in norm_params:
-                out[f"{dst}{norm}.{p}"] = take_vector(f"{src}{norm}.{p}", hidden)
+                out[f"{dst}{norm}.{p}"] = take(f"{src}{norm}.{p}", f"{dst}{norm}.{p}", hidden)
     for p in norm_params:
-        out[f"final_layernorm.{p}"] = take_vector(f"final_layernorm.{p}", hidden)
+        out[f"final_layernorm.{p}"] = take(f"final_layernorm.{p}", f"final_layernorm.{p}", hidden)
     if not parent.tie_word_embeddings:
-        out["output_layer.weight"] = take("output_layer.weight", None, hidden)
+        out["output_layer.weight"] = take("output_layer.weight", "output_layer.weight", None, hidden)
     return student, out

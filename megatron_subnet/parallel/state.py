@@ -207,6 +207,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_object(obj):
+    """Global rank 0's ``obj`` on every rank."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 class DeepSpeedMPU:
     """The ``mpu`` that ``deepspeed.initialize(mpu=...)`` expects: ZeRO partitions and reduces over the
     data-parallel group, and the gradient norm is summed over the model-parallel (TP x PP) group with a

@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron_subnet.model.subnet import SubnetConfig
 from megatron_subnet.outputs import write_file_atomically, write_text_atomically
+from megatron_subnet.parallel import state
 from megatron_subnet.search.space import Budget, SearchSpace, SearchSpaceError, check_budget
 
 MODES = ("evolution", "random")
@@ -90,23 +90,6 @@ class EvolutionConfig:
         return sum(self.new_per_generation(g, bins) for g in range(self.generations))
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _broadcast(obj):
-    """``obj`` from rank 0 on every rank."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _write_json(path: Path, obj, indent: int | None = None) -> None:
     write_text_atomically(path, json.dumps(obj, indent=indent) + "\n")
 
@@ -145,7 +128,7 @@ class Search:
         config.validate(budget.bins)
         self.space, self.budget, self.config, self.fitness = space, budget, config, fitness
         self.output = Path(output) if output is not None else None
-        self.writer = self.output is not None and _rank() == 0
+        self.writer = self.output is not None and state.get_rank() == 0
         self.progress = progress
         run_settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "generations"}
         self.settings = json.loads(
@@ -174,14 +157,14 @@ class Search:
 
     def _resume(self) -> None:
         saved = None
-        if self.output is not None and _rank() == 0 and not self.restart:
+        if self.output is not None and state.get_rank() == 0 and not self.restart:
             path = self.output / STATE_NAME
             if path.is_file():
                 try:
                     saved = json.loads(path.read_text())
                 except json.JSONDecodeError as e:
                     saved = {"error": f"{path}: unreadable search state ({e})"}
-        saved = _broadcast(saved)
+        saved = state.broadcast_object(saved)
         if saved is None:
             return  # run() starts the output
         if "error" in saved:
@@ -244,7 +227,7 @@ class Search:
             else:
                 self._start_output()
         total = self.config.total_evaluations(self.budget.bins)
-        disable = (not self.progress if self.progress is not None else None) if _rank() == 0 else True
+        disable = (not self.progress if self.progress is not None else None) if state.get_rank() == 0 else True
         bar = tqdm(
             total=total,
             initial=self.evaluations,
@@ -286,7 +269,8 @@ class Search:
             if c["key"] not in self.cache and c["key"] not in keys:
                 todo.append(c)
                 keys.add(c["key"])
-        results, chunk = [], _world_size()  # one candidate per rank at a time: the bar moves as they finish
+        # one candidate per data-parallel replica at a time: the bar moves as they finish
+        results, chunk = [], state.get_data_parallel_world_size()
         for i in range(0, len(todo), chunk):
             results += self.fitness([self.space.to_subnet(c["genome"]) for c in todo[i : i + chunk]])
             prior = self.overall_best()

@@ -139,7 +139,7 @@ def evaluate_split(fn, items: list) -> list:
     if not parallel_state.is_initialized():
         return [fn(x) for x in items]
     group = parallel_state.get_data_parallel_group()
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    rank, world = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     mine = [(i, fn(items[i])) for i in range(rank, len(items), world)]
     if world == 1:
         return [r for _, r in mine]

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from megatron_subnet.model.config import ModelConfig
 from megatron_subnet.outputs import temp_sibling, write_text_atomically
+from megatron_subnet.parallel import state
 
 META_NAME = "megatron_subnet.json"
 LATEST = "latest"
@@ -45,15 +45,6 @@ class ResumeError(ValueError):
 
 def tag_for(iteration: int) -> str:
     return f"iter_{iteration:07d}"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def rng_state() -> dict:
@@ -85,18 +76,18 @@ def save_checkpoint(engine, save_dir: str, iteration: int, meta: dict, keep_last
     save = Path(save_dir)
     tag = tag_for(iteration)
     tmp_tag = f"{tag}.tmp"
-    if _rank() == 0:
+    if state.get_rank() == 0:
         save.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(save / tmp_tag, ignore_errors=True)
-    _barrier()
+    state.barrier()
     engine.save_checkpoint(str(save), tag=tmp_tag, client_state={"iteration": iteration}, save_latest=False)
     rng_dir = save / tmp_tag / "rng"
     rng_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(rng_dir / f"rank_{_rank():05d}.json", json.dumps(rng_state()))
-    if _rank() == 0:
+    write_text_atomically(rng_dir / f"rank_{state.get_rank():05d}.json", json.dumps(rng_state()))
+    if state.get_rank() == 0:
         write_text_atomically(save / tmp_tag / META_NAME, json.dumps({**meta, "iteration": iteration}, indent=1))
-    _barrier()
-    if _rank() == 0:
+    state.barrier()
+    if state.get_rank() == 0:
         if os.environ.get(_KILL_ENV) == str(iteration):
             os.kill(os.getpid(), 9)
         if (save / tag).exists():  # a tag of this run redone after a resume, or replaced with --overwrite
@@ -108,7 +99,7 @@ def save_checkpoint(engine, save_dir: str, iteration: int, meta: dict, keep_last
             os.replace(save / tmp_tag, save / tag)
         write_text_atomically(save / LATEST, tag)
         _prune(save, meta["run_id"], keep_last)
-    _barrier()
+    state.barrier()
     return save / tag
 
 
@@ -219,7 +210,7 @@ def load_checkpoint(engine, load_dir: str) -> dict:
     )
     if loaded is None:
         raise ResumeError(f"--load {load_dir}: DeepSpeed could not load {path.name}")
-    rng_file = path / "rng" / f"rank_{_rank():05d}.json"
+    rng_file = path / "rng" / f"rank_{state.get_rank():05d}.json"
     if rng_file.is_file():
         set_rng_state(json.loads(rng_file.read_text()))
     return meta

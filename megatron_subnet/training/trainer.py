@@ -15,7 +15,7 @@ import torch
 from megatron_subnet.arguments import load_ds_config, reconcile_ds_config
 from megatron_subnet.data.batches import check_token_ids
 from megatron_subnet.data.gpt_dataset import PretrainingSampler, build_train_valid_test_datasets
-from megatron_subnet.initialize import barrier, broadcast_object, initialize_distributed, rank, set_seed
+from megatron_subnet.initialize import initialize_distributed, set_seed
 from megatron_subnet.model.config import ModelConfig
 from megatron_subnet.model.gpt import GPTModel
 from megatron_subnet.model.subnet import SubnetConfig, extract_state_dict
@@ -164,7 +164,7 @@ def pretrain(args: argparse.Namespace) -> int:
     run_id = resume_meta.get("run_id") if resume_meta is not None else None
     log_dir = Path(args.log_dir or args.save or "runs/latest")
     fresh_metrics = check_outputs(args, log_dir, run_id, resume_meta is not None)
-    run_id = broadcast_object(run_id or checkpoint.new_run_id())
+    run_id = state.broadcast_object(run_id or checkpoint.new_run_id())
     teacher_config = load_config(args.teacher_load) if args.teacher_load else None
     student_config, subnet = plan_student(args, teacher_config, resume_meta)
     student_config.check_seq_length(args.seq_length)
@@ -196,9 +196,9 @@ def pretrain(args: argparse.Namespace) -> int:
         args.eval_iters * global_batch,
     )
     data_args = (args.data_path, args.split, args.seq_length, args.seed, num_samples, args.data_cache_path)
-    if rank() == 0:
+    if state.get_rank() == 0:
         build_train_valid_test_datasets(*data_args)  # builds and caches the indices once
-    barrier()
+    state.barrier()
     train_ds, valid_ds, test_ds = build_train_valid_test_datasets(*data_args)
     if train_ds is None:
         raise ValueError(f"--split {args.split}: the train split is empty")
@@ -213,7 +213,7 @@ def pretrain(args: argparse.Namespace) -> int:
     schedule = LRSchedule(
         args.lr, args.min_lr, args.lr_warmup_iters, args.train_iters, args.lr_decay_style, args.lr_wsd_decay_iters or 0
     )
-    logger = MetricsLogger(log_dir, rank() == 0, args.train_iters, iteration, fresh=fresh_metrics)
+    logger = MetricsLogger(log_dir, state.get_rank() == 0, args.train_iters, iteration, fresh=fresh_metrics)
     try:
         for change in changes:
             logger.write(f"resuming with a changed setting (--override-checkpoint-args): {change}")
@@ -321,7 +321,7 @@ def pretrain(args: argparse.Namespace) -> int:
         bad = [f"{name} loss {value}" for name, value in final.items() if not math.isfinite(value)]
         if bad:
             raise abort(f"the final {' and '.join(bad)}: the model is broken; no final model written")
-        if args.save and rank() == 0:
+        if args.save and state.get_rank() == 0:
             weights = checkpoint.consolidated_state_dict(engine, last_saved)
             tokenizer_from = args.teacher_load
             save_model_checkpoint(
@@ -333,7 +333,7 @@ def pretrain(args: argparse.Namespace) -> int:
             )
             final_model = Path(args.save) / checkpoint.FINAL_MODEL
             logger.write(f"final model: {final_model} (tools/convert_checkpoint.py export)")
-        barrier()
+        state.barrier()
         logger.close()
     except BaseException:
         logger.close(plot=False)  # ends the progress bar's line, so an error is a line of its own
