@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+from dataclasses import dataclass
 
 from megatron_subnet.cli import ArgumentParser, finite_float, fraction, nonnegative_int, positive_int
 
@@ -104,8 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Checks across flags (single-flag ranges are the argparse types'); ds_config is read and checked too."""
-    if args.tensor_model_parallel_size != 1 or args.pipeline_model_parallel_size != 1:
-        raise ArgumentError("--tensor-model-parallel-size/--pipeline-model-parallel-size: only 1 is supported so far")
+    if args.pipeline_model_parallel_size != 1:
+        raise ArgumentError("--pipeline-model-parallel-size: only 1 is supported so far")
     if (args.train_iters is None) == (args.train_tokens is None):
         raise ArgumentError("give exactly one of --train-iters and --train-tokens")
     if args.kd_temperature <= 0:
@@ -198,11 +199,19 @@ def check_ds_config(config: dict, path: str) -> None:
         ) from None
 
 
-def reconcile_ds_config(args: argparse.Namespace, config: dict, dp_size: int) -> dict:
-    """Fill the batch, clipping and precision keys of ds_config from the flags; disagreement is an error.
+@dataclass(frozen=True)
+class BatchPlan:
+    """The batch arithmetic of a run, resolved from the flags and the ds_config."""
 
-    ``train_batch_size = micro * gradient_accumulation_steps * data_parallel_size``.
-    """
+    micro_batch_size: int
+    global_batch_size: int
+    gradient_accumulation_steps: int
+    train_iters: int
+
+
+def reconcile_ds_config(args: argparse.Namespace, config: dict, dp_size: int) -> tuple[dict, BatchPlan]:
+    """The ds_config with its batch, clipping and precision keys filled from the flags (disagreement is an
+    error), and the resolved batch plan: ``global batch = micro * accumulation * data-parallel size``."""
     config = dict(config)
     where = f"--ds_config {args.ds_config}"
     check_ds_config(config, args.ds_config)
@@ -245,8 +254,5 @@ def reconcile_ds_config(args: argparse.Namespace, config: dict, dp_size: int) ->
     )
     config.setdefault("steps_per_print", 10**9)  # we log ourselves
     config["zero_allow_untested_optimizer"] = True  # our AdamW subclass only adds a NaN/Inf guard
-    args.global_batch_size = global_batch
-    args.gradient_accumulation_steps = accumulation
-    if args.train_iters is None:
-        args.train_iters = math.ceil(args.train_tokens / (global_batch * args.seq_length))
-    return config
+    train_iters = args.train_iters or math.ceil(args.train_tokens / (global_batch * args.seq_length))
+    return config, BatchPlan(micro, global_batch, accumulation, train_iters)

@@ -18,6 +18,7 @@ from megatron_subnet.model.weights import (
     load_model,
     merge_state_dicts,
     model_from_state,
+    partition_dims,
     save_checkpoint,
     shard_state_dict,
 )
@@ -203,3 +204,13 @@ def test_student_shards_cut_from_checkpoint_slices_equal_the_extracted_student(s
         odd = SubnetConfig(subnet.layers, subnet.hidden, [[2], [0]], [[1], [0]], subnet.mlp)
         with pytest.raises(ValueError, match="num_query_groups 1 is not divisible by --tensor-model-parallel-size 2"):
             extract_shard(config, reader.read, odd, TPShard(0, 2))
+
+
+def test_loaded_models_keep_the_split_attributes(tmp_path):
+    """load_state_dict(assign=True) makes new Parameters: the loader must mark the split ones again (DeepSpeed's
+    gradient norm and the checkpoint merge read them)."""
+    config = ModelConfig(**CONFIGS["qwen2_bias_untied"])
+    model = model_from_state(config, parent_state(config), shard=TPShard())
+    split = {n for n, p in model.named_parameters() if getattr(p, "tensor_model_parallel", False)}
+    assert split == {n for n, d in partition_dims(config).items() if d is not None}
+    assert "embedding.weight" in split and "layers.0.self_attention.linear_proj.bias" not in split

@@ -22,7 +22,6 @@ import torch
 from tests.training_utils import (
     EXAMPLES,
     GLOBAL,
-    KILL_ENV,
     MICRO,
     SEQ,
     Result,
@@ -238,7 +237,7 @@ def test_launcher_runs_a_job_end_to_end(launcher, ws, refs, tmp_path):
     assert latest_tag(save) == f"iter_{ITERS:07d}"
     meta = json.loads((save / f"iter_{ITERS:07d}" / "megatron_subnet.json").read_text())
     assert meta["iteration"] == ITERS and meta["consumed_samples"] == ITERS * GLOBAL
-    assert meta["layout"] == {"world_size": 2, "zero_stage": 1, "bf16": False}
+    assert meta["layout"] == {"world_size": 2, "tensor_model_parallel_size": 1, "zero_stage": 1, "bf16": False}
     assert (save / "final_model" / "model.safetensors").is_file()
     assert (save / "loss_curve.png").is_file()
 
@@ -307,7 +306,8 @@ def test_sigkill_before_checkpoint_rename_resumes_from_previous(ws, refs, tmp_pa
     save = tmp_path / "ckpt"
     flags = common_flags(ws, 3) + ["--save", str(save), "--save-interval", "2"]
     killed = run(
-        torchrun_cmd(2, flags + ["--log-dir", str(tmp_path / "a")]), tmp_path, env={KILL_ENV: "4"}, timeout=150
+        torchrun_cmd(2, flags + ["--log-dir", str(tmp_path / "a")]), tmp_path, hooks={"kill_before_rename": 4},
+        timeout=150,
     )
     assert killed.returncode not in (0, None), killed.tail()
     assert latest_tag(save) == "iter_0000002"
@@ -558,3 +558,72 @@ def test_ctrl_c_is_one_line_and_exit_130(ws, tmp_path):
     assert proc.returncode == 130, result.tail()
     assert "Traceback" not in err and len(result.error_lines()) == 1, result.tail()
     assert not (save / "final_model").exists()
+
+
+# ----------------------------------------------------------------------------- 10. tensor parallelism
+
+
+def tp_flags(ws: Path, stage: int, tp: int) -> list[str]:
+    flags = common_flags(ws, stage)
+    flags[flags.index("--subnet") + 1] = str(ws / "subnet_tp2.json")
+    return flags + ["--tensor-model-parallel-size", str(tp)]
+
+
+@pytest.fixture(scope="module")
+def tp_runs(ws) -> dict[str, Path]:
+    """TP=1 x DP=2 at ZeRO-1 (the reference) and TP=2 x DP=2 at ZeRO 1, 2 and 3, each with checkpoints and a
+    final model; run once for the module."""
+    out = {}
+    for name, stage, tp in (("tp1_z1", 1, 1), ("tp2_z1", 1, 2), ("tp2_z2", 2, 2), ("tp2_z3", 3, 2)):
+        root = ws / f"tp_{name}"
+        flags = tp_flags(ws, stage, tp) + ["--save", str(root / "ckpt"), "--save-interval", str(SAVE_INTERVAL)]
+        result = run(torchrun_cmd(2 * tp, flags + ["--log-dir", str(root)]), ws, hooks={}, timeout=300)
+        assert result.returncode == 0, result.tail()
+        out[name] = root
+    return out
+
+
+def test_tensor_parallel_training_equals_tp1(tp_runs):
+    """TP=2 x DP=2 (4 processes) with a teacher at ZeRO 1, 2 and 3: the losses (CE and KD parts), learning rates
+    and gradient norms of every step equal the TP=1 x DP=2 run's within 1e-5 relative; so do the final models."""
+    from megatron_subnet.model.weights import load_checkpoint
+
+    base = train_records(tp_runs["tp1_z1"])
+    assert sorted(base) == list(range(1, ITERS + 1)) and all(r["kd"] > 0 for r in base.values())
+    _, expected = load_checkpoint(tp_runs["tp1_z1"] / "ckpt" / "final_model")
+    for name in ("tp2_z1", "tp2_z2", "tp2_z3"):
+        records = train_records(tp_runs[name])
+        for key in ("loss", "ce", "lr", "grad_norm"):
+            assert_close(losses(records, key), losses(base, key), rel=1e-5)
+        assert_close(losses(records, "kd"), losses(base, "kd"), rel=1e-4, abs_tol=1e-7)
+        assert latest_tag(tp_runs[name] / "ckpt") == f"iter_{ITERS:07d}"
+        meta = json.loads((tp_runs[name] / "ckpt" / f"iter_{ITERS:07d}" / "megatron_subnet.json").read_text())
+        assert meta["layout"]["tensor_model_parallel_size"] == 2 and meta["layout"]["world_size"] == 2
+        assert len(list((tp_runs[name] / "ckpt" / f"iter_{ITERS:07d}").glob("*mp_rank_01*"))) >= 1, name
+        _, final = load_checkpoint(tp_runs[name] / "ckpt" / "final_model")
+        for key, tensor in expected.items():
+            torch.testing.assert_close(final[key], tensor, rtol=1e-5, atol=1e-6, msg=f"{name} final {key}")
+
+
+def test_tensor_parallel_resume_is_bit_exact(ws, tp_runs, tmp_path):
+    """TP=2 x DP=2 at ZeRO-1 stopped after the checkpoint of step 3 and resumed: steps 4-6 equal the
+    uninterrupted TP=2 run's exactly."""
+    save = tmp_path / "ckpt"
+    flags = tp_flags(ws, 1, 2) + ["--save", str(save), "--save-interval", str(SAVE_INTERVAL)]
+    ok(run(torchrun_cmd(4, flags + ["--log-dir", str(tmp_path / "a")]), tmp_path, hooks={"stop_after_save": 3},
+           timeout=300))  # fmt: skip
+    ok(run(torchrun_cmd(4, flags + ["--load", str(save), "--log-dir", str(tmp_path / "b")]), tmp_path, timeout=300))
+    resumed = train_records(tmp_path / "b")
+    assert sorted(resumed) == [4, 5, 6]
+    reference = train_records(tp_runs["tp2_z1"])
+    for key in ("loss", "ce", "kd", "grad_norm", "lr", "tokens"):
+        assert losses(resumed, key) == [reference[i][key] for i in (4, 5, 6)], key
+
+
+def test_a_student_that_does_not_split_is_refused(ws, tmp_path):
+    """The 1-query-group student at TP=2: each rank prints one line naming the dimension and the sizes, before
+    any work, and no traceback of ours (torchrun adds its own report of the failed workers)."""
+    result = run(torchrun_cmd(2, common_flags(ws, 0) + ["--tensor-model-parallel-size", "2"]), tmp_path, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and "megatron_subnet/" not in result.stderr, result.tail()
+    assert lines and all("num_query_groups 1 is not divisible by --tensor-model-parallel-size 2" in x for x in lines)

@@ -9,6 +9,7 @@ file is ``pretrain_slm.py`` plus test hooks chosen by the JSON in ``$MEGATRON_SU
                     ``nan_ranks``: only on these ranks)
 ``param_trace``     per step: did the student's parameters / Adam step count change (bit-exact), are they finite
 ``stop_after_save`` the job ends (exit 0) right after the checkpoint of that iteration is complete
+``kill_before_rename`` rank 0 is SIGKILLed after every rank wrote that iteration's checkpoint, before its rename
 ``teacher_report``  after training: the teacher's tensors vs its safetensors file, and that none of them is
                     a student parameter, in the optimizer, trainable, or has a gradient
 """
@@ -33,7 +34,6 @@ PRETRAIN = REPO / "pretrain_slm.py"
 WRAPPER = Path(__file__).resolve()
 EXAMPLES = REPO / "examples"
 HOOKS_ENV = "MEGATRON_SUBNET_TEST_HOOKS"
-KILL_ENV = "MEGATRON_SUBNET_TEST_KILL_BEFORE_RENAME"
 
 # The tiny run every test shares: 4 micro-batches of 33 tokens per step.
 MICRO, GLOBAL, SEQ = 1, 4, 32
@@ -72,6 +72,10 @@ def build_workspace(root: Path) -> Path:
     )
     subnet.save(root / "subnet.json")
     SubnetConfig.full(config).save(root / "full_subnet.json")
+    # a student that splits over 2 tensor-parallel ranks: 2 query groups of 1 head, MLP 64, vocab 128
+    SubnetConfig.from_counts(
+        config, num_layers=2, hidden_size=32, num_attention_heads=2, num_query_groups=2, ffn_hidden_size=64
+    ).save(root / "subnet_tp2.json")
     subnet.student_config(config).save(root / "student_config.json")
     rng = np.random.default_rng(0)
     with IndexedDatasetBuilder(root / "data", np.uint16) as builder:
@@ -125,7 +129,7 @@ def base_env(extra: dict | None = None) -> dict[str, str]:
         k: v
         for k, v in os.environ.items()
         if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-        and k not in {HOOKS_ENV, KILL_ENV}
+        and k != HOOKS_ENV
         and not k.startswith(("OMPI_", "PMIX_", "TORCHELASTIC_"))
     }
     env.update(
@@ -284,7 +288,7 @@ def _install_hooks(hooks: dict) -> dict:
         opt = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
         return [float(s["step"]) for s in opt.state.values() if "step" in s]
 
-    def step_hook(engine, teacher, micro_batches, lr, args):
+    def step_hook(engine, teacher, micro_batches, lr, kd):
         captured["iteration"] += 1
         it = captured["iteration"]
         if record_dir:
@@ -295,7 +299,7 @@ def _install_hooks(hooks: dict) -> dict:
         if trace:
             before = [p.detach().clone() for p in engine.module.parameters()]
             steps_before = adam_steps(engine)
-        result = step(engine, teacher, micro_batches, lr, args)
+        result = step(engine, teacher, micro_batches, lr, kd)
         if trace and rank() == 0:
             after = list(engine.module.parameters())
             record = {
@@ -311,6 +315,17 @@ def _install_hooks(hooks: dict) -> dict:
         return result
 
     trainer.train_step = step_hook
+
+    kill = hooks.get("kill_before_rename")
+    if kill is not None:
+        publish = checkpoint.publish
+
+        def publish_hook(save, tmp_tag, tag):
+            if tag == checkpoint.tag_for(kill):
+                os.kill(os.getpid(), signal.SIGKILL)
+            publish(save, tmp_tag, tag)
+
+        checkpoint.publish = publish_hook
 
     stop = hooks.get("stop_after_save")
     if stop is not None:

@@ -106,21 +106,17 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """fc1 (and gate) column-parallel over the MLP neurons, fc2 row-parallel."""
+    """fc1 (and gate) column-parallel over the MLP neurons, fc2 row-parallel. fc1 and gate read one input,
+    copied into the tensor-parallel region once (one all-reduce of its gradient, as Megatron's fused fc1)."""
 
     def __init__(self, config: ModelConfig, layer: int, shard: TPShard):
         super().__init__()
         h, ffn = config.hidden_size, config.layer_ffn(layer)
         what = f"layer {layer}: ffn_hidden_size"
         self.act = _ACTIVATIONS[config.activation]
-        self.linear_fc1 = ColumnParallelLinear(
-            h, ffn, bias=config.mlp_bias, init_std=config.init_std, shard=shard, what=what
-        )
-        self.linear_gate = (
-            ColumnParallelLinear(h, ffn, bias=config.mlp_bias, init_std=config.init_std, shard=shard, what=what)
-            if config.gated_mlp
-            else None
-        )
+        column = dict(bias=config.mlp_bias, init_std=config.init_std, copy_input=False, shard=shard, what=what)
+        self.linear_fc1 = ColumnParallelLinear(h, ffn, **column)
+        self.linear_gate = ColumnParallelLinear(h, ffn, **column) if config.gated_mlp else None
         self.linear_fc2 = RowParallelLinear(
             ffn, h, bias=config.mlp_bias, init_std=scaled_init_std(config.init_std, config.num_layers), shard=shard,
             what=what,
@@ -130,6 +126,7 @@ class MLP(nn.Module):
         self, x: torch.Tensor, index: LayerIndices | None = None, hidden: torch.Tensor | None = None
     ) -> torch.Tensor:
         neurons = None if index is None else index.mlp_rows
+        x = copy_to_tensor_model_parallel_region(x)
         up = self.linear_fc1(x, rows=neurons, cols=hidden)
         if self.linear_gate is not None:
             up = self.act(self.linear_gate(x, rows=neurons, cols=hidden)) * up

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from megatron_subnet.model.config import ConfigError, ModelConfig
 from megatron_subnet.outputs import write_directory_atomically
-from megatron_subnet.parallel.layers import WHOLE, TPShard
+from megatron_subnet.parallel.layers import WHOLE, TPShard, mark_partitioned
 
 CONFIG_NAME = "model_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -358,7 +358,11 @@ def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], device
     with torch.device("meta"):
         model = GPTModel(config, shard)
     check_state_dict(config, state, "weights", model.shard)
-    model.load_state_dict(state, assign=True)
+    split = {n: p.partition_dim for n, p in model.named_parameters() if getattr(p, "tensor_model_parallel", False)}
+    model.load_state_dict(state, assign=True)  # new Parameter objects: their split attributes are set again
+    for name, param in model.named_parameters():
+        if name in split:
+            mark_partitioned(param, split[name])
     return model.to(device).eval()
 
 

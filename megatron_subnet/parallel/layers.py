@@ -88,6 +88,8 @@ class ColumnParallelLinear(nn.Module):
     Rank ``i`` computes ``Y_i = X A_i^T + b_i`` from the full ``X`` (its gradient all-reduced on the way
     back). ``gather_output`` all-gathers ``Y``; otherwise ``Y`` stays split along its last dimension, ready
     for a ``RowParallelLinear`` (QKV, MLP fc1/gate) or a vocab-parallel loss (the output layer).
+    ``copy_input=False``: the caller already passed ``X`` through ``copy_to_tensor_model_parallel_region``
+    (two layers reading one input, like SwiGLU's fc1 and gate, then share one all-reduce of its gradient).
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class ColumnParallelLinear(nn.Module):
         bias: bool = True,
         init_std: float = 0.02,
         gather_output: bool = False,
+        copy_input: bool = True,
         shard: TPShard | None = None,
         what: str = "output features",
     ):
@@ -104,7 +107,7 @@ class ColumnParallelLinear(nn.Module):
         self.shard = shard or TPShard.current()
         self.in_features, self.out_features = in_features, out_features
         self.out_per_rank = divide(out_features, self.shard.size, what)
-        self.gather_output = gather_output
+        self.gather_output, self.copy_input = gather_output, copy_input
         self.weight = mark_partitioned(nn.Parameter(torch.empty(self.out_per_rank, in_features)), 0)
         self.bias = mark_partitioned(nn.Parameter(torch.empty(self.out_per_rank)), 0) if bias else None
         self.init_std = init_std
@@ -118,7 +121,8 @@ class ColumnParallelLinear(nn.Module):
     def forward(
         self, x: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
     ) -> torch.Tensor:
-        x = copy_to_tensor_model_parallel_region(x)
+        if self.copy_input:
+            x = copy_to_tensor_model_parallel_region(x)
         bias = self.bias if self.bias is None or rows is None else self.bias.index_select(0, rows)
         y = F.linear(x, select(self.weight, rows, cols), bias)
         return gather_from_tensor_model_parallel_region(y) if self.gather_output else y

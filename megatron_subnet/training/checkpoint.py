@@ -35,8 +35,6 @@ META_NAME = "megatron_subnet.json"
 LATEST = "latest"
 FINAL_MODEL = "final_model"
 _TAG = re.compile(r"iter_(\d+)")
-# Fault injection for the crash-safety test: SIGKILL rank 0 after DeepSpeed wrote the files, before the rename.
-_KILL_ENV = "MEGATRON_SUBNET_TEST_KILL_BEFORE_RENAME"
 
 
 class ResumeError(ValueError):
@@ -88,19 +86,22 @@ def save_checkpoint(engine, save_dir: str, iteration: int, meta: dict, keep_last
         write_text_atomically(save / tmp_tag / META_NAME, json.dumps({**meta, "iteration": iteration}, indent=1))
     state.barrier()
     if state.get_rank() == 0:
-        if os.environ.get(_KILL_ENV) == str(iteration):
-            os.kill(os.getpid(), 9)
-        if (save / tag).exists():  # a tag of this run redone after a resume, or replaced with --overwrite
-            old = temp_sibling(save / tag, "old")
-            os.replace(save / tag, old)
-            os.replace(save / tmp_tag, save / tag)
-            shutil.rmtree(old)
-        else:
-            os.replace(save / tmp_tag, save / tag)
-        write_text_atomically(save / LATEST, tag)
+        publish(save, tmp_tag, tag)
         _prune(save, meta["run_id"], keep_last)
     state.barrier()
     return save / tag
+
+
+def publish(save: Path, tmp_tag: str, tag: str) -> None:
+    """Rename the finished ``tmp_tag`` to ``tag`` (replacing an older ``tag``), then point ``latest`` at it."""
+    if (save / tag).exists():  # a tag of this run redone after a resume, or replaced with --overwrite
+        old = temp_sibling(save / tag, "old")
+        os.replace(save / tag, old)
+        os.replace(save / tmp_tag, save / tag)
+        shutil.rmtree(old)
+    else:
+        os.replace(save / tmp_tag, save / tag)
+    write_text_atomically(save / LATEST, tag)
 
 
 def _checkpoints(save: Path) -> list[tuple[int, Path]]:
@@ -156,7 +157,7 @@ def check_save_dir(save_dir: str, load_dir: str | None, run_id: str | None, over
 
 # Settings that shape the data order or the training objective: a resume that changes them is not the same run.
 RESUME_ARGS = (
-    "data_path", "split", "seq_length", "seed", "global_batch_size", "train_iters",
+    "data_path", "split", "seq_length", "seed", "global_batch_size", "train_iters", "train_tokens",
     "kd_alpha", "kd_loss", "kd_temperature", "kd_topk",
 )  # fmt: skip
 
@@ -192,9 +193,10 @@ def read_meta(load_dir: str) -> dict:
 def check_layout(meta: dict, layout: dict, model_config: ModelConfig | None, load_dir: str) -> None:
     """ResumeError naming the first setting where the checkpoint and this launch differ."""
     for key, value in layout.items():
-        if meta["layout"].get(key) != value:
+        saved = meta["layout"].get(key, 1 if key == "tensor_model_parallel_size" else None)  # older checkpoints
+        if saved != value:
             raise ResumeError(
-                f"--load {load_dir}: checkpoint was written with {key}={meta['layout'].get(key)}, "
+                f"--load {load_dir}: checkpoint was written with {key}={saved}, "
                 f"this launch has {key}={value}"
             )
     if model_config is not None and meta["model_config"] != model_config.to_dict():
@@ -216,12 +218,23 @@ def load_checkpoint(engine, load_dir: str) -> dict:
     return meta
 
 
-def consolidated_state_dict(engine, checkpoint: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 student weights: from the module for plain fp32 data parallelism, else through DeepSpeed's
-    zero_to_fp32 from the saved ``checkpoint`` (which holds the fp32 master weights). Rank 0 only."""
-    if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
-        return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def consolidated_state_dict(engine, config: ModelConfig) -> dict[str, torch.Tensor] | None:
+    """The student's full fp32 weights (DeepSpeed's fp32 master copy under ZeRO or bf16, gathered over the
+    data-parallel group, then the tensor-parallel shards merged) on global rank 0; None elsewhere.
+    Collective: every rank calls it."""
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_fp32_param
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-    return {k: v.float().contiguous() for k, v in state.items()}
+    from megatron_subnet.model.weights import merge_state_dicts
+
+    local = {}
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)  # collective under ZeRO; None for plain fp32 data parallelism
+        local[name] = (param.detach() if full is None else full).float().cpu().clone()
+    if state.get_tensor_model_parallel_world_size() == 1:
+        return local if state.get_rank() == 0 else None
+    tp = state.get_tensor_model_parallel_world_size()
+    shards = [None] * tp if state.get_tensor_model_parallel_rank() == 0 else None
+    dist.gather_object(local, shards, dst=state.get_tensor_model_parallel_src_rank(),
+                       group=state.get_tensor_model_parallel_group())  # fmt: skip
+    return merge_state_dicts(config, shards) if state.get_rank() == 0 else None

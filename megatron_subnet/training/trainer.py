@@ -18,13 +18,14 @@ from megatron_subnet.data.gpt_dataset import PretrainingSampler, build_train_val
 from megatron_subnet.initialize import initialize_distributed, set_seed
 from megatron_subnet.model.config import ModelConfig
 from megatron_subnet.model.gpt import GPTModel
-from megatron_subnet.model.subnet import SubnetConfig, extract_state_dict
-from megatron_subnet.model.weights import load_checkpoint as load_model_checkpoint
-from megatron_subnet.model.weights import load_config
+from megatron_subnet.model.subnet import SubnetConfig, extract_shard
+from megatron_subnet.model.weights import CheckpointReader, check_divisible, load_config, load_model, model_from_state
 from megatron_subnet.model.weights import save_checkpoint as save_model_checkpoint
 from megatron_subnet.parallel import state
+from megatron_subnet.parallel.layers import TPShard
 from megatron_subnet.training import checkpoint
 from megatron_subnet.training.engine import (
+    KDConfig,
     Teacher,
     build_optimizer,
     evaluate,
@@ -56,7 +57,7 @@ def plan_student(
     if resume_meta is not None:
         subnet = resume_meta.get("subnet")
         config = ModelConfig.from_dict(resume_meta["model_config"])
-        return config, None if subnet is None or teacher_config is None else SubnetConfig(**subnet)
+        return config, None if subnet is None else SubnetConfig(**subnet)
     subnet = None
     if args.subnet:
         subnet = SubnetConfig.load(args.subnet, teacher_config, _load_importance(args.importance))
@@ -66,19 +67,15 @@ def plan_student(
 
 
 def build_student(
-    args: argparse.Namespace,
-    config: ModelConfig,
-    subnet: SubnetConfig | None,
-    teacher_config: ModelConfig | None,
-    teacher_state: dict | None,
-    resuming: bool,
+    args: argparse.Namespace, config: ModelConfig, subnet: SubnetConfig | None, resuming: bool
 ) -> GPTModel:
-    """The student model: cut from the teacher, Megatron's random init, or (resuming) to be overwritten by --load."""
+    """This rank's tensor-parallel shard of the student: cut from the teacher's checkpoint (only the rows and
+    columns of the shard are read), Megatron's random init, or (resuming) to be overwritten by --load."""
     if args.init == "subnet" and not resuming:
-        _, weights = extract_state_dict(teacher_config, teacher_state, subnet)
-        model = GPTModel(config)
-        model.load_state_dict(weights)
-        return model
+        shard = TPShard.current()
+        with CheckpointReader(args.teacher_load) as reader:
+            _, weights = extract_shard(reader.config, reader.read, subnet, shard)
+        return model_from_state(config, weights, shard=shard).train().requires_grad_(True)
     return GPTModel(config)
 
 
@@ -146,16 +143,19 @@ def pretrain(args: argparse.Namespace) -> int:
     )
     set_seed(args.seed)
     dp_rank, dp_size = state.get_data_parallel_rank(), state.get_data_parallel_world_size()
-    ds_config = reconcile_ds_config(args, load_ds_config(args.ds_config), dp_size)
+    tp = state.get_tensor_model_parallel_world_size()
+    ds_config, plan = reconcile_ds_config(args, load_ds_config(args.ds_config), dp_size)
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    layout = {"world_size": dp_size, "zero_stage": zero_stage, "bf16": args.bf16}
+    layout = {"world_size": dp_size, "tensor_model_parallel_size": tp, "zero_stage": zero_stage, "bf16": args.bf16}
+    # the settings a resume compares: the flags as resolved (a ds_config's train_batch_size counts too)
+    settings = {**vars(args), "global_batch_size": plan.global_batch_size, "train_iters": plan.train_iters}
 
     # Everything that can be checked from flags and JSON is checked before any weights or data are read.
     resume_meta = checkpoint.read_meta(args.load) if args.load else None
     changes = []
     if resume_meta is not None:
         checkpoint.check_layout(resume_meta, layout, None, args.load)
-        changes = checkpoint.changed_args(resume_meta, vars(args))
+        changes = checkpoint.changed_args(resume_meta, settings)
         if changes and not args.override_checkpoint_args:
             raise checkpoint.ResumeError(
                 f"--load {args.load}: this launch changes what the checkpoint was trained on ({'; '.join(changes)}); "
@@ -168,30 +168,33 @@ def pretrain(args: argparse.Namespace) -> int:
     teacher_config = load_config(args.teacher_load) if args.teacher_load else None
     student_config, subnet = plan_student(args, teacher_config, resume_meta)
     student_config.check_seq_length(args.seq_length)
+    models = [("student", student_config)]
     if args.kd_alpha > 0:
         teacher_config.check_seq_length(args.seq_length)
-    if args.kd_alpha > 0 and teacher_config.vocab_size != student_config.vocab_size:
-        raise checkpoint.ResumeError(
-            f"--teacher-load {args.teacher_load}: vocabulary {teacher_config.vocab_size} "
-            f"differs from the student's {student_config.vocab_size}"
-        )
+        if teacher_config.vocab_size != student_config.vocab_size:
+            raise checkpoint.ResumeError(
+                f"--teacher-load {args.teacher_load}: vocabulary {teacher_config.vocab_size} "
+                f"differs from the student's {student_config.vocab_size}"
+            )
+        models.append(("teacher", teacher_config))
+    for name, config in models:
+        try:
+            check_divisible(config, tp)
+        except ValueError as e:
+            raise ValueError(f"the {name} cannot be split: {e}") from None
     check_token_ids(args.data_path, student_config.vocab_size)
+    kd = KDConfig(args.kd_alpha, args.kd_loss, args.kd_temperature, args.kd_topk)
 
-    teacher_state = None
-    if args.teacher_load and (args.kd_alpha > 0 or (args.init == "subnet" and resume_meta is None)):
-        teacher_config, teacher_state = load_model_checkpoint(args.teacher_load)
-    student = build_student(args, student_config, subnet, teacher_config, teacher_state, resume_meta is not None)
+    student = build_student(args, student_config, subnet, resume_meta is not None)
     teacher = None
-    if args.kd_alpha > 0:
-        teacher_model = GPTModel(teacher_config)
-        teacher_model.load_state_dict(teacher_state)
-        teacher = Teacher(teacher_model, ds_config, device)
-    del teacher_state
+    if kd.alpha > 0:
+        teacher = Teacher(load_model(args.teacher_load), ds_config, device)  # this rank's shard only
 
-    global_batch, accumulation = args.global_batch_size, args.gradient_accumulation_steps
-    evals = args.train_iters // args.eval_interval + 1
+    global_batch, accumulation = plan.global_batch_size, plan.gradient_accumulation_steps
+    train_iters = plan.train_iters
+    evals = train_iters // args.eval_interval + 1
     num_samples = (
-        args.train_iters * global_batch,
+        train_iters * global_batch,
         evals * args.eval_iters * global_batch,
         args.eval_iters * global_batch,
     )
@@ -211,9 +214,9 @@ def pretrain(args: argparse.Namespace) -> int:
         iteration, consumed = meta["iteration"], meta["consumed_samples"]
 
     schedule = LRSchedule(
-        args.lr, args.min_lr, args.lr_warmup_iters, args.train_iters, args.lr_decay_style, args.lr_wsd_decay_iters or 0
+        args.lr, args.min_lr, args.lr_warmup_iters, train_iters, args.lr_decay_style, args.lr_wsd_decay_iters or 0
     )
-    logger = MetricsLogger(log_dir, state.get_rank() == 0, args.train_iters, iteration, fresh=fresh_metrics)
+    logger = MetricsLogger(log_dir, state.get_rank() == 0, train_iters, iteration, fresh=fresh_metrics)
     try:
         for change in changes:
             logger.write(f"resuming with a changed setting (--override-checkpoint-args): {change}")
@@ -221,11 +224,11 @@ def pretrain(args: argparse.Namespace) -> int:
             f"student: {student.config.num_parameters():,} parameters "
             f"({student.config.num_parameters(False):,} non-embedding); teacher: "
             f"{'none' if teacher is None else f'{teacher_config.num_parameters():,}'}; "
-            f"data parallel {dp_size}, ZeRO stage {zero_stage}, global batch {global_batch} "
+            f"tensor parallel {tp}, data parallel {dp_size}, ZeRO stage {zero_stage}, global batch {global_batch} "
             f"= {args.micro_batch_size} x {accumulation} x {dp_size}"
         )
         meta = {
-            "args": {k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool | list | None)},
+            "args": {k: v for k, v in settings.items() if isinstance(v, str | int | float | bool | list | None)},
             "model_config": student.config.to_dict(),
             "subnet": subnet.to_dict() if subnet is not None else None,
             "layout": layout,
@@ -249,9 +252,9 @@ def pretrain(args: argparse.Namespace) -> int:
             loss = evaluate(engine, valid_batches, engine.device)
             logger.log({"iteration": 0, "tokens": 0, "valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0))})
         window_start, window_steps = time.perf_counter(), 0
-        while iteration < args.train_iters:
+        while iteration < train_iters:
             lr = schedule(iteration)
-            result = train_step(engine, teacher, [next(train_iter) for _ in range(accumulation)], lr, args)
+            result = train_step(engine, teacher, [next(train_iter) for _ in range(accumulation)], lr, kd)
             iteration += 1
             consumed += global_batch
             window_steps += 1
@@ -263,7 +266,7 @@ def pretrain(args: argparse.Namespace) -> int:
                     f"iteration {iteration}: non-finite loss or gradient (loss {result.loss}, grad norm "
                     f"{result.grad_norm}); step skipped ({skipped_in_a_row} in a row)"
                 )
-            if iteration % args.log_interval == 0 or iteration == args.train_iters or result.skipped:
+            if iteration % args.log_interval == 0 or iteration == train_iters or result.skipped:
                 elapsed = time.perf_counter() - window_start
                 logger.log(
                     {
@@ -287,7 +290,7 @@ def pretrain(args: argparse.Namespace) -> int:
                     f"steps in a row at iteration {iteration}; last good checkpoint: {good}"
                 )
             logger.advance()
-            if valid_batches and (iteration % args.eval_interval == 0 or iteration == args.train_iters):
+            if valid_batches and (iteration % args.eval_interval == 0 or iteration == train_iters):
                 last_valid = evaluate(engine, valid_batches, engine.device)
                 logger.log(
                     {
@@ -321,8 +324,8 @@ def pretrain(args: argparse.Namespace) -> int:
         bad = [f"{name} loss {value}" for name, value in final.items() if not math.isfinite(value)]
         if bad:
             raise abort(f"the final {' and '.join(bad)}: the model is broken; no final model written")
+        weights = checkpoint.consolidated_state_dict(engine, student.config) if args.save else None  # collective
         if args.save and state.get_rank() == 0:
-            weights = checkpoint.consolidated_state_dict(engine, last_saved)
             tokenizer_from = args.teacher_load
             save_model_checkpoint(
                 Path(args.save) / checkpoint.FINAL_MODEL,
