@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from test_importance import LLAMA, NEOX, VOCAB, tiny_checkpoint, tiny_dataset, tiny_model
 
 from megatron_subnet.data.batches import load_batches
@@ -62,6 +63,29 @@ def test_loss_is_the_cross_entropy_of_the_split_samples(tmp_path, setup, capsys)
     assert result["non_embedding_params"] == model.config.num_parameters(include_embeddings=False)
     # another split and seed give other samples
     assert run(tmp_path, ckpt, data, "--split-name", "train", "--seed", "7")["loss"] != result["loss"]
+
+
+def test_evaluate_is_token_weighted_and_silent_without_progress(capsys):
+    """The one evaluation definition (tools, trainer, search fitness): the cross-entropy summed over every label
+    token divided by their number, so batches of different sizes weigh by their tokens; progress=False prints
+    nothing."""
+    from megatron_subnet.model.evaluation import evaluate
+    from megatron_subnet.search.fitness import SubnetFitness
+
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, VOCAB, (1, 9), generator=g), torch.randint(0, VOCAB, (3, 9), generator=g)]
+    with torch.no_grad():
+        sums = [F.cross_entropy(model(b[:, :-1]).flatten(0, 1).double(), b[:, 1:].flatten(), reduction="sum")
+                for b in batches]  # fmt: skip
+    result = evaluate(model, batches, progress=False)
+    assert result.tokens == 4 * 8
+    assert result.loss == pytest.approx(float(sum(sums)) / 32, rel=1e-6)
+    assert result.loss != pytest.approx(float(sums[0] / 8 + sums[1] / 24) / 2, rel=1e-4)  # not a mean of batch means
+    fitness = SubnetFitness(model, batches).loss(SubnetConfig.full(model.config))
+    assert fitness == pytest.approx(result.loss, rel=1e-6)
+    captured = capsys.readouterr()
+    assert captured.out == captured.err == ""
 
 
 def test_batches_come_from_the_requested_split(tmp_path):

@@ -193,6 +193,48 @@ def test_index_space_follows_importance_when_sampling():
     assert np.mean(top) > np.mean(rest) + 0.1
 
 
+def _check_splittable(space: SearchSpace, g: dict, d: int, seen_groups: set) -> None:
+    from megatron_subnet.model.weights import check_divisible
+
+    subnet = space.to_subnet(g)
+    assert all(len(x) % d == 0 for x in subnet.query_groups + subnet.heads + subnet.mlp), subnet
+    check_divisible(subnet.student_config(space.parent), d)  # raises when the student cannot be split
+    seen_groups.update(len(x) for x in subnet.query_groups)
+
+
+@pytest.mark.parametrize("kind", SPACES)
+def test_divisible_by_keeps_every_candidate_splittable(kind):
+    """--divisible-by N: sampled, mutated, crossed and repaired candidates keep query groups, heads and MLP width
+    multiples of N, so every extracted student splits into N tensor-parallel ranks."""
+    config = ModelConfig(**{**PARENTS["llama"], "num_attention_heads": 8, "num_query_groups": 4, "ffn_hidden_size": 96})
+    for d in (2, 4):
+        space = SearchSpace(config, SpaceConfig(kind=kind, divisible_by=d), random_importance(config))
+        budget = make_budget(space.parent_params(), bins=3, min_params=0.2, max_params=0.8)
+        rng = np.random.default_rng(d)
+        seen_groups: set[int] = set()
+        pool = []
+        for i in range(9):
+            g = space.sample(rng, *budget.window(i % budget.bins))
+            assert g is not None
+            _check_splittable(space, g, d, seen_groups)
+            pool.append(g)
+        for i in range(30):
+            a, c = pool[int(rng.integers(len(pool)))], pool[int(rng.integers(len(pool)))]
+            for child in (space.mutate(a, rng, 0.5), space.crossover(a, c, rng)):
+                if child is not None:
+                    _check_splittable(space, child, d, seen_groups)
+                    repaired = space.repair(child, rng, *budget.window(i % budget.bins))
+                    if repaired is not None:
+                        _check_splittable(space, repaired, d, seen_groups)
+                        pool.append(repaired)
+        assert len(pool) > 15
+        assert seen_groups == ({2, 4} if d == 2 else {4})
+    with pytest.raises(SearchSpaceError, match="--divisible-by 8: layer 0 of the parent has only 4 query groups"):
+        SearchSpace(config, SpaceConfig(kind=kind, divisible_by=8))
+    with pytest.raises(SearchSpaceError, match=r"--grid 8 x --divisible-by 3: larger than the parent's MLP size 16"):
+        SearchSpace(ModelConfig(**{**PARENTS["gpt_neox"], "ffn_hidden_size": 16}), SpaceConfig(divisible_by=3))
+
+
 def test_budget_and_space_errors():
     config = ModelConfig(**PARENTS["llama"])
     space = SearchSpace(config, SpaceConfig())
@@ -438,6 +480,8 @@ def test_short_distillation_fitness(workdir):
         (["--importance", "/nonexistent/imp.safetensors"], "llama", "--importance"),
         (["--mutation-prob", "1.5"], "gpt_neox", "--mutation-prob: '1.5'"),  # argparse's own wording
         (["--fitness-batches", "0"], "llama", "--fitness-batches: '0'"),
+        (["--divisible-by", "3"], "llama", "--divisible-by 3: layer 0 of the parent has only 2 query groups"),
+        (["--divisible-by", "0"], "llama", "--divisible-by: '0'"),
     ],
 )
 def test_bad_inputs_give_one_line_errors(workdir, tmp_path, capsys, extra, parent, message):

@@ -214,3 +214,40 @@ def test_loaded_models_keep_the_split_attributes(tmp_path):
     split = {n for n, p in model.named_parameters() if getattr(p, "tensor_model_parallel", False)}
     assert split == {n for n, d in partition_dims(config).items() if d is not None}
     assert "embedding.weight" in split and "layers.0.self_attention.linear_proj.bias" not in split
+
+
+def _mappings(rank: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each public TP mapping's forward output and its input's gradient under the loss sum(w * y), with a
+    rank-dependent weight w, so that every backward sees different gradients on different ranks."""
+    from megatron_subnet.parallel import mappings
+
+    out = {}
+    for name in ("copy_to", "reduce_from", "scatter_to", "gather_from"):
+        fn = getattr(mappings, f"{name}_tensor_model_parallel_region")
+        inp = (x * (rank + 1)).requires_grad_()
+        y = fn(inp)
+        w = torch.arange(y.numel(), dtype=y.dtype).reshape(y.shape) * (rank + 2)
+        (grad,) = torch.autograd.grad((w * y).sum(), inp)
+        out[name], out[f"{name}.grad"] = y.detach(), grad
+    return out
+
+
+def test_mappings_forward_and_backward_are_duals():
+    """copy/reduce/scatter/gather over 2 ranks against what one process computes by hand."""
+    x = torch.arange(8, dtype=torch.float64).reshape(2, 4)
+    got = run_distributed(_mappings, 2, tensor_parallel=2, args=(x,))
+    inputs = [x * 1, x * 2]
+    weights = lambda shape, r: torch.arange(torch.Size(shape).numel(), dtype=x.dtype).reshape(shape) * (r + 2)  # noqa: E731
+    for r, out in enumerate(got):
+        # copy: forward identity; backward the sum of both ranks' gradients
+        assert torch.equal(out["copy_to"], inputs[r])
+        assert torch.equal(out["copy_to.grad"], weights(x.shape, 0) + weights(x.shape, 1))
+        # reduce: forward the sum; backward identity
+        assert torch.equal(out["reduce_from"], inputs[0] + inputs[1])
+        assert torch.equal(out["reduce_from.grad"], weights(x.shape, r))
+        # scatter: forward this rank's half of the last dimension; backward the gathered halves
+        assert torch.equal(out["scatter_to"], inputs[r][:, 2 * r : 2 * r + 2])
+        assert torch.equal(out["scatter_to.grad"], torch.cat([weights((2, 2), 0), weights((2, 2), 1)], -1))
+        # gather: forward both ranks' tensors side by side; backward this rank's half of the gradient
+        assert torch.equal(out["gather_from"], torch.cat(inputs, -1))
+        assert torch.equal(out["gather_from.grad"], weights((2, 8), r)[:, 4 * r : 4 * r + 4])

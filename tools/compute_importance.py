@@ -3,11 +3,16 @@
     python tools/compute_importance.py --load ckpt/teacher --data-path data/corpus_text_document \\
         [--split 949,50,1] [--split-name train] [--seq-length 512] [--micro-batch-size 4] [--calib-iters 8] \\
         [--drop-loss-iters N] [--layer-metric block|drop_loss] --output importance.safetensors [--overwrite]
+    torchrun --nproc-per-node N tools/compute_importance.py --tensor-model-parallel-size N ...
 
 The scores order a sub-network's kept indices: ``{"num_layers": ..., "order": "importance"}`` with
 ``--importance importance.safetensors`` (see megatron_subnet/model/importance.py for the definitions).
 An existing ``--output`` is replaced only with ``--overwrite``; scores that are not finite are an error
 and write nothing.
+
+``--tensor-model-parallel-size N`` (under torchrun): each rank reads only its shard of ``--load``; the
+heads and neurons each rank's hooks see are all-gathered into the global scores, which equal a single
+process's (drop-loss and block importance too). Global rank 0 writes ``--output``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,14 @@ from megatron_subnet.cli import ArgumentParser, nonnegative_int, resolve_device,
 from megatron_subnet.data.batches import check_vocab, load_batches  # noqa: E402
 from megatron_subnet.model.evaluation import load_any  # noqa: E402
 from megatron_subnet.model.importance import LAYER_METRICS, compute_importance  # noqa: E402
-from tools.evaluate import add_data_args, check_data_inputs, check_output_location, check_seq_length_early  # noqa: E402
+from megatron_subnet.parallel import state as parallel_state  # noqa: E402
+from tools.evaluate import (  # noqa: E402
+    add_data_args,
+    check_data_inputs,
+    check_output_location,
+    check_seq_length_early,
+    start_tensor_parallel,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,7 +61,8 @@ def _main(argv: list[str] | None) -> int:
     device = resolve_device(args.device)
     data_files = check_data_inputs(args.data_path, args.split)
     check_output_location(args.output, "file", {"--load": args.load}, data_files, args.overwrite)
-    check_seq_length_early(args.load, args.seq_length)
+    early_config = check_seq_length_early(args.load, args.seq_length)
+    device = start_tensor_parallel(args.load, early_config, args.tensor_model_parallel_size, device)
     model = load_any(args.load, device)
     model.config.check_seq_length(args.seq_length)  # Hugging Face / GGUF: known once loaded
     batches = load_batches(args.data_path, args.split, args.split_name, args.seq_length, args.micro_batch_size,
@@ -60,6 +73,8 @@ def _main(argv: list[str] | None) -> int:
         importance.check_finite()
     except ValueError as e:
         raise ValueError(f"--load {args.load}: {e}; nothing was written to --output") from None
+    if parallel_state.get_rank() != 0:
+        return 0  # every rank holds the same scores; rank 0 writes them
     importance.metadata.update(load=str(args.load), split_name=args.split_name, seed=str(args.seed))
     importance.save(args.output)
     meta = importance.metadata

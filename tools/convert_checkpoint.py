@@ -1,9 +1,12 @@
 """Convert between Hugging Face / GGUF models and our checkpoints, and cut a dense student from a parent.
 
-    python tools/convert_checkpoint.py import  --input HF_DIR_OR_GGUF --output ckpt/teacher
+    python tools/convert_checkpoint.py import  --input HF_DIR_OR_GGUF --output ckpt/teacher \\
+        [--tensor-model-parallel-size N]
     python tools/convert_checkpoint.py export  --input ckpt/student --output hf/student
     python tools/convert_checkpoint.py extract --input ckpt/teacher --subnet best_subnet.json \\
-        [--importance importance.safetensors] --output ckpt/student
+        [--importance importance.safetensors] --output ckpt/student [--tensor-model-parallel-size N]
+    python tools/convert_checkpoint.py reshard --input ckpt/teacher --output ckpt/teacher_tp4 \\
+        --tensor-model-parallel-size 4
 
 ``import`` reads a Hugging Face directory (llama, mistral, qwen2, gpt_neox) or a ``.gguf`` file (through
 transformers) and writes ``model_config.json`` + ``model.safetensors`` + the tokenizer's files.
@@ -11,6 +14,13 @@ transformers) and writes ``model_config.json`` + ``model.safetensors`` + the tok
 ``extract`` copies a sub-network's rows and columns into a dense student checkpoint, with the sub-network
 saved beside it (``subnet.json``); the sub-network JSON holds explicit indices or counts (see
 ``SubnetConfig.from_dict``), counts taking the most important units when ``"order": "importance"``.
+It reads only the student's rows and columns of the parent's file(s).
+
+Our checkpoints are consolidated (``model.safetensors``) or split into tensor-parallel shards
+(``mp_rank_00.safetensors`` ...); every command reads either. ``--tensor-model-parallel-size N`` makes
+``import``, ``extract`` and ``reshard`` write N shards (1: consolidated); ``reshard`` turns a checkpoint
+saved at any TP size into one at any other (the tensors are bit-identical). A size the model cannot take
+(heads, query groups, MLP width or vocabulary not divisible by N) is refused, naming the dimension.
 
 Every output directory is written under a hidden temporary name and renamed into place: a failure leaves
 nothing behind, and the temporary directory of a killed run is removed by the next write of the same
@@ -28,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_subnet.cli import ArgumentParser, run_main  # noqa: E402
+from megatron_subnet.cli import ArgumentParser, positive_int, run_main  # noqa: E402
 from megatron_subnet.model.config import ConfigError, ModelConfig  # noqa: E402
 from megatron_subnet.model.weights import CheckpointError  # noqa: E402
 from megatron_subnet.outputs import check_output  # noqa: E402
@@ -76,6 +86,20 @@ def _describe(config: ModelConfig) -> str:
     )
 
 
+def _shards_note(size: int) -> str:
+    return "" if size == 1 else f" ({size} tensor-parallel shards)"
+
+
+def _check_splits(config: ModelConfig, size: int, what: str) -> None:
+    """ConvertError naming the dimension when ``config`` does not split into ``size`` tensor-parallel shards."""
+    from megatron_subnet.model.weights import check_divisible
+
+    try:
+        check_divisible(config, size)
+    except ValueError as e:
+        raise ConvertError(f"--tensor-model-parallel-size {size}: {what} cannot be split: {e}") from None
+
+
 def _tokenizer_note(directory: str | os.PathLike) -> str:
     from megatron_subnet.model.weights import TOKENIZER_FILES
 
@@ -107,6 +131,7 @@ def cmd_import(args: argparse.Namespace) -> str:
         config, state = load_hf(src)
     except (CheckpointError, ConfigError, OSError) as e:
         raise _context("--input", src, e) from None
+    _check_splits(config, args.tensor_model_parallel_size, f"--input {src}")
     state = _cast(state, args.dtype)
     with tempfile.TemporaryDirectory(prefix="convert-tokenizer-") as tmp:
         if src.suffix == ".gguf":
@@ -117,8 +142,10 @@ def cmd_import(args: argparse.Namespace) -> str:
             tokenizer_from = tmp
         else:
             tokenizer_from = src
-        save_checkpoint(args.output, config, state, tokenizer_from=tokenizer_from)
-    return f"wrote checkpoint {args.output}: {_describe(config)}; {_tokenizer_note(args.output)}"
+        save_checkpoint(args.output, config, state, tokenizer_from=tokenizer_from,
+                        tensor_parallel_size=args.tensor_model_parallel_size)
+    shards = _shards_note(args.tensor_model_parallel_size)
+    return f"wrote checkpoint {args.output}{shards}: {_describe(config)}; {_tokenizer_note(args.output)}"
 
 
 def cmd_export(args: argparse.Namespace) -> str:
@@ -146,50 +173,111 @@ def _load_importance(path: str, parent: ModelConfig):
         raise _context("--importance", path, e) from None
 
 
+def _open_checkpoint(path: str):
+    """A CheckpointReader on ``--input`` (consolidated or sharded); ConvertError naming it otherwise."""
+    from megatron_subnet.model.weights import CheckpointReader
+
+    if not Path(path).exists():
+        raise ConvertError(f"--input {path}: no such directory")
+    try:
+        return CheckpointReader(path)
+    except (CheckpointError, ConfigError, OSError) as e:
+        raise _context("--input", path, e) from None
+
+
 def cmd_extract(args: argparse.Namespace) -> str:
-    from megatron_subnet.model.subnet import SubnetConfig, extract_state_dict
+    from megatron_subnet.model.subnet import SubnetConfig, extract_shard
     from megatron_subnet.model.weights import save_checkpoint
+    from megatron_subnet.parallel.layers import WHOLE
 
     if not Path(args.subnet).is_file():
         raise ConvertError(f"--subnet {args.subnet}: no such file")
-    parent, state = _load_checkpoint(args.input)
-    importance = _load_importance(args.importance, parent) if args.importance else None
-    try:
-        subnet = SubnetConfig.load(args.subnet, parent, importance)
-        student, student_state = extract_state_dict(parent, state, subnet)
-    except ConfigError as e:
-        raise _context("--subnet", args.subnet, e) from None
+    with _open_checkpoint(args.input) as reader:
+        parent = reader.config
+        importance = _load_importance(args.importance, parent) if args.importance else None
+        try:
+            subnet = SubnetConfig.load(args.subnet, parent, importance)
+            student = subnet.student_config(parent)
+        except ConfigError as e:
+            raise _context("--subnet", args.subnet, e) from None
+        _check_splits(student, args.tensor_model_parallel_size, f"the student of --subnet {args.subnet}")
+        try:  # only the student's rows and columns are read
+            _, student_state = extract_shard(parent, reader.read, subnet, WHOLE)
+        except (CheckpointError, OSError) as e:
+            raise _context("--input", args.input, e) from None
     student_state = _cast(student_state, args.dtype)
-    save_checkpoint(args.output, student, student_state, tokenizer_from=args.input, subnet=subnet.to_dict())
+    save_checkpoint(args.output, student, student_state, tokenizer_from=args.input, subnet=subnet.to_dict(),
+                    tensor_parallel_size=args.tensor_model_parallel_size)
     share = student.num_parameters() / parent.num_parameters()
-    return f"wrote student checkpoint {args.output}: {_describe(student)}; {100 * share:.1f}% of the parent's"
+    shards = _shards_note(args.tensor_model_parallel_size)
+    return (f"wrote student checkpoint {args.output}{shards}: {_describe(student)}; "
+            f"{100 * share:.1f}% of the parent's")
+
+
+def cmd_reshard(args: argparse.Namespace) -> str:
+    import json
+
+    from megatron_subnet.model.weights import SUBNET_NAME, save_checkpoint
+
+    size = args.tensor_model_parallel_size
+    with _open_checkpoint(args.input) as reader:
+        config, saved_at = reader.config, reader.tp_size
+        _check_splits(config, size, f"--input {args.input}")
+        try:
+            state = reader.read_all()
+        except (CheckpointError, OSError) as e:
+            raise _context("--input", args.input, e) from None
+    subnet = None
+    subnet_file = Path(args.input) / SUBNET_NAME
+    if subnet_file.is_file():  # the sub-network a student was cut by travels with it
+        try:
+            subnet = json.loads(subnet_file.read_text())
+        except (OSError, ValueError) as e:
+            raise _context("--input", subnet_file, e) from None
+    state = _cast(state, args.dtype)
+    save_checkpoint(args.output, config, state, tokenizer_from=args.input, subnet=subnet, tensor_parallel_size=size)
+    layout = lambda n: "consolidated" if n == 1 else f"{n} tensor-parallel shards"  # noqa: E731
+    return f"wrote checkpoint {args.output} ({layout(saved_at)} -> {layout(size)}): {_describe(config)}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{import,export,extract}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{import,export,extract,reshard}")
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--output", required=True, help="output directory (written atomically)")
         sp.add_argument("--overwrite", action="store_true", help="replace --output when it exists and is not empty")
         sp.add_argument("--dtype", choices=DTYPES, default="keep", help="cast floating-point weights (default: keep)")
 
+    def shards(sp: argparse.ArgumentParser, required: bool = False) -> None:
+        sp.add_argument("--tensor-model-parallel-size", type=positive_int, required=required,
+                        default=None if required else 1,
+                        help="write this many tensor-parallel shards (mp_rank_XX.safetensors; 1: model.safetensors)")
+
     sp = sub.add_parser("import", help="Hugging Face directory or .gguf file -> our checkpoint")
     sp.add_argument("--input", required=True, help="Hugging Face model directory or .gguf file")
     common(sp)
+    shards(sp)
     sp.set_defaults(func=cmd_import)
 
     sp = sub.add_parser("export", help="our checkpoint -> Hugging Face directory (safetensors)")
-    sp.add_argument("--input", required=True, help="checkpoint directory (model_config.json + model.safetensors)")
+    sp.add_argument("--input", required=True, help="checkpoint directory (consolidated or tensor-parallel shards)")
     common(sp)
     sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("extract", help="parent checkpoint + sub-network -> dense student checkpoint")
-    sp.add_argument("--input", required=True, help="parent checkpoint directory")
+    sp.add_argument("--input", required=True, help="parent checkpoint directory (consolidated or shards)")
     sp.add_argument("--subnet", required=True, help="sub-network JSON (explicit indices, or counts)")
     sp.add_argument("--importance", help="importance scores (tools/compute_importance.py) for 'order': 'importance'")
     common(sp)
+    shards(sp)
     sp.set_defaults(func=cmd_extract)
+
+    sp = sub.add_parser("reshard", help="our checkpoint at any tensor-parallel size -> the same at another")
+    sp.add_argument("--input", required=True, help="checkpoint directory (consolidated or tensor-parallel shards)")
+    common(sp)
+    shards(sp, required=True)
+    sp.set_defaults(func=cmd_reshard)
     return p.parse_args(argv)
 
 

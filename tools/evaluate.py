@@ -3,6 +3,7 @@
     python tools/evaluate.py --load ckpt/teacher --data-path data/corpus_text_document \\
         [--split 949,50,1] [--split-name valid] [--seq-length 512] [--micro-batch-size 4] [--eval-iters 16] \\
         [--subnet SUBNET.json [--importance FILE]] [--hf] [--output results.jsonl]
+    torchrun --nproc-per-node N tools/evaluate.py --tensor-model-parallel-size N ...
 
 ``--load`` takes our checkpoint directory, a Hugging Face directory or a ``.gguf`` file. ``--hf`` runs
 transformers' own model on the same batches instead of ours. Samples are Megatron's GPT samples
@@ -10,6 +11,11 @@ transformers' own model on the same batches instead of ours. Samples are Megatro
 ``--output`` is appended to (never replaced) and may not be or lie inside an input; a loss that is not
 finite is an error and appends nothing. Flags, the output and (for our checkpoints) ``--seq-length`` and
 ``--subnet`` are checked before the data and the weights are read.
+
+``--tensor-model-parallel-size N`` (under torchrun): each rank reads only its shard of our checkpoint
+(consolidated or saved at any TP size; a Hugging Face / GGUF model is read whole, then sharded) and the
+loss is the vocab-parallel cross-entropy, so no rank builds whole-vocabulary logits; the result equals a
+single process's. ``--hf`` runs at TP 1 only. Global rank 0 prints and appends the result.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from megatron_subnet.cli import ArgumentParser, nonnegative_int, positive_int, r
 from megatron_subnet.data.batches import check_vocab, load_batches  # noqa: E402
 from megatron_subnet.data.gpt_dataset import SPLIT_NAMES, parse_data_path, parse_split  # noqa: E402
 from megatron_subnet.data.indexed import bin_path, dataset_exists, idx_path  # noqa: E402
+from megatron_subnet.initialize import initialize_distributed  # noqa: E402
 from megatron_subnet.model.config import ModelConfig  # noqa: E402
 from megatron_subnet.model.evaluation import (  # noqa: E402
     checkpoint_kind,
@@ -39,8 +46,9 @@ from megatron_subnet.model.evaluation import (  # noqa: E402
 )
 from megatron_subnet.model.importance import LAYER_METRICS, load_importance  # noqa: E402
 from megatron_subnet.model.subnet import SubnetConfig, subnet_indices  # noqa: E402
-from megatron_subnet.model.weights import load_config  # noqa: E402
+from megatron_subnet.model.weights import check_divisible, load_config  # noqa: E402
 from megatron_subnet.outputs import OutputError, check_not_nested, check_output  # noqa: E402
+from megatron_subnet.parallel import state as parallel_state  # noqa: E402
 
 
 def add_data_args(p: argparse.ArgumentParser, split_name: str, iters_flag: str, iters: int) -> None:
@@ -54,6 +62,20 @@ def add_data_args(p: argparse.ArgumentParser, split_name: str, iters_flag: str, 
     g.add_argument(iters_flag, type=positive_int, default=iters, help="number of batches")
     g.add_argument("--seed", type=nonnegative_int, default=1234, help="seed of the sample shuffle")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--tensor-model-parallel-size", type=positive_int, default=1,
+                   help="split the model over this many ranks (under torchrun; the world must be a multiple)")
+
+
+def start_tensor_parallel(load: str, config: ModelConfig | None, tp: int, device: str) -> str:
+    """Check that our checkpoint's ``config`` (None: not known before loading) splits into ``tp`` ranks, then
+    join the launcher's process group with ``tp``-way tensor parallelism; returns this rank's device."""
+    if config is not None:
+        try:
+            check_divisible(config, tp)
+        except ValueError as e:
+            raise ValueError(f"--load {load}: cannot be split into {tp} tensor-parallel shards: {e}") from None
+    rank_device = initialize_distributed(tensor_parallel=tp, device=device, deepspeed_comm=False)
+    return device if parallel_state.get_world_size() == 1 else rank_device  # one process: the device asked for
 
 
 def check_data_inputs(data_path: list[str], split: str) -> list[str]:
@@ -116,6 +138,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--hf runs transformers' dense model; it does not take --subnet")
     if args.importance and not args.subnet:
         p.error("--importance only orders a --subnet")
+    if args.hf and args.tensor_model_parallel_size > 1:
+        p.error("--hf runs transformers' own model in one process: it does not take --tensor-model-parallel-size "
+                f"{args.tensor_model_parallel_size}")
     return args
 
 
@@ -135,6 +160,7 @@ def _main(argv: list[str] | None) -> int:
         check_output_location(args.output, "append", inputs, data_files)
     early_config = check_seq_length_early(args.load, args.seq_length)
     subnet = load_subnet(args, early_config) if args.subnet and early_config else None
+    device = start_tensor_parallel(args.load, early_config, args.tensor_model_parallel_size, device)
     try:
         batches = load_batches(args.data_path, args.split, args.split_name, args.seq_length, args.micro_batch_size,
                                args.eval_iters, args.seed)
@@ -159,6 +185,8 @@ def _main(argv: list[str] | None) -> int:
     if not math.isfinite(result.loss):
         raise ValueError(f"--load {args.load}: the loss is {result.loss} (not finite: the model's weights hold "
                          "NaN/inf or its activations overflowed); nothing was appended to --output")
+    if parallel_state.get_rank() != 0:
+        return 0  # every rank computed the same result; rank 0 reports it
     elapsed = time.time() - start
     print(f"loss {result.loss:.6f} | perplexity {result.perplexity:.4f} | tokens {result.tokens} | "
           f"{elapsed:.1f} s ({result.tokens / elapsed:.0f} tokens/s)")
@@ -166,7 +194,7 @@ def _main(argv: list[str] | None) -> int:
         record = {
             "load": args.load, "data_path": args.data_path, "model": "transformers" if args.hf else "ours",
             "subnet": args.subnet, "importance": args.importance, "non_embedding_params": params,
-            "split_name": args.split_name,
+            "split_name": args.split_name, "tensor_model_parallel_size": args.tensor_model_parallel_size,
             "seq_length": args.seq_length, "micro_batch_size": args.micro_batch_size, "eval_iters": args.eval_iters,
             "seed": args.seed, "loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens,
         }

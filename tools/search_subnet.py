@@ -9,6 +9,8 @@
         [--fitness-train-steps 0] --output search/
 
     torchrun --nproc-per-node 4 tools/search_subnet.py ...   # candidates evaluated 4 at a time, same result
+    torchrun --nproc-per-node 4 tools/search_subnet.py --tensor-model-parallel-size 2 ...
+                                                   # 2 replicas of a parent split over 2 ranks each, same result
 
 Fitness is the validation loss of the masked sub-network on ``--fitness-batches`` fixed batches of the
 valid split (``--data-seed`` picks them), optionally after ``--fitness-train-steps`` of distillation.
@@ -19,6 +21,15 @@ Writes ``results.jsonl``, ``best_subnet.json`` (for ``pretrain_slm.py --subnet``
 ``--generations`` may change, to extend it; the importance file is compared by content). ``--output`` may
 not hold search results without their ``state.json`` (``--overwrite`` starts a new search there instead),
 nor contain or lie inside an input. A search in which no candidate gets a finite loss exits non-zero.
+
+``--tensor-model-parallel-size N`` (under torchrun, N x D processes): each rank loads only its shard of
+the parent (``--load`` consolidated or saved at any TP size), the N ranks of a data-parallel replica
+evaluate the same candidates together, the D replicas split them; results equal a single process's.
+``--divisible-by N`` keeps every candidate's query groups (so heads) and MLP width multiples of N: pass
+it when the student will be trained at tensor-parallel size N (the searching TP size does not matter
+for masked fitness). ``--fitness-train-steps`` at TP > 1 cuts each student shard from ``--load``'s file
+(only its bytes) and needs ``--divisible-by`` a multiple of N, since the student is trained sharded.
+Global rank 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -44,13 +55,12 @@ from megatron_subnet.cli import (  # noqa: E402
     run_main,
 )
 from megatron_subnet.data.batches import check_vocab, load_batches  # noqa: E402
-from megatron_subnet.initialize import initialize_distributed  # noqa: E402
-from megatron_subnet.model.weights import CheckpointError, load_config  # noqa: E402
+from megatron_subnet.model.weights import CheckpointError, CheckpointReader, load_config  # noqa: E402
 from megatron_subnet.outputs import OutputError, check_not_nested, check_writable_location  # noqa: E402
 from megatron_subnet.search.evolution import MODES, OUTPUT_NAMES, STATE_NAME, EvolutionConfig, Search  # noqa: E402
 from megatron_subnet.search.fitness import FitnessConfig, SubnetFitness, load_parent  # noqa: E402
 from megatron_subnet.search.space import SPACES, SearchSpace, SpaceConfig, check_budget, make_budget  # noqa: E402
-from tools.evaluate import check_data_inputs  # noqa: E402
+from tools.evaluate import check_data_inputs, start_tensor_parallel  # noqa: E402
 
 
 def nonnegative_float(text: str) -> float:
@@ -73,11 +83,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--data-seed", type=nonnegative_int, default=1234,
                    help="seed of the sample shuffle (fixes the batches)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--tensor-model-parallel-size", type=positive_int, default=1,
+                   help="split the parent over this many ranks (under torchrun; the world must be a multiple)")
     g = p.add_argument_group("search space")
     g.add_argument("--space", choices=SPACES, default="uniform")
     g.add_argument("--importance", help="importance scores (.safetensors, tools/compute_importance.py)")
     g.add_argument("--layer-metric", choices=("block", "drop_loss"), help="layer score to order by (default: file's)")
     g.add_argument("--grid", type=positive_int, default=8, help="hidden and MLP sizes are multiples of this")
+    g.add_argument("--divisible-by", type=positive_int, default=1,
+                   help="query groups (so heads) and MLP sizes are multiples of this: pass N for a student trained "
+                   "at --tensor-model-parallel-size N")
     g.add_argument("--min-layers", type=positive_int, default=1)
     g.add_argument("--max-layers", type=positive_int, default=None, help="default: the parent's")
     g.add_argument(
@@ -116,6 +131,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.layer_metric and not args.importance:
         p.error("--layer-metric orders by importance scores: give --importance")
+    tp = args.tensor_model_parallel_size
+    if args.fitness_train_steps and tp > 1 and args.divisible_by % tp:
+        p.error(f"--fitness-train-steps at --tensor-model-parallel-size {tp} trains each student split over {tp} "
+                f"ranks: pass --divisible-by a multiple of {tp} (got {args.divisible_by})")
     return args
 
 
@@ -153,7 +172,6 @@ def _main(argv: list[str] | None) -> int:
     device = resolve_device(args.device)
     data_files = check_data_inputs(args.data_path, args.split)
     check_search_output(args, data_files)
-    device = initialize_distributed(device=device, deepspeed_comm=False)
     try:
         parent_config = load_config(args.load)
     except CheckpointError as e:
@@ -162,6 +180,8 @@ def _main(argv: list[str] | None) -> int:
             hint = " (a Hugging Face directory: import it with tools/convert_checkpoint.py import)"
         raise ValueError(f"--load: {e}{hint}") from None
     parent_config.check_seq_length(args.seq_length)
+    tp = args.tensor_model_parallel_size
+    device = start_tensor_parallel(args.load, parent_config, tp, device)
     importance = importance_sha256 = None
     if args.importance:
         from megatron_subnet.model.importance import load_importance
@@ -176,6 +196,7 @@ def _main(argv: list[str] | None) -> int:
         SpaceConfig(
             kind=args.space,
             grid=args.grid,
+            divisible_by=args.divisible_by,
             min_layers=args.min_layers,
             max_layers=args.max_layers,
             hidden_divisible_by_heads=args.hidden_divisible_by_heads,
@@ -223,8 +244,11 @@ def _main(argv: list[str] | None) -> int:
             *data, "train", args.seq_length, args.micro_batch_size, args.fitness_train_steps, args.data_seed
         )
     check_vocab(valid + (train or []), parent_config.vocab_size)
+    reader = None
     try:
         parent = load_parent(args.load, device)
+        if args.fitness_train_steps and tp > 1:  # each rank cuts its student shards from the file
+            reader = CheckpointReader(args.load)
     except CheckpointError as e:
         raise ValueError(f"--load: {e}") from None
     search.fitness = SubnetFitness(
@@ -236,8 +260,13 @@ def _main(argv: list[str] | None) -> int:
             lr=args.fitness_lr,
             kd_alpha=args.fitness_kd_alpha,
         ),
+        read=reader.read if reader is not None else None,
     )
-    search.run()
+    try:
+        search.run()
+    finally:
+        if reader is not None:
+            reader.close()
     if search.writer:
         total = space.parent_params()
         for entry in search.best_per_bin():

@@ -1,7 +1,14 @@
 """Language-model loss and perplexity of a model (ours, dense or masked, or transformers') on token batches.
 
 Batches are token tensors ``[batch, seq + 1]``: inputs ``[:, :-1]``, labels ``[:, 1:]``. The loss is the
-fp32 cross-entropy averaged over every label token of every batch.
+fp32 cross-entropy averaged over every label token of every batch (token-weighted: batches of different
+sizes count by their tokens). ``evaluate`` is the one evaluation loop: ``tools/evaluate.py``, the search
+fitness, importance's drop loss (through ``lm_loss``) and the trainer's validation all use it.
+
+Under tensor parallelism our model's logits are this rank's vocabulary slice; ``lm_loss`` is
+``parallel.losses.cross_entropy``, which takes such slices (no rank builds a whole-vocabulary row) and
+gives the same value on every rank. With one tensor-parallel rank it is the plain cross-entropy, so
+transformers' full-vocabulary logits go through it too.
 """
 
 from __future__ import annotations
@@ -13,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from megatron_subnet.model.weights import (
@@ -24,9 +30,11 @@ from megatron_subnet.model.weights import (
     model_from_state,
     shard_state_dict,
 )
+from megatron_subnet.parallel import state as parallel_state
 from megatron_subnet.parallel.layers import TPShard
+from megatron_subnet.parallel.losses import cross_entropy
 
-Forward = Callable[[torch.Tensor], torch.Tensor]  # tokens [batch, seq] -> logits [batch, seq, vocab]
+Forward = Callable[[torch.Tensor], torch.Tensor]  # tokens [batch, seq] -> logits [batch, seq, vocab (/ TP)]
 
 
 @dataclass
@@ -40,8 +48,11 @@ class EvalResult:
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy in fp32 (``labels`` already shifted)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction=reduction)
+    """Next-token cross-entropy in fp32 (``labels`` already shifted), mean or ``"sum"`` over tokens.
+
+    ``logits [batch, seq, vocab]``: under tensor parallelism this rank's vocabulary slice (our model's
+    output as it comes); the vocab-parallel ``cross_entropy`` gives every rank the same value."""
+    return cross_entropy(logits.reshape(-1, *logits.shape[-2:]), labels.reshape(-1, labels.shape[-1]), reduction)
 
 
 @torch.no_grad()
@@ -49,15 +60,19 @@ def evaluate(
     forward: Forward, batches: Iterable[torch.Tensor], device: torch.device | str = "cpu",
     desc: str = "eval", progress: bool | None = None,
 ) -> EvalResult:
-    """Mean loss of ``forward`` over ``batches`` (``progress=None``: a bar only on a terminal)."""
+    """Token-weighted mean loss of ``forward`` over ``batches``: the summed cross-entropy of every label token
+    divided by their number. ``progress=None``: a bar only on a terminal (and only on global rank 0);
+    ``False``: silent."""
     total, tokens = 0.0, 0
-    bar = tqdm(batches, desc=desc, unit="batch", disable=None if progress is None else not progress)
+    quiet = (not progress if progress is not None else None) if parallel_state.get_rank() == 0 else True
+    bar = tqdm(batches, desc=desc, unit="batch", disable=quiet)
     for batch in bar:
         batch = batch.to(device)
         inputs, labels = batch[:, :-1], batch[:, 1:]
         total += float(lm_loss(forward(inputs), labels, reduction="sum"))
         tokens += labels.numel()
-        bar.set_postfix(loss=f"{total / tokens:.4f}")
+        if not bar.disable:
+            bar.set_postfix(loss=f"{total / tokens:.4f}")
     if tokens == 0:
         raise ValueError("no evaluation batches")
     return EvalResult(total / tokens, tokens)

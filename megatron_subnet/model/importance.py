@@ -11,6 +11,12 @@ One dense forward per calibration batch, watched by forward hooks (``gpt.py`` is
 
 Higher is more important everywhere. ``Importance`` implements ``subnet.ImportanceScores``; its
 ``layer_metric`` picks which layer score ``.layers`` returns. Saved as safetensors with metadata.
+
+Under tensor parallelism every TP rank runs the same batches on its shard: its hooks see only its own
+heads and MLP neurons (a contiguous block of the global numbering), which are all-gathered over the TP
+group into the global vectors; norm outputs and layer inputs/outputs are replicated, so hidden-channel
+and block scores are taken as they are, and the drop loss uses the vocab-parallel cross-entropy. The
+scores equal a single process's (up to float rounding) and every rank holds them.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from megatron_subnet.model.config import ModelConfig
 from megatron_subnet.model.evaluation import lm_loss
 from megatron_subnet.model.gpt import GPTModel, rotary_cos_sin
 from megatron_subnet.outputs import write_file_atomically
+from megatron_subnet.parallel import mappings
+from megatron_subnet.parallel import state as parallel_state
 
 LAYER_METRICS = ("block", "drop_loss")
 FORMAT_VERSION = "1"
@@ -172,8 +180,9 @@ class _Recorder:
         c = model.config
         n = c.num_layers
         zeros = lambda size: torch.zeros(size, dtype=torch.float64)  # noqa: E731
-        self.heads = [zeros(c.layer_heads(i)) for i in range(n)]
-        self.mlp = [zeros(c.layer_ffn(i)) for i in range(n)]
+        # this tensor-parallel rank's heads and neurons (all of them with one rank)
+        self.heads = [zeros(layer.self_attention.layout.num_heads) for layer in model.layers]
+        self.mlp = [zeros(layer.mlp.linear_fc2.in_per_rank) for layer in model.layers]
         self.hidden = zeros(c.hidden_size)
         self.block = zeros(n)
         self.layer_inputs: list[torch.Tensor | None] = [None] * n
@@ -235,6 +244,13 @@ def _logits_from(model: GPTModel, x: torch.Tensor, start: int, cos: torch.Tensor
     return model.embedding_logits(x, None) if model.output_layer is None else model.output_layer(x)
 
 
+def _gather_tp(local: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The global score vector from every tensor-parallel rank's block of it (rank order: global numbering)."""
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return local
+    return mappings.all_gather_last_dim(local.to(device)).cpu()  # on the model's device: NCCL needs CUDA tensors
+
+
 @torch.no_grad()
 def compute_importance(
     model: GPTModel,
@@ -257,7 +273,8 @@ def compute_importance(
     c = model.config
     tokens_seen = drop_tokens = 0
     drop_loss = torch.zeros(c.num_layers, dtype=torch.float64)
-    bar = tqdm(batches, desc="importance", unit="batch", disable=None if progress is None else not progress)
+    quiet = (None if progress is None else not progress) if parallel_state.get_rank() == 0 else True
+    bar = tqdm(batches, desc="importance", unit="batch", disable=quiet)
     with _Recorder(model) as rec:
         for step, batch in enumerate(bar):
             batch = batch.to(model.embedding.weight.device)
@@ -267,26 +284,29 @@ def compute_importance(
             tokens_seen += inputs.numel()
             if not rec.keep_inputs:
                 continue
-            base = lm_loss(logits, labels)
+            # token-weighted, as evaluation.evaluate: summed cross-entropy, divided by the label tokens at the end
+            base = float(lm_loss(logits, labels, reduction="sum"))
             del logits
             cos, sin = rotary_cos_sin(c, inputs.shape[1], inputs.device)
             rec.recording = False
             for i in range(c.num_layers):
-                drop_loss[i] += float(lm_loss(_logits_from(model, rec.layer_inputs[i], i + 1, cos, sin), labels) - base)
+                logits = _logits_from(model, rec.layer_inputs[i], i + 1, cos, sin)
+                drop_loss[i] += float(lm_loss(logits, labels, reduction="sum")) - base
             rec.layer_inputs = [None] * c.num_layers
             rec.recording = True
-            drop_tokens += inputs.numel()
+            drop_tokens += labels.numel()
     model.train(was_training)
     n_batches = len(batches)
     per_group = [c.layer_heads(i) // c.layer_query_groups(i) for i in range(c.num_layers)]
-    heads = [(h / n_batches).float() for h in rec.heads]
+    device = model.embedding.weight.device
+    heads = [(_gather_tp(h, device) / n_batches).float() for h in rec.heads]
     return Importance(
         hidden=(rec.hidden / tokens_seen).float(),
         heads=heads,
         query_groups=[h.view(-1, g).sum(1) for h, g in zip(heads, per_group)],
-        mlp=[(m / tokens_seen).float() for m in rec.mlp],
+        mlp=[(_gather_tp(m, device) / tokens_seen).float() for m in rec.mlp],
         block=(rec.block / tokens_seen).float(),
-        drop_loss=(drop_loss / drop_iters).float() if drop_iters else None,
+        drop_loss=(drop_loss / drop_tokens).float() if drop_iters else None,
         layer_metric=layer_metric,
         metadata={
             "num_tokens": str(tokens_seen),

@@ -4,8 +4,11 @@ The parent is loaded once (``load_parent``) and every candidate runs on its weig
 ``GPTModel.forward(tokens, subnet=...)``: no reload, no copy. Every candidate sees the same validation
 batches (``load_batches`` from the valid split), so losses compare directly.
 
+The loss is ``evaluation.evaluate``'s: the cross-entropy summed over every label token of every batch,
+divided by their number (the one evaluation definition; vocab-parallel under tensor parallelism).
+
 With ``train_steps = k > 0`` the candidate is first distilled briefly: its dense student is extracted
-(``extract_state_dict``: a copy of the student's weights), trained ``k`` AdamW steps on fixed train
+(``extract_shard``: a copy of the student's weights), trained ``k`` AdamW steps on fixed train
 batches with ``distillation_loss`` against the parent's logits, and then its validation loss is taken.
 Cost per candidate: about ``k`` x (student forward + backward, ~3 student forwards) plus the parent's
 forward on each train batch (computed once and cached when the logits fit ``teacher_cache_bytes``),
@@ -15,6 +18,13 @@ plus the extraction copy and the ``N`` validation forwards; without training a c
 With several data-parallel ranks (torchrun; gloo on CPU, nccl on GPU) the candidates of one call are
 split round-robin over the ranks, evaluated at once, and all-gathered back in candidate order; each
 loss is computed exactly as on one rank, so the search is the same at any data-parallel size.
+
+Under tensor parallelism (TP ranks of one data-parallel replica evaluate the same candidates together)
+the parent is this rank's shard and the masked candidates take global selections as they are. A
+distilled candidate's student is cut shard by shard through ``read`` (a ``CheckpointReader`` on the
+parent's checkpoint: each rank reads only its student shard's rows and columns, never the whole parent),
+trained sharded with the vocab-parallel ``distillation_loss``; the student must split into the TP size
+(the search keeps it so with ``--divisible-by``).
 """
 
 from __future__ import annotations
@@ -26,17 +36,18 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_subnet.model.evaluation import evaluate
 from megatron_subnet.model.gpt import GPTModel
-from megatron_subnet.model.subnet import SubnetConfig, extract_state_dict, subnet_indices
-from megatron_subnet.model.weights import load_model
+from megatron_subnet.model.subnet import SubnetConfig, extract_shard, subnet_indices
+from megatron_subnet.model.weights import TensorSource, load_model, state_source
 from megatron_subnet.parallel import state as parallel_state
-from megatron_subnet.parallel.losses import cross_entropy, distillation_loss
+from megatron_subnet.parallel.losses import distillation_loss
 
 
 def load_parent(path: str | os.PathLike, device: torch.device | str = "cpu") -> GPTModel:
-    """The parent from our checkpoint directory, frozen and in eval mode.
+    """The parent from our checkpoint directory (consolidated or sharded), frozen and in eval mode: this
+    rank's tensor-parallel shard only, through the one loader (``weights.load_model``).
 
-    The one place the search reads the parent's weights: sharded (TP/PP) checkpoints plug in here.
     Raises ``CheckpointError`` (a ValueError) naming a missing file or weights that do not fit the config.
     """
     model = load_model(path, device)
@@ -63,13 +74,23 @@ class SubnetFitness:
         valid_batches: list[torch.Tensor],
         train_batches: list[torch.Tensor] | None = None,
         config: FitnessConfig | None = None,
+        read: TensorSource | None = None,
     ):
+        """``read(name, rows, cols)``: the parent's tensors in global numbering (a ``CheckpointReader``'s
+        ``read``), which a distilled fitness under tensor parallelism cuts its student shards from; with one
+        TP rank the parent's own weights serve when it is None."""
         self.parent, self.config = parent, config or FitnessConfig()
         self.device = next(parent.parameters()).device
         self.valid = [b.to(self.device) for b in valid_batches]
         self.train = [b.to(self.device) for b in train_batches or []]
+        self.read = read
         if self.config.train_steps > 0 and not self.train:
             raise ValueError("--fitness-train-steps needs train batches")
+        if self.config.train_steps > 0 and parent.shard.size > 1 and read is None:
+            raise ValueError(
+                "--fitness-train-steps under tensor parallelism cuts each student from the parent's checkpoint: "
+                "pass read=CheckpointReader(load).read"
+            )
         self._teacher_logits: dict[int, torch.Tensor] = {}
         self._cpu_state: dict[str, torch.Tensor] | None = None
 
@@ -89,17 +110,17 @@ class SubnetFitness:
         index = subnet_indices(self.parent.config, subnet, self.device)
         return self._valid_loss(lambda tokens: self.parent(tokens, subnet=index))
 
-    @torch.no_grad()
     def _valid_loss(self, forward) -> float:
-        losses = [float(cross_entropy(forward(b[:, :-1]), b[:, 1:])) for b in self.valid]
-        return sum(losses) / len(losses)  # equal-size batches: the mean over all label tokens
+        return evaluate(forward, self.valid, self.device, progress=False).loss
 
     def distilled_loss(self, subnet: SubnetConfig) -> float:
         """Validation loss of the extracted student after ``train_steps`` of distillation from the parent."""
         cfg = self.config
-        student_config, weights = extract_state_dict(self.parent.config, self._parent_state(), subnet)
+        shard = self.parent.shard
+        read = self.read if self.read is not None else state_source(self._parent_state())
+        student_config, weights = extract_shard(self.parent.config, read, subnet, shard)
         with torch.device("meta"):
-            student = GPTModel(student_config)
+            student = GPTModel(student_config, shard)
         student.load_state_dict(weights, assign=True)
         student = student.to(self.device).train()
         optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -118,7 +139,7 @@ class SubnetFitness:
     def _parent_state(self) -> dict[str, torch.Tensor]:
         if self.device.type == "cpu":
             return self.parent.state_dict()  # views, no copy
-        if self._cpu_state is None:  # extract_state_dict indexes on the CPU
+        if self._cpu_state is None:  # extract_shard indexes on the CPU
             self._cpu_state = {k: v.cpu() for k, v in self.parent.state_dict().items()}
         return self._cpu_state
 

@@ -17,6 +17,9 @@ order (Gumbel top-k, so important indices tend to come first) or uniformly witho
 by swapping a kept index with a dropped one. Hidden and MLP sizes lie on a grid (multiples of
 ``grid``); with ``hidden_divisible_by_heads`` (default on for llama parents, which transformers'
 LlamaConfig needs for export) the hidden size is also a multiple of every kept layer's head count.
+With ``divisible_by = N`` (``--divisible-by``) every candidate's query groups (hence heads) and MLP width
+are multiples of N, so its extracted student splits into N tensor-parallel ranks; sampling, mutation,
+crossover and repair all move within those values.
 
 Repair moves a candidate into a parameter window one grid step at a time, each step on a gene drawn
 from the RNG (deterministic for a seed); it returns None when it cannot (a cycle or too many steps).
@@ -55,13 +58,17 @@ class SpaceConfig:
 
     kind: str = "uniform"
     grid: int = 8  # hidden and MLP sizes are multiples of this
+    divisible_by: int = 1  # query groups (so heads) and MLP sizes are multiples of this (a TP=N student: N)
     min_layers: int = 1
     max_layers: int | None = None  # None: the parent's
     hidden_divisible_by_heads: bool | None = None  # None: on for llama parents (HF export needs it)
     include_embeddings: bool = False  # the parameter metric: non-embedding (default) or total
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["divisible_by"] == 1:  # the default: searches saved before the flag existed resume unchanged
+            del d["divisible_by"]
+        return d
 
 
 def _order(scores, size: int) -> list[int]:
@@ -97,13 +104,24 @@ class SearchSpace:
             if config.hidden_divisible_by_heads is None
             else bool(config.hidden_divisible_by_heads)
         )
+        self.divisible_by = config.divisible_by
+        if self.divisible_by < 1:
+            raise SearchSpaceError(f"--divisible-by {self.divisible_by}: must be at least 1")
+        d = self.divisible_by
+        self.ffn_step = math.lcm(self.grid, d)  # MLP sizes: multiples of the grid and of --divisible-by
         self.p_groups = [parent.layer_query_groups(p) for p in range(L)]
+        self.max_groups = [groups // d * d for groups in self.p_groups]  # the most a candidate may keep
         self.p_hpg = [parent.layer_heads(p) // parent.layer_query_groups(p) for p in range(L)]
-        self.p_ffn = [parent.layer_ffn(p) // self.grid * self.grid for p in range(L)]
+        self.p_ffn = [parent.layer_ffn(p) // self.ffn_step * self.ffn_step for p in range(L)]
         for p in range(L):
-            if self.p_ffn[p] < self.grid:
+            if self.max_groups[p] < 1:
                 raise SearchSpaceError(
-                    f"--grid {self.grid}: larger than the parent's MLP size {parent.layer_ffn(p)} (layer {p})"
+                    f"--divisible-by {d}: layer {p} of the parent has only {self.p_groups[p]} query groups"
+                )
+            if self.p_ffn[p] < self.ffn_step:
+                step = f"--grid {self.grid}" + (f" x --divisible-by {d}" if self.ffn_step != self.grid else "")
+                raise SearchSpaceError(
+                    f"{step}: larger than the parent's MLP size {parent.layer_ffn(p)} (layer {p})"
                 )
         imp = importance
         self.layer_order = _order(imp.layers if imp else None, L)
@@ -145,10 +163,11 @@ class SearchSpace:
                     step = math.lcm(step, heads)
             return list(range(step, self.parent.hidden_size + 1, step))
         if name == "groups":
-            return list(range(1, min(self.p_groups[q] for q in layers) + 1))
+            d = self.divisible_by
+            return list(range(d, min(self.max_groups[q] for q in layers) + 1, d))
         if name == "hpg":
             return list(range(1, min(self.p_hpg[q] for q in layers) + 1))
-        return list(range(self.grid, min(self.p_ffn[q] for q in layers) + 1, self.grid))
+        return list(range(self.ffn_step, min(self.p_ffn[q] for q in layers) + 1, self.ffn_step))
 
     def layer_sizes(self, g: Genome, p: int) -> tuple[int, int, int]:
         """(query groups, heads per group, MLP size) of parent layer ``p`` in ``g``."""
@@ -213,7 +232,9 @@ class SearchSpace:
 
     def param_range(self) -> tuple[int, int]:
         """Smallest and (about) largest parameter count the space can reach."""
-        smallest = self._base_params(self.grid) + self.min_layers * self._layer_params(self.grid, 1, 1, self.grid)
+        smallest = self._base_params(self.grid) + self.min_layers * self._layer_params(
+            self.grid, self.divisible_by, 1, self.ffn_step
+        )
         g = self.full()
         g["layers"] = self.max_layers
         if self.kind != "uniform":  # keep the largest layers
@@ -239,14 +260,14 @@ class SearchSpace:
             return {
                 "layers": self.max_layers,
                 "hidden": hidden,
-                "groups": min(self.p_groups),
+                "groups": min(self.max_groups),
                 "hpg": min(self.p_hpg),
                 "ffn": min(self.p_ffn),
             }
         return {
             "layers": self.max_layers,
             "hidden": hidden,
-            "groups": list(self.p_groups),
+            "groups": list(self.max_groups),
             "hpg": list(self.p_hpg),
             "ffn": list(self.p_ffn),
         }
