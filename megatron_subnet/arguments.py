@@ -15,6 +15,17 @@ class ArgumentError(ValueError):
     """A flag (or ds_config key) with a bad value; the message names it."""
 
 
+def layer_counts(text: str) -> list[int]:
+    """``8,8,7,7``: a positive layer count per pipeline stage."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer counts") from None
+    if any(n < 1 for n in counts):
+        raise argparse.ArgumentTypeError(f"{text!r}: every stage needs at least one layer")
+    return counts
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         description="Pretrain a small LM from a sub-network of a teacher, with online distillation (DeepSpeed ZeRO).",
@@ -67,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
+    g.add_argument(
+        "--pipeline-layer-split", type=layer_counts, help="student layers per stage, e.g. 8,8,7,7 (default: even)"
+    )
+    g.add_argument("--decoder-first-pipeline-num-layers", type=positive_int, help="layers of the first stage")
+    g.add_argument("--decoder-last-pipeline-num-layers", type=positive_int, help="layers of the last stage")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], help="default: nccl with CUDA, else gloo")
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", help="checkpoint directory")
@@ -105,8 +121,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Checks across flags (single-flag ranges are the argparse types'); ds_config is read and checked too."""
-    if args.pipeline_model_parallel_size != 1:
-        raise ArgumentError("--pipeline-model-parallel-size: only 1 is supported so far")
+    pp = args.pipeline_model_parallel_size
+    if args.pipeline_layer_split and (args.decoder_first_pipeline_num_layers or args.decoder_last_pipeline_num_layers):
+        raise ArgumentError("--pipeline-layer-split: give it or --decoder-first/last-pipeline-num-layers, not both")
+    if args.pipeline_layer_split and len(args.pipeline_layer_split) != pp:
+        raise ArgumentError(
+            f"--pipeline-layer-split {','.join(map(str, args.pipeline_layer_split))}: {len(args.pipeline_layer_split)} "
+            f"counts for --pipeline-model-parallel-size {pp}"
+        )
     if (args.train_iters is None) == (args.train_tokens is None):
         raise ArgumentError("give exactly one of --train-iters and --train-tokens")
     if args.kd_temperature <= 0:

@@ -27,6 +27,7 @@ from megatron_subnet.parallel.layers import (
     scaled_init_std,
 )
 from megatron_subnet.parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron_subnet.parallel.pipeline import PipelineStage
 
 _ACTIVATIONS = {
     "swiglu": F.silu,
@@ -159,6 +160,22 @@ class TransformerLayer(nn.Module):
         return x + self.mlp(self.pre_mlp_layernorm(x, hidden), index, hidden)
 
 
+class Layers(nn.ModuleDict):
+    """Transformer layers keyed by their GLOBAL index (state-dict names ``layers.{i}.``), of which a pipeline
+    stage holds a contiguous run. Indexing by an int is by global index; iteration yields the layers in order."""
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return list(self.values())[key]
+        return super().__getitem__(str(key))
+
+    def __iter__(self):
+        return iter(self.values())
+
+    def indices(self) -> list[int]:
+        return [int(k) for k in self.keys()]
+
+
 class GPTModel(nn.Module):
     """Embedding, transformer layers, final norm and the (tied or untied) output layer.
 
@@ -166,43 +183,60 @@ class GPTModel(nn.Module):
     shard, and the logits come out split over the vocabulary: ``[batch, seq, vocab / TP]``, this rank's
     ids ``[rank * vocab / TP, (rank + 1) * vocab / TP)`` (``parallel.losses`` works on them as they are;
     ``gather_from_tensor_model_parallel_region`` joins them).
+
+    A pipeline ``stage`` (default: the whole model) holds only its layers (global numbering), the embedding
+    on the first stage, the final norm and output layer on the last; with tied embeddings the last stage
+    holds its own copy of the embedding (Megatron's scheme; the trainer keeps the two copies' gradients
+    summed). A first stage takes tokens, later ones the previous stage's hidden states; a last stage
+    returns logits, earlier ones hidden states.
     """
 
-    def __init__(self, config: ModelConfig, shard: TPShard | None = None):
+    def __init__(self, config: ModelConfig, shard: TPShard | None = None, stage: PipelineStage | None = None):
         super().__init__()
         self.config = config
         self.shard = shard or TPShard.current()
-        self.embedding = VocabParallelEmbedding(
-            config.vocab_size, config.hidden_size, init_std=config.init_std, shard=self.shard
+        self.stage = stage or PipelineStage.whole(config.num_layers)
+        tied = config.tie_word_embeddings
+        self.embedding = (
+            VocabParallelEmbedding(config.vocab_size, config.hidden_size, init_std=config.init_std, shard=self.shard)
+            if self.stage.first or (self.stage.last and tied)
+            else None
         )
-        self.layers = nn.ModuleList(TransformerLayer(config, i, self.shard) for i in range(config.num_layers))
-        self.final_layernorm = make_norm(config)
+        self.layers = Layers({str(i): TransformerLayer(config, i, self.shard) for i in self.stage.layers})
+        self.final_layernorm = make_norm(config) if self.stage.last else None
         self.output_layer = (
-            None
-            if config.tie_word_embeddings
-            else ColumnParallelLinear(
+            ColumnParallelLinear(
                 config.hidden_size, config.vocab_size, bias=False, init_std=config.init_std, shard=self.shard,
                 what="vocab_size",
             )  # fmt: skip
+            if self.stage.last and not tied
+            else None
         )
+        if tied and self.stage.last and not self.stage.first:
+            self.embedding.weight.ds_pipe_replicated = True  # DeepSpeed's gradient norm counts it once
 
-    def forward(self, tokens: torch.Tensor, subnet: SubnetConfig | SubnetIndices | None = None) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, subnet: SubnetConfig | SubnetIndices | None = None) -> torch.Tensor:
         """This rank's logits ``[batch, seq, vocab / TP]`` of the whole model, or of ``subnet`` run on these
-        weights (given in parent indices; each rank computes with the part on its shard)."""
+        weights (given in parent indices; each rank computes with the part on its shard and its stage).
+        ``inputs``: tokens ``[batch, seq]`` on the first stage, hidden states ``[batch, seq, hidden]`` after."""
         index = (
-            subnet_indices(self.config, subnet, tokens.device, self.shard)
+            subnet_indices(self.config, subnet, inputs.device, self.shard)
             if isinstance(subnet, SubnetConfig)
             else subnet
         )
         hidden = None if index is None else index.hidden
-        cos, sin = rotary_cos_sin(self.config, tokens.shape[1], tokens.device)
-        x = self.embedding(tokens, cols=hidden)
+        cos, sin = rotary_cos_sin(self.config, inputs.shape[1], inputs.device)
+        x = self.embedding(inputs, cols=hidden) if self.stage.first else inputs
         if index is None:
             for layer in self.layers:
                 x = layer(x, cos, sin)
         else:
+            held = self.stage.layers
             for i, layer_index in zip(index.layers, index.per_layer):
-                x = self.layers[i](x, cos, sin, layer_index, hidden)
+                if held[0] <= i <= held[-1]:
+                    x = self.layers[i](x, cos, sin, layer_index, hidden)
+        if not self.stage.last:
+            return x
         x = self.final_layernorm(x, hidden)
         if self.output_layer is None:
             return self.embedding_logits(x, hidden)

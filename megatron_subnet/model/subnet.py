@@ -21,6 +21,7 @@ from megatron_subnet.model.config import ConfigError, ModelConfig, is_int
 from megatron_subnet.model.qkv import QKVLayout
 from megatron_subnet.outputs import write_text_atomically
 from megatron_subnet.parallel.layers import WHOLE, TPShard, select
+from megatron_subnet.parallel.pipeline import PipelineStage
 
 Counts = int | Sequence[int] | None
 
@@ -324,29 +325,34 @@ def extract_shard(
     read: Callable[[str, torch.Tensor | None, torch.Tensor | None], torch.Tensor],
     subnet: SubnetConfig,
     shard: TPShard,
+    stage: PipelineStage | None = None,
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The student's config and the weights of its tensor-parallel ``shard``, fetched through
-    ``read(parent tensor name, rows, cols)`` in the parent's global numbering (a ``CheckpointReader`` reads
-    only those bytes): no rank needs the whole parent. ValueError when the student does not split into
-    ``shard.size`` ranks."""
+    """The student's config and the weights of its tensor-parallel ``shard`` and pipeline ``stage`` (default:
+    all layers), fetched through ``read(parent tensor name, rows, cols)`` in the parent's global numbering
+    (a ``CheckpointReader`` reads only those bytes): no rank needs the whole parent. ValueError when the
+    student does not split into ``shard.size`` ranks."""
     from megatron_subnet.model.weights import expected_shapes, partition_dims
 
     student = subnet.student_config(parent)
-    shapes = expected_shapes(student, shard)  # raises, naming the dimension, when the student cannot be sharded
+    shapes = expected_shapes(student, shard, stage)  # raises, naming the dimension, when the student cannot split
     dims = partition_dims(student)
     index = subnet_indices(parent, subnet, "cpu", WHOLE)
     hidden = index.hidden
 
-    def take(src: str, dst: str, rows: torch.Tensor | None, cols: torch.Tensor | None = None) -> torch.Tensor:
+    out: dict[str, torch.Tensor] = {}
+
+    def take(src: str, dst: str, rows: torch.Tensor | None, cols: torch.Tensor | None = None) -> None:
+        if dst not in shapes:  # another pipeline stage's tensor (or a bias this architecture has not)
+            return
         dim = dims.get(dst)
         if dim is not None and shard.size > 1:  # this shard's chunk of the student's rows (or columns)
             full = rows if dim == 0 else cols
             n = shapes[dst][dim]
             chunk = (torch.arange(n * shard.size) if full is None else full)[shard.rank * n : (shard.rank + 1) * n]
             rows, cols = (chunk, cols) if dim == 0 else (rows, chunk)
-        return read(src, rows, cols).clone().contiguous()
+        out[dst] = read(src, rows, cols).clone().contiguous()
 
-    out = {"embedding.weight": take("embedding.weight", "embedding.weight", None, hidden)}
+    take("embedding.weight", "embedding.weight", None, hidden)
     norm_params = ["weight"] + (["bias"] if parent.normalization == "layernorm" else [])
     for j, (i, li) in enumerate(zip(index.layers, index.per_layer)):
         src, dst = f"layers.{i}.", f"layers.{j}."
@@ -359,14 +365,12 @@ def extract_shard(
         if parent.gated_mlp:
             linears["mlp.linear_gate"] = (li.mlp_rows, hidden)
         for name, (rows, cols) in linears.items():
-            out[f"{dst}{name}.weight"] = take(f"{src}{name}.weight", f"{dst}{name}.weight", rows, cols)
-            if f"{dst}{name}.bias" in shapes:
-                out[f"{dst}{name}.bias"] = take(f"{src}{name}.bias", f"{dst}{name}.bias", rows)
+            take(f"{src}{name}.weight", f"{dst}{name}.weight", rows, cols)
+            take(f"{src}{name}.bias", f"{dst}{name}.bias", rows)
         for norm in ("input_layernorm", "pre_mlp_layernorm"):
             for p in norm_params:
-                out[f"{dst}{norm}.{p}"] = take(f"{src}{norm}.{p}", f"{dst}{norm}.{p}", hidden)
+                take(f"{src}{norm}.{p}", f"{dst}{norm}.{p}", hidden)
     for p in norm_params:
-        out[f"final_layernorm.{p}"] = take(f"final_layernorm.{p}", f"final_layernorm.{p}", hidden)
-    if not parent.tie_word_embeddings:
-        out["output_layer.weight"] = take("output_layer.weight", "output_layer.weight", None, hidden)
+        take(f"final_layernorm.{p}", f"final_layernorm.{p}", hidden)
+    take("output_layer.weight", "output_layer.weight", None, hidden)
     return student, out

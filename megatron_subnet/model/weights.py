@@ -2,7 +2,8 @@
 
     model_config.json                         the architecture (ModelConfig)
     model.safetensors                         consolidated weights, or, saved at tensor-parallel size N:
-    mp_rank_00.safetensors ... mp_rank_{N-1}  one shard per TP rank (Megatron's mp_rank naming)
+    mp_rank_00.safetensors ... mp_rank_{N-1}  one shard per TP rank (Megatron's mp_rank naming), or
+    mp_rank_TT_PPP.safetensors                 one per TP rank and pipeline stage
     tokenizer files, subnet.json              as the source had them / the sub-network it was cut by
 
 Tensor-parallel splits are plain chunks along one dimension per tensor, which the model's parameters
@@ -30,11 +31,12 @@ from safetensors.torch import save_file
 
 from megatron_subnet.model.config import ConfigError, ModelConfig
 from megatron_subnet.outputs import write_directory_atomically
-from megatron_subnet.parallel.layers import WHOLE, TPShard, mark_partitioned
+from megatron_subnet.parallel.layers import WHOLE, TPShard
+from megatron_subnet.parallel.pipeline import PipelineStage
 
 CONFIG_NAME = "model_config.json"
 WEIGHTS_NAME = "model.safetensors"
-SHARD_PATTERN = re.compile(r"mp_rank_(\d{2})\.safetensors")
+SHARD_PATTERN = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?\.safetensors")
 SUBNET_NAME = "subnet.json"
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -55,25 +57,29 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, or does not fit its config."""
 
 
-def shard_file(rank: int) -> str:
-    return f"mp_rank_{rank:02d}.safetensors"
+def shard_file(tp_rank: int, pp_rank: int | None = None) -> str:
+    """Megatron's names: ``mp_rank_TT`` (tensor parallel only), ``mp_rank_TT_PPP`` with pipeline stages."""
+    stage = "" if pp_rank is None else f"_{pp_rank:03d}"
+    return f"mp_rank_{tp_rank:02d}{stage}.safetensors"
 
 
 # ----------------------------------------------------------------------------- shapes and splits
 
 
-def _meta_model(config: ModelConfig, shard: TPShard):
+def _meta_model(config: ModelConfig, shard: TPShard, stage: PipelineStage | None = None):
     from megatron_subnet.model.gpt import GPTModel
 
     with torch.device("meta"):
-        return GPTModel(config, shard)
+        return GPTModel(config, shard, stage)
 
 
-def expected_shapes(config: ModelConfig, shard: TPShard = WHOLE) -> dict[str, tuple[int, ...]]:
-    """Name and shape of every tensor a model of ``config`` holds on ``shard`` (meta device: no memory).
-
-    ValueError naming the dimension when ``config`` does not split into ``shard.size`` ranks."""
-    return {name: tuple(t.shape) for name, t in _meta_model(config, shard).state_dict().items()}
+def expected_shapes(
+    config: ModelConfig, shard: TPShard = WHOLE, stage: PipelineStage | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Name and shape of every tensor a model of ``config`` holds on ``shard`` and pipeline ``stage`` (default:
+    the whole model), built on the meta device. ValueError naming the dimension when ``config`` does not split
+    into ``shard.size`` ranks."""
+    return {name: tuple(t.shape) for name, t in _meta_model(config, shard, stage).state_dict().items()}
 
 
 def partition_dims(config: ModelConfig) -> dict[str, int | None]:
@@ -92,10 +98,14 @@ def check_divisible(config: ModelConfig, tp_size: int) -> None:
 
 
 def check_state_dict(
-    config: ModelConfig, state: dict[str, torch.Tensor], source: str, shard: TPShard = WHOLE
+    config: ModelConfig,
+    state: dict[str, torch.Tensor],
+    source: str,
+    shard: TPShard = WHOLE,
+    stage: PipelineStage | None = None,
 ) -> None:
     """Raise CheckpointError naming missing, unexpected or mis-shaped tensors."""
-    shapes = expected_shapes(config, shard)
+    shapes = expected_shapes(config, shard, stage)
     missing = sorted(set(shapes) - set(state))
     unexpected = sorted(set(state) - set(shapes))
     wrong = sorted(n for n in set(shapes) & set(state) if tuple(state[n].shape) != shapes[n])
@@ -142,49 +152,56 @@ def merge_state_dicts(config: ModelConfig, shards: list[dict[str, torch.Tensor]]
 # ----------------------------------------------------------------------------- reading
 
 
-def _weight_files(directory: Path) -> tuple[list[Path], int]:
-    """(files, tensor-parallel size they were saved at)."""
+def _weight_files(directory: Path) -> tuple[dict[tuple[int, int], Path], int, int]:
+    """({(tp rank, pp rank): file}, tensor-parallel size, pipeline-parallel size) of the saved weights."""
     consolidated = directory / WEIGHTS_NAME
-    shards = sorted(p for p in directory.iterdir() if SHARD_PATTERN.fullmatch(p.name)) if directory.is_dir() else []
+    shards = {}
+    for path in directory.iterdir() if directory.is_dir() else []:
+        match = SHARD_PATTERN.fullmatch(path.name)
+        if match:
+            shards[(int(match.group(1)), int(match.group(2) or 0))] = path
     if consolidated.is_file() and shards:
-        raise CheckpointError(f"{directory}: holds both {WEIGHTS_NAME} and {shards[0].name}; keep one layout")
+        raise CheckpointError(f"{directory}: holds both {WEIGHTS_NAME} and mp_rank_* shards; keep one layout")
     if consolidated.is_file():
-        return [consolidated], 1
+        return {(0, 0): consolidated}, 1, 1
     if not shards:
         raise CheckpointError(f"{directory / WEIGHTS_NAME}: no such file (nor mp_rank_XX.safetensors shards)")
-    ranks = [int(SHARD_PATTERN.fullmatch(p.name).group(1)) for p in shards]
-    if ranks != list(range(len(shards))):
-        raise CheckpointError(f"{directory}: tensor-parallel shards {ranks} are not 0..{len(shards) - 1}")
-    return shards, len(shards)
+    tp, pp = max(t for t, _ in shards) + 1, max(p for _, p in shards) + 1
+    if set(shards) != {(t, p) for t in range(tp) for p in range(pp)}:
+        raise CheckpointError(f"{directory}: shards {sorted(shards)} do not fill a {tp} x {pp} (TP x PP) layout")
+    return shards, tp, pp
 
 
 class CheckpointReader:
     """Reads tensors (or some of their rows and columns, in global numbering) from a checkpoint directory,
-    consolidated or sharded; ``with`` closes its files."""
+    consolidated or sharded over TP x PP; ``with`` closes its files."""
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
         self.config = load_config(directory)
-        files, self.tp_size = _weight_files(self.directory)
-        self._files = []
+        paths, self.tp_size, self.pp_size = _weight_files(self.directory)
+        self._files = {}
         try:
-            for path in files:
-                self._files.append(safe_open(str(path), framework="pt"))
+            for key, path in sorted(paths.items()):
+                self._files[key] = safe_open(str(path), framework="pt")
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path}: corrupt or truncated safetensors ({str(e).splitlines()[0]})") from None
         try:
             self.dims = partition_dims(self.config)
-            if self.tp_size > 1:
-                check_divisible(self.config, self.tp_size)
+            check_divisible(self.config, self.tp_size)
         except ValueError as e:
             raise CheckpointError(f"{self.directory}: {e}") from None
-        names = set(self._files[0].keys())
-        for f, path in zip(self._files[1:], files[1:]):
-            if set(f.keys()) != names:
-                raise CheckpointError(f"{path}: holds other tensors than {files[0].name}")
+        self.stage_of: dict[str, int] = {}  # the (first) pipeline stage whose files hold each tensor
+        for p in range(self.pp_size):
+            names = set(self._files[(0, p)].keys())
+            for t in range(1, self.tp_size):
+                if set(self._files[(t, p)].keys()) != names:
+                    raise CheckpointError(f"{paths[(t, p)]}: holds other tensors than {paths[(0, p)].name}")
+            for name in names:
+                self.stage_of.setdefault(name, p)
         shapes = {}
-        for name in names:
-            shape = list(self._files[0].get_slice(name).get_shape())
+        for name, p in self.stage_of.items():
+            shape = list(self._files[(0, p)].get_slice(name).get_shape())
             if self.dims.get(name) is not None:
                 shape[self.dims[name]] *= self.tp_size
             shapes[name] = tuple(shape)
@@ -199,10 +216,13 @@ class CheckpointReader:
         self.close()
 
     def close(self) -> None:
-        for f in self._files:
+        for f in self._files.values():
             if hasattr(f, "__exit__"):
                 f.__exit__(None, None, None)
-        self._files = []
+        self._files = {}
+
+    def _slice(self, name: str, tp_rank: int = 0):
+        return self._files[(tp_rank, self.stage_of[name])].get_slice(name)
 
     def read(self, name: str, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.Tensor:
         """``tensor[rows][:, cols]`` in global numbering (``None``: all), reading only the covering ranges."""
@@ -211,7 +231,7 @@ class CheckpointReader:
         dim = self.dims.get(name) if self.tp_size > 1 else None
         index = [rows, cols][: len(self.shapes[name])]
         if dim is None:
-            return _read_ranges(self._files[0].get_slice(name), index)
+            return _read_ranges(self._slice(name), index)
         per_rank = self.shapes[name][dim] // self.tp_size
         wanted = index[dim] if index[dim] is not None else torch.arange(self.shapes[name][dim])
         order = torch.argsort(wanted, stable=True)
@@ -221,26 +241,26 @@ class CheckpointReader:
         for rank in owner.unique_consecutive().tolist():
             local = list(index)
             local[dim] = ascending[owner == rank] - rank * per_rank
-            parts.append(_read_ranges(self._files[rank].get_slice(name), local))
-        out = torch.cat(parts, dim) if parts else _read_ranges(self._files[0].get_slice(name), index)
+            parts.append(_read_ranges(self._slice(name, rank), local))
+        out = torch.cat(parts, dim) if parts else _read_ranges(self._slice(name), index)
         return out if torch.equal(order, torch.arange(len(order))) else out.index_select(dim, torch.argsort(order))
 
-    def read_shard(self, shard: TPShard) -> dict[str, torch.Tensor]:
-        """Every tensor of tensor-parallel ``shard`` (this rank's chunk of each split tensor)."""
+    def read_shard(self, shard: TPShard, stage: PipelineStage | None = None) -> dict[str, torch.Tensor]:
+        """Every tensor a model of tensor-parallel ``shard`` and pipeline ``stage`` (default: whole) holds."""
         try:
-            expected = expected_shapes(self.config, shard)
+            expected = expected_shapes(self.config, shard, stage)
         except ValueError as e:
             raise CheckpointError(f"{self.directory}: {e}") from None
-        if self.tp_size == shard.size:
-            return {name: self._files[shard.rank].get_tensor(name) for name in expected}
         out = {}
         for name, shape in expected.items():
             dim = self.dims.get(name)
-            if dim is None or shard.size == 1:
+            if self.tp_size == shard.size:
+                out[name] = self._files[(shard.rank, self.stage_of[name])].get_tensor(name)
+            elif dim is None or shard.size == 1:
                 out[name] = self.read(name)
-                continue
-            chunk = torch.arange(shard.rank * shape[dim], (shard.rank + 1) * shape[dim])
-            out[name] = self.read(name, *(chunk, None) if dim == 0 else (None, chunk))
+            else:
+                chunk = torch.arange(shard.rank * shape[dim], (shard.rank + 1) * shape[dim])
+                out[name] = self.read(name, *(chunk, None) if dim == 0 else (None, chunk))
         return out
 
     def read_all(self) -> dict[str, torch.Tensor]:
@@ -305,23 +325,33 @@ def save_checkpoint(
     tokenizer_from: str | os.PathLike | None = None,
     subnet: dict | None = None,
     tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
 ) -> None:
-    """Write config, weights (consolidated, or ``tensor_parallel_size`` shards), the tokenizer's files and
-    optionally the sub-network it came from; ``state`` is consolidated."""
+    """Write config, weights (consolidated, or one file per TP rank and pipeline stage, the layers split
+    evenly over the stages), the tokenizer's files and optionally the sub-network it came from; ``state``
+    is consolidated."""
+    from megatron_subnet.parallel.pipeline import split_layers, stage_of
+
     check_state_dict(config, state, str(directory))
+    tp, pp = tensor_parallel_size, pipeline_parallel_size
     try:
-        size = tensor_parallel_size
-        shards = [shard_state_dict(config, state, TPShard(r, size)) for r in range(size)]
+        counts = split_layers(config.num_layers, pp)
+        files = {}
+        for t in range(tp):
+            shard = shard_state_dict(config, state, TPShard(t, tp))
+            for p in range(pp):
+                names = expected_shapes(config, TPShard(t, tp), stage_of(counts, p))
+                files[(t, p)] = {name: shard[name] for name in names}
     except ValueError as e:
         raise CheckpointError(f"{directory}: {e}") from None
 
     def fill(tmp: Path) -> None:
         config.save(tmp / CONFIG_NAME)
-        for rank, shard in enumerate(shards):
-            name = WEIGHTS_NAME if tensor_parallel_size == 1 else shard_file(rank)
-            meta = {"format": "pt", "tensor_model_parallel_size": str(tensor_parallel_size),
-                    "tensor_model_parallel_rank": str(rank)}  # fmt: skip
-            save_file({k: v.detach().contiguous().cpu() for k, v in shard.items()}, tmp / name, metadata=meta)
+        for (t, p), tensors in files.items():
+            name = WEIGHTS_NAME if tp == pp == 1 else shard_file(t, p if pp > 1 else None)
+            meta = {"format": "pt", "tensor_model_parallel_size": str(tp), "tensor_model_parallel_rank": str(t),
+                    "pipeline_model_parallel_size": str(pp), "pipeline_model_parallel_rank": str(p)}  # fmt: skip
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / name, metadata=meta)
         copy_tokenizer_files(tokenizer_from, tmp)
         if subnet is not None:
             (tmp / SUBNET_NAME).write_text(json.dumps(subnet) + "\n")
@@ -339,9 +369,10 @@ def load_config(directory: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(str(e)) from None
 
 
-def checkpoint_tp_size(directory: str | os.PathLike) -> int:
-    """The tensor-parallel size a checkpoint's weights were saved at (1: consolidated)."""
-    return _weight_files(Path(directory))[1]
+def checkpoint_layout(directory: str | os.PathLike) -> tuple[int, int]:
+    """(tensor-parallel size, pipeline-parallel size) a checkpoint's weights were saved at ((1, 1): consolidated)."""
+    _, tp, pp = _weight_files(Path(directory))
+    return tp, pp
 
 
 def load_checkpoint(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -350,26 +381,45 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str
         return reader.config, reader.read_all()
 
 
-def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], device: torch.device | str = "cpu",
-                     shard: TPShard | None = None):
-    """A GPTModel of this rank's ``shard`` holding ``state`` (that shard's tensors; no copy on CPU), eval mode."""
+def model_from_state(
+    config: ModelConfig,
+    state: dict[str, torch.Tensor],
+    device: torch.device | str = "cpu",
+    shard: TPShard | None = None,
+    stage: PipelineStage | None = None,
+):
+    """A GPTModel of tensor-parallel ``shard`` and pipeline ``stage`` holding ``state`` (exactly that
+    part's tensors; no copy on CPU), in eval mode."""
     from megatron_subnet.model.gpt import GPTModel
 
     with torch.device("meta"):
-        model = GPTModel(config, shard)
-    check_state_dict(config, state, "weights", model.shard)
-    split = {n: p.partition_dim for n, p in model.named_parameters() if getattr(p, "tensor_model_parallel", False)}
-    model.load_state_dict(state, assign=True)  # new Parameter objects: their split attributes are set again
+        model = GPTModel(config, shard, stage)
+    check_state_dict(config, state, "weights", model.shard, model.stage)
+    marks = {n: {k: v for k, v in vars(p).items() if k in _PARAM_MARKS} for n, p in model.named_parameters()}
+    model.load_state_dict(state, assign=True)  # new Parameter objects: their marks are set again
     for name, param in model.named_parameters():
-        if name in split:
-            mark_partitioned(param, split[name])
+        for key, value in marks.get(name, {}).items():
+            setattr(param, key, value)
     return model.to(device).eval()
 
 
-def load_model(directory: str | os.PathLike, device: torch.device | str = "cpu", shard: TPShard | None = None):
-    """The one loader: a GPTModel of this rank's tensor-parallel ``shard`` (default: its place in the TP
-    group), built on the meta device, with only that shard's weights read from the checkpoint; eval mode."""
+# what parameters carry for DeepSpeed and the converters: tensor-parallel split, pipeline-replicated copy
+_PARAM_MARKS = ("tensor_model_parallel", "partition_dim", "partition_stride", "ds_pipe_replicated")
+
+
+def load_model(
+    directory: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    shard: TPShard | None = None,
+    stage: PipelineStage | None = None,
+):
+    """The one loader: a GPTModel of this rank's tensor-parallel ``shard`` and pipeline ``stage`` (defaults:
+    its place in the TP group, and its stage of the model's layers split evenly), built on the meta device,
+    with only that part's weights read from the checkpoint (any saved layout); eval mode."""
+    from megatron_subnet.parallel.pipeline import current_stage
+
     shard = shard or TPShard.current()
     with CheckpointReader(directory) as reader:
-        state = reader.read_shard(shard)
-        return model_from_state(reader.config, state, device, shard)
+        stage = stage or current_stage(reader.config.num_layers)
+        state = reader.read_shard(shard, stage)
+        return model_from_state(reader.config, state, device, shard, stage)

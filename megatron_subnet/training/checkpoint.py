@@ -193,7 +193,7 @@ def read_meta(load_dir: str) -> dict:
 def check_layout(meta: dict, layout: dict, model_config: ModelConfig | None, load_dir: str) -> None:
     """ResumeError naming the first setting where the checkpoint and this launch differ."""
     for key, value in layout.items():
-        saved = meta["layout"].get(key, 1 if key == "tensor_model_parallel_size" else None)  # older checkpoints
+        saved = meta["layout"].get(key, 1 if key.endswith("_parallel_size") else None)  # older checkpoints
         if saved != value:
             raise ResumeError(
                 f"--load {load_dir}: checkpoint was written with {key}={saved}, "
@@ -220,8 +220,8 @@ def load_checkpoint(engine, load_dir: str) -> dict:
 
 def consolidated_state_dict(engine, config: ModelConfig) -> dict[str, torch.Tensor] | None:
     """The student's full fp32 weights (DeepSpeed's fp32 master copy under ZeRO or bf16, gathered over the
-    data-parallel group, then the tensor-parallel shards merged) on global rank 0; None elsewhere.
-    Collective: every rank calls it."""
+    data-parallel group, then the tensor-parallel shards merged and the pipeline stages joined) on global
+    rank 0; None elsewhere. Collective: every rank calls it."""
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -231,10 +231,18 @@ def consolidated_state_dict(engine, config: ModelConfig) -> dict[str, torch.Tens
     for name, param in engine.module.named_parameters():
         full = safe_get_full_fp32_param(param)  # collective under ZeRO; None for plain fp32 data parallelism
         local[name] = (param.detach() if full is None else full).float().cpu().clone()
-    if state.get_tensor_model_parallel_world_size() == 1:
+    if state.DeepSpeedMPU.get_model_parallel_world_size() == 1:
         return local if state.get_rank() == 0 else None
-    tp = state.get_tensor_model_parallel_world_size()
-    shards = [None] * tp if state.get_tensor_model_parallel_rank() == 0 else None
-    dist.gather_object(local, shards, dst=state.get_tensor_model_parallel_src_rank(),
-                       group=state.get_tensor_model_parallel_group())  # fmt: skip
-    return merge_state_dicts(config, shards) if state.get_rank() == 0 else None
+    if state.get_data_parallel_rank() != 0:  # one replica's model-parallel ranks hold the whole model
+        return None
+    coords = (state.get_tensor_model_parallel_rank(), state.get_pipeline_model_parallel_rank())
+    parts = [None] * state.DeepSpeedMPU.get_model_parallel_world_size() if state.get_rank() == 0 else None
+    dist.gather_object((coords, local), parts, dst=0, group=state.mpu.get_model_parallel_group())
+    if state.get_rank() != 0:
+        return None
+    merged: dict[str, torch.Tensor] = {}
+    for p in range(state.get_pipeline_model_parallel_world_size()):
+        shards = [part for (t, q), part in sorted(parts, key=lambda x: x[0]) if q == p]
+        for name, tensor in merge_state_dicts(config, shards).items():
+            merged.setdefault(name, tensor)  # a tied embedding's last-stage copy equals the first's
+    return merged

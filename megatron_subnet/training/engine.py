@@ -11,8 +11,13 @@ import torch.distributed as dist
 from megatron_subnet.model.config import ModelConfig
 from megatron_subnet.model.gpt import GPTModel
 from megatron_subnet.parallel import state
-from megatron_subnet.parallel.losses import distillation_loss
-from megatron_subnet.parallel.mappings import all_reduce
+from megatron_subnet.parallel.losses import cross_entropy, distillation_loss
+from megatron_subnet.parallel.pipeline import (
+    Messages,
+    broadcast_from_last_stage,
+    forward_backward_1f1b,
+    forward_only,
+)
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,9 @@ def initialize_student(model: GPTModel, optimizer: torch.optim.Optimizer, ds_con
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=_mpu())
-    if engine.zero_optimization_stage() == 0 and state.get_data_parallel_world_size() == 1:
+    if state.get_pipeline_model_parallel_world_size() > 1:
+        engine.enable_backward_allreduce = False  # the pipeline schedule reduces once, after the last backward
+    elif engine.zero_optimization_stage() == 0 and state.get_data_parallel_world_size() == 1:
         engine.enable_backward_allreduce = False  # one replica: nothing to average, skip the bucket copies
     return engine
 
@@ -127,17 +134,20 @@ def _grad_norm(engine) -> float:
     if norm is not None:
         return float(norm)
     # Plain data parallelism in fp32: gradients are already averaged across replicas after the last backward.
-    # A tensor-parallel shard's squares are summed over the TP group; a replicated tensor is counted once.
-    split, replicated = [], []
+    # Squares are summed over the model-parallel (TP x PP) group; a tensor replicated over TP is counted on TP
+    # rank 0 only, and the last stage's copy of a tied embedding not at all (as DeepSpeed counts them).
+    grads = []
     for p in engine.module.parameters():
-        if p.grad is not None:
-            (split if getattr(p, "tensor_model_parallel", False) else replicated).append(p.grad.detach().float())
-    squares = torch.zeros(2, dtype=torch.float64)
-    for i, grads in enumerate((split, replicated)):
-        if grads:
-            squares[i] = torch.stack(torch._foreach_norm(grads)).double().pow(2).sum()
-    all_reduce(squares[:1])
-    return float(squares.sum().sqrt())
+        if p.grad is None or getattr(p, "ds_pipe_replicated", False):
+            continue
+        if getattr(p, "tensor_model_parallel", False) or state.get_tensor_model_parallel_rank() == 0:
+            grads.append(p.grad.detach().float())
+    squares = torch.zeros(1, dtype=torch.float64)
+    if grads:
+        squares[0] = torch.stack(torch._foreach_norm(grads)).double().pow(2).sum()
+    if state.DeepSpeedMPU.get_model_parallel_world_size() > 1:
+        dist.all_reduce(squares, group=state.mpu.get_model_parallel_group())
+    return float(squares.sqrt())
 
 
 def forward_step(
@@ -154,38 +164,139 @@ def forward_step(
 def train_step(
     engine, teacher: Teacher | None, micro_batches: list[torch.Tensor], lr: float, kd: KDConfig
 ) -> StepResult:
-    """One optimizer step over this rank's micro-batches (gradient accumulation); losses are global means."""
+    """One optimizer step over this rank's micro-batches (gradient accumulation; through the pipeline's
+    1F1B schedule when there are stages); losses are global means."""
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
     optimizer = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
     if isinstance(optimizer, GuardedAdamW):
         optimizer.skipped_last = False
-    totals = [0.0, 0.0, 0.0]
-    grad_norm = 0.0
-    for i, batch in enumerate(micro_batches):
-        loss, ce, kl = forward_step(engine, teacher, batch.to(engine.device), kd)
-        engine.backward(loss)
-        totals[0] += loss.item()
-        totals[1] += ce.item()
-        totals[2] += kl.item() if kl is not None else 0.0
-        if i == len(micro_batches) - 1 and engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
-            grad_norm = _grad_norm(engine)
-        engine.step()
+    batches = [b.to(engine.device) for b in micro_batches]
+    if state.get_pipeline_model_parallel_world_size() == 1:
+        totals, grad_norm = _accumulate(engine, teacher, batches, kd)
+    else:
+        totals, grad_norm = _accumulate_pipelined(engine, teacher, batches, kd)
     if engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled():
         grad_norm = _grad_norm(engine)
     dp = state.get_data_parallel_world_size()
-    loss, ce, kl = (t / dp for t in _sum_over_data_parallel([t / len(micro_batches) for t in totals]))
+    loss, ce, kl = (t / dp for t in _sum_over_data_parallel([t / len(batches) for t in totals]))
     skipped = bool(getattr(optimizer, "skipped_last", False)) or not math.isfinite(grad_norm) or not math.isfinite(loss)
     return StepResult(loss, ce, kl if teacher is not None else None, grad_norm, skipped)
 
 
+def _plain_fp32(engine) -> bool:
+    return engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
+
+
+def _accumulate(engine, teacher, batches, kd) -> tuple[list[float], float]:
+    totals = [0.0, 0.0, 0.0]
+    grad_norm = 0.0
+    for i, batch in enumerate(batches):
+        loss, ce, kl = forward_step(engine, teacher, batch, kd)
+        engine.backward(loss)
+        totals[0] += loss.item()
+        totals[1] += ce.item()
+        totals[2] += kl.item() if kl is not None else 0.0
+        if i == len(batches) - 1 and _plain_fp32(engine):
+            grad_norm = _grad_norm(engine)  # before step() clears the gradients
+        engine.step()
+    return totals, grad_norm
+
+
+def _accumulate_pipelined(engine, teacher, batches, kd) -> tuple[list[float], float]:
+    """The micro-batches through the stages, 1F1B. Each stage runs its layers of the student and of the
+    teacher; both models' hidden states travel to the next stage in one message; the last stage computes
+    the loss. Gradients are reduced once, after the last backward: first the two copies of a tied embedding
+    (first and last stage), then over the data-parallel replicas (DeepSpeed's own reduction)."""
+    model = engine.module
+    first, last = model.stage.first, model.stage.last
+    totals = torch.zeros(3, dtype=torch.float64)
+    b, t = batches[0].shape[0], batches[0].shape[1] - 1
+    dtype = next(model.parameters()).dtype
+    shapes = [((b, t, model.config.hidden_size), dtype)]
+    if teacher is not None:
+        shapes.append(((b, t, teacher.config.hidden_size), next(teacher.module.parameters()).dtype))
+
+    def forward(i: int, received: list[torch.Tensor] | None):
+        tokens, labels = batches[i][:, :-1], batches[i][:, 1:]
+        teacher_out = None if teacher is None else teacher(tokens if first else received[1])
+        out = engine(tokens if first else received[0])
+        if not last:
+            return [out] + ([] if teacher_out is None else [teacher_out])
+        loss, ce, kl = distillation_loss(out, labels, teacher_out, kd.alpha, kd.kind, kd.temperature, kd.topk)
+        totals.add_(torch.tensor([loss.item(), ce.item(), kl.item() if kl is not None else 0.0], dtype=torch.float64))
+        return loss
+
+    def backward(i: int, outputs, grads: list[torch.Tensor] | None) -> None:
+        if last:
+            engine.backward(outputs)
+        else:  # d(out . g)/d(out) = g: the next stage's gradient, already scaled for accumulation
+            engine.backward((outputs[0] * grads[0]).sum(), scale_wrt_gas=False)
+        if i < len(batches) - 1:
+            engine.step()  # within the accumulation: DeepSpeed only counts the micro-batch
+
+    forward_backward_1f1b(len(batches), forward, backward, Messages(shapes, with_grad=1), engine.device)
+    # every stage is done with the schedule (no message in flight): reduce, then the optimizer step
+    sync_tied_embedding(model, gradients=True)
+    if engine.zero_optimization_stage() > 0 or state.get_data_parallel_world_size() > 1:
+        engine.allreduce_gradients()
+    grad_norm = _grad_norm(engine) if _plain_fp32(engine) else 0.0
+    engine.step()
+    broadcast_from_last_stage(totals)
+    return totals.tolist(), grad_norm
+
+
+def sync_tied_embedding(model: GPTModel, gradients: bool = False) -> None:
+    """Keep the tied embedding's two copies (first and last pipeline stage) equal: their gradients summed
+    (``gradients``), or the first stage's weights copied to the last (at the start)."""
+    group = state.get_embedding_group()
+    if not model.config.tie_word_embeddings or state.get_pipeline_model_parallel_world_size() == 1:
+        return
+    if not (model.stage.first or model.stage.last):
+        return
+    weight = model.embedding.weight
+    if gradients:
+        if weight.grad is not None:
+            dist.all_reduce(weight.grad, group=group)
+    else:
+        with torch.no_grad():
+            dist.broadcast(weight.data, state.get_pipeline_model_parallel_ranks()[0], group=group)
+
+
 def evaluate(engine, batches: list[torch.Tensor], device) -> float:
-    """Cross-entropy per label token over this rank's batches and every data-parallel replica's."""
+    """Cross-entropy per label token over this rank's batches and every data-parallel replica's (through the
+    pipeline's stages, forward only, when there are stages)."""
     from megatron_subnet.model.evaluation import evaluate as evaluate_lm
 
     was_training = engine.module.training
     engine.module.eval()
-    result = evaluate_lm(engine, batches, device, progress=False) if batches else None
+    if state.get_pipeline_model_parallel_world_size() == 1:
+        result = evaluate_lm(engine, batches, device, progress=False) if batches else None
+        sums = [result.loss * result.tokens, result.tokens] if result else [0.0, 0.0]
+    else:
+        sums = _evaluate_pipelined(engine, [b.to(device) for b in batches]).tolist()
     engine.module.train(was_training)
-    total, tokens = _sum_over_data_parallel([result.loss * result.tokens, result.tokens] if result else [0.0, 0.0])
+    total, tokens = _sum_over_data_parallel(sums)
     return total / max(tokens, 1.0)
+
+
+@torch.no_grad()
+def _evaluate_pipelined(engine, batches: list[torch.Tensor]) -> torch.Tensor:
+    model = engine.module
+    sums = torch.zeros(2, dtype=torch.float64)
+    if not batches:
+        return sums
+    b, t = batches[0].shape[0], batches[0].shape[1] - 1
+    shapes = [((b, t, model.config.hidden_size), next(model.parameters()).dtype)]
+
+    def forward(i: int, received):
+        tokens, labels = batches[i][:, :-1], batches[i][:, 1:]
+        out = engine(tokens if model.stage.first else received[0])
+        if not model.stage.last:
+            return [out]
+        sums.add_(torch.tensor([float(cross_entropy(out, labels, reduction="sum")), labels.numel()],
+                               dtype=torch.float64))  # fmt: skip
+        return None
+
+    forward_only(len(batches), forward, Messages(shapes), engine.device)
+    return broadcast_from_last_stage(sums)

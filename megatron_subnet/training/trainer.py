@@ -23,6 +23,7 @@ from megatron_subnet.model.weights import CheckpointReader, check_divisible, loa
 from megatron_subnet.model.weights import save_checkpoint as save_model_checkpoint
 from megatron_subnet.parallel import state
 from megatron_subnet.parallel.layers import TPShard
+from megatron_subnet.parallel.pipeline import PipelineStage, current_stage, split_layers
 from megatron_subnet.training import checkpoint
 from megatron_subnet.training.engine import (
     KDConfig,
@@ -30,6 +31,7 @@ from megatron_subnet.training.engine import (
     build_optimizer,
     evaluate,
     initialize_student,
+    sync_tied_embedding,
     train_step,
 )
 from megatron_subnet.training.metrics import MetricsLogger, peak_memory_mb
@@ -67,16 +69,20 @@ def plan_student(
 
 
 def build_student(
-    args: argparse.Namespace, config: ModelConfig, subnet: SubnetConfig | None, resuming: bool
+    args: argparse.Namespace, config: ModelConfig, subnet: SubnetConfig | None, resuming: bool, stage: PipelineStage
 ) -> GPTModel:
-    """This rank's tensor-parallel shard of the student: cut from the teacher's checkpoint (only the rows and
-    columns of the shard are read), Megatron's random init, or (resuming) to be overwritten by --load."""
+    """This rank's tensor-parallel shard of its pipeline stage of the student: cut from the teacher's checkpoint
+    (only the rows and columns of the shard are read), Megatron's random init, or (resuming) to be
+    overwritten by --load."""
+    shard = TPShard.current()
     if args.init == "subnet" and not resuming:
-        shard = TPShard.current()
         with CheckpointReader(args.teacher_load) as reader:
-            _, weights = extract_shard(reader.config, reader.read, subnet, shard)
-        return model_from_state(config, weights, shard=shard).train().requires_grad_(True)
-    return GPTModel(config)
+            _, weights = extract_shard(reader.config, reader.read, subnet, shard, stage)
+        model = model_from_state(config, weights, shard=shard, stage=stage).train().requires_grad_(True)
+    else:
+        model = GPTModel(config, shard, stage)
+    sync_tied_embedding(model)  # the last stage's copy of a tied embedding starts as the first stage's
+    return model
 
 
 def _data_files(data_path: list[str]) -> list[str]:
@@ -146,7 +152,15 @@ def pretrain(args: argparse.Namespace) -> int:
     tp = state.get_tensor_model_parallel_world_size()
     ds_config, plan = reconcile_ds_config(args, load_ds_config(args.ds_config), dp_size)
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    layout = {"world_size": dp_size, "tensor_model_parallel_size": tp, "zero_stage": zero_stage, "bf16": args.bf16}
+    pp = state.get_pipeline_model_parallel_world_size()
+    layout = {"world_size": dp_size, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+              "zero_stage": zero_stage, "bf16": args.bf16}  # fmt: skip
+    if pp > 1 and (zero_stage > 1 or args.bf16):
+        raise ValueError(
+            f"--pipeline-model-parallel-size {pp}: supported with ZeRO stage 0 or 1 in fp32 (ZeRO-2/3 reduce "
+            f"gradients during the backward pass, before the pipeline's tied-embedding sum; bf16 keeps them in "
+            f"its own buffer); this run has ZeRO stage {zero_stage}{' and --bf16' if args.bf16 else ''}"
+        )
     # the settings a resume compares: the flags as resolved (a ds_config's train_batch_size counts too)
     settings = {**vars(args), "global_batch_size": plan.global_batch_size, "train_iters": plan.train_iters}
 
@@ -180,15 +194,23 @@ def pretrain(args: argparse.Namespace) -> int:
     for name, config in models:
         try:
             check_divisible(config, tp)
+            split = args.pipeline_layer_split if name == "student" else None
+            split_layers(config.num_layers, pp, split, *(
+                (args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers)
+                if name == "student" else (None, None)))  # fmt: skip
         except ValueError as e:
             raise ValueError(f"the {name} cannot be split: {e}") from None
     check_token_ids(args.data_path, student_config.vocab_size)
     kd = KDConfig(args.kd_alpha, args.kd_loss, args.kd_temperature, args.kd_topk)
 
-    student = build_student(args, student_config, subnet, resume_meta is not None)
+    student_stage = current_stage(
+        student_config.num_layers, args.pipeline_layer_split, args.decoder_first_pipeline_num_layers,
+        args.decoder_last_pipeline_num_layers,
+    )  # fmt: skip
+    student = build_student(args, student_config, subnet, resume_meta is not None, student_stage)
     teacher = None
-    if kd.alpha > 0:
-        teacher = Teacher(load_model(args.teacher_load), ds_config, device)  # this rank's shard only
+    if kd.alpha > 0:  # this rank's shard of its stage only: the teacher's layers split evenly over the stages
+        teacher = Teacher(load_model(args.teacher_load), ds_config, device)
 
     global_batch, accumulation = plan.global_batch_size, plan.gradient_accumulation_steps
     train_iters = plan.train_iters
@@ -224,7 +246,8 @@ def pretrain(args: argparse.Namespace) -> int:
             f"student: {student.config.num_parameters():,} parameters "
             f"({student.config.num_parameters(False):,} non-embedding); teacher: "
             f"{'none' if teacher is None else f'{teacher_config.num_parameters():,}'}; "
-            f"tensor parallel {tp}, data parallel {dp_size}, ZeRO stage {zero_stage}, global batch {global_batch} "
+            f"tensor parallel {tp}, pipeline parallel {pp}, data parallel {dp_size}, ZeRO stage {zero_stage}, "
+            f"global batch {global_batch} "
             f"= {args.micro_batch_size} x {accumulation} x {dp_size}"
         )
         meta = {

@@ -1,0 +1,231 @@
+"""Pipeline parallelism: which layers a stage holds, point-to-point messages between neighbouring stages, and
+the schedules (1F1B for training, forward-only for evaluation).
+
+A message between stages is a list of tensors whose shapes both sides know in advance: the student's hidden
+states and, when distilling, the teacher's, in the same message, so the last stage holds both models'
+outputs for the KD loss without an extra round trip. Tensor-parallel rank ``t`` of one stage talks to
+tensor-parallel rank ``t`` of the next. Sends and receives of one step are posted together
+(``batch_isend_irecv``), which never deadlocks on neighbours that send to each other at once.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_subnet.parallel import state
+
+
+class PipelineError(ValueError):
+    """A pipeline layout that cannot be built (names the flag and the sizes)."""
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    """The contiguous run of GLOBAL layer indices a stage holds, and whether it is the first / last stage."""
+
+    layers: tuple[int, ...]
+    first: bool = True
+    last: bool = True
+
+    @staticmethod
+    def whole(num_layers: int) -> PipelineStage:
+        return PipelineStage(tuple(range(num_layers)), True, True)
+
+
+def split_layers(
+    num_layers: int,
+    stages: int,
+    split: Sequence[int] | None = None,
+    first: int | None = None,
+    last: int | None = None,
+) -> list[int]:
+    """Layers per stage: ``split`` as given, or ``first``/``last`` fixed and the rest even, or all even
+    (earlier stages take one more when they do not divide: 17 over 2 stages is 9 + 8)."""
+    if stages > num_layers:
+        raise PipelineError(f"--pipeline-model-parallel-size {stages}: more stages than the {num_layers} layers")
+    if split is not None:
+        if len(split) != stages or any(n < 1 for n in split) or sum(split) != num_layers:
+            raise PipelineError(
+                f"--pipeline-layer-split {','.join(map(str, split))}: needs {stages} positive counts summing to "
+                f"the {num_layers} layers"
+            )
+        return list(split)
+    fixed = {0: first, stages - 1: last}
+    if stages == 1 and (first or last):
+        raise PipelineError("--decoder-first/last-pipeline-num-layers need --pipeline-model-parallel-size >= 2")
+    middle = [i for i in range(stages) if fixed.get(i) is None]
+    left = num_layers - sum(n for n in fixed.values() if n is not None)
+    if any(n is not None and n < 1 for n in fixed.values()) or left < len(middle) or (not middle and left):
+        raise PipelineError(
+            f"--decoder-first-pipeline-num-layers {first} / --decoder-last-pipeline-num-layers {last}: do not leave "
+            f"at least one of the {num_layers} layers for each of the other {len(middle)} stages"
+        )
+    counts = [0] * stages
+    for k, i in enumerate(middle):
+        counts[i] = left // len(middle) + (k < left % len(middle))
+    for i, n in fixed.items():
+        if n is not None:
+            counts[i] = n
+    return counts
+
+
+def stage_of(counts: Sequence[int], rank: int, layers: Sequence[int] | None = None) -> PipelineStage:
+    """Stage ``rank``'s layers: positions from ``counts``, named by ``layers`` (default ``0..n-1``)."""
+    start = sum(counts[:rank])
+    names = list(range(sum(counts))) if layers is None else list(layers)
+    return PipelineStage(tuple(names[start : start + counts[rank]]), rank == 0, rank == len(counts) - 1)
+
+
+def current_stage(num_layers: int, split: Sequence[int] | None = None, first: int | None = None,
+                  last: int | None = None) -> PipelineStage:  # fmt: skip
+    """This rank's stage of a model with ``num_layers`` layers."""
+    counts = split_layers(num_layers, state.get_pipeline_model_parallel_world_size(), split, first, last)
+    return stage_of(counts, state.get_pipeline_model_parallel_rank())
+
+
+# ----------------------------------------------------------------------------- point to point
+
+
+def _neighbour(offset: int) -> int:
+    ranks = state.get_pipeline_model_parallel_ranks()
+    return ranks[state.get_pipeline_model_parallel_rank() + offset]
+
+
+def communicate(
+    send_next: list[torch.Tensor] | None = None,
+    send_prev: list[torch.Tensor] | None = None,
+    recv_prev: list[tuple[tuple[int, ...], torch.dtype]] | None = None,
+    recv_next: list[tuple[tuple[int, ...], torch.dtype]] | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
+    """Post every send and receive of one step at once; returns (received from prev, received from next)."""
+    ops, from_prev, from_next = [], None, None
+    if recv_prev is not None:
+        from_prev = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in recv_prev]
+        ops += [dist.P2POp(dist.irecv, t, _neighbour(-1)) for t in from_prev]
+    if send_next is not None:
+        ops += [dist.P2POp(dist.isend, t.contiguous(), _neighbour(1)) for t in send_next]
+    if send_prev is not None:
+        ops += [dist.P2POp(dist.isend, t.contiguous(), _neighbour(-1)) for t in send_prev]
+    if recv_next is not None:
+        from_next = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in recv_next]
+        ops += [dist.P2POp(dist.irecv, t, _neighbour(1)) for t in from_next]
+    if ops:
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+    return from_prev, from_next
+
+
+# ----------------------------------------------------------------------------- schedules
+
+# forward(micro-batch index, received tensors or None) -> (tensors to send on, or the loss on the last stage)
+ForwardFn = Callable[[int, list[torch.Tensor] | None], list[torch.Tensor] | torch.Tensor]
+# backward(micro-batch index, outputs, their gradients from the next stage, or None on the last stage) -> None;
+# the received inputs' .grad is then sent back
+BackwardFn = Callable[[int, list[torch.Tensor] | torch.Tensor, list[torch.Tensor] | None], None]
+
+
+@dataclass
+class Messages:
+    """Shapes and dtypes of what travels between stages: forward tensors, and which of them have a gradient
+    travelling back (the student's hidden states; not the teacher's)."""
+
+    forward: list[tuple[tuple[int, ...], torch.dtype]]
+    with_grad: int = 1  # the first ``with_grad`` forward tensors carry gradients back
+
+    @property
+    def backward(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        return self.forward[: self.with_grad]
+
+
+def forward_backward_1f1b(
+    num_microbatches: int, forward: ForwardFn, backward: BackwardFn, messages: Messages,
+    device: torch.device | str = "cpu",
+) -> int:  # fmt: skip
+    """One forward and one backward at a time after ``PP - stage - 1`` warm-up forwards, then the cool-down
+    backwards (Megatron's non-interleaved schedule). At most ``PP`` micro-batches are in flight on a stage;
+    a micro-batch's activations are dropped as soon as its backward ran. Returns the peak in flight."""
+    pp, rank = state.get_pipeline_model_parallel_world_size(), state.get_pipeline_model_parallel_rank()
+    first, last = rank == 0, rank == pp - 1
+    warmup = min(pp - rank - 1, num_microbatches)
+    in_flight: deque = deque()
+    peak = 0
+
+    def recv_forward() -> list[torch.Tensor] | None:
+        if first:
+            return None
+        received, _ = communicate(recv_prev=messages.forward, device=device)
+        for t in received[: messages.with_grad]:
+            t.requires_grad_()
+        return received
+
+    def run_forward(i: int, inputs):
+        nonlocal peak
+        outputs = forward(i, inputs)
+        in_flight.append((i, inputs, outputs))
+        peak = max(peak, len(in_flight))
+        return outputs
+
+    def run_backward(grads):
+        i, inputs, outputs = in_flight.popleft()
+        backward(i, outputs, None if last else grads)
+        if first:
+            return None
+        return [t.grad for t in inputs[: messages.with_grad]]
+
+    for i in range(warmup):
+        outputs = run_forward(i, recv_forward())
+        communicate(send_next=[t.detach() for t in outputs], device=device)
+    remaining = num_microbatches - warmup
+    inputs = recv_forward() if remaining else None
+    for k in range(remaining):
+        outputs = run_forward(warmup + k, inputs)
+        grads = None
+        if not last:  # send this forward's output, receive the gradient of the oldest one in flight
+            _, received = communicate(send_next=[t.detach() for t in outputs], recv_next=messages.backward,
+                                      device=device)  # fmt: skip
+            grads = received
+        input_grads = run_backward(grads)
+        if k == remaining - 1:
+            inputs = None
+            if not first:
+                communicate(send_prev=input_grads, device=device)
+        else:
+            if first:
+                inputs = None
+            else:
+                received, _ = communicate(send_prev=input_grads, recv_prev=messages.forward, device=device)
+                for t in received[: messages.with_grad]:
+                    t.requires_grad_()
+                inputs = received
+    for _ in range(warmup):
+        _, grads = communicate(recv_next=messages.backward, device=device)
+        input_grads = run_backward(grads)
+        if not first:
+            communicate(send_prev=input_grads, device=device)
+    return peak
+
+
+def forward_only(
+    num_microbatches: int, forward: ForwardFn, messages: Messages, device: torch.device | str = "cpu"
+) -> None:
+    """Every micro-batch through every stage, no backward (evaluation, search fitness, importance)."""
+    pp, rank = state.get_pipeline_model_parallel_world_size(), state.get_pipeline_model_parallel_rank()
+    for i in range(num_microbatches):
+        inputs = None if rank == 0 else communicate(recv_prev=messages.forward, device=device)[0]
+        outputs = forward(i, inputs)
+        if rank < pp - 1:
+            communicate(send_next=[t.detach() for t in outputs], device=device)
+
+
+def broadcast_from_last_stage(values: torch.Tensor) -> torch.Tensor:
+    """``values`` of the last stage on every stage of this pipeline (in place)."""
+    if state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(values, state.get_pipeline_model_parallel_ranks()[-1],
+                       group=state.get_pipeline_model_parallel_group())  # fmt: skip
+    return values
