@@ -10,6 +10,10 @@ file is ``pretrain_slm.py`` plus test hooks chosen by the JSON in ``$MEGATRON_SU
 ``param_trace``     per step: did the student's parameters / Adam step count change (bit-exact), are they finite
 ``stop_after_save`` the job ends (exit 0) right after the checkpoint of that iteration is complete
 ``kill_before_rename`` rank 0 is SIGKILLed after every rank wrote that iteration's checkpoint, before its rename
+``kill_in_step``    ``{"iteration": k, "rank": r}``: rank r is SIGKILLed in the middle of step k (after its first
+                    micro-batch's forward), the other ranks left waiting on it
+``state_dump``      after training, every rank saves its student module's tensors (its TP shard of its pipeline
+                    stage) to ``state_dump/rank_R.safetensors``
 ``teacher_report``  after training: the teacher's tensors vs its safetensors file, and that none of them is
                     a student parameter, in the optimizer, trainable, or has a gradient
 """
@@ -288,6 +292,18 @@ def _install_hooks(hooks: dict) -> dict:
         opt = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
         return [float(s["step"]) for s in opt.state.values() if "step" in s]
 
+    kill_in_step = hooks.get("kill_in_step")
+    if kill_in_step is not None:
+        live_forward = GPTModel.forward
+
+        def dying_forward(self, *args, **kwargs):
+            out = live_forward(self, *args, **kwargs)
+            if self.training and captured["iteration"] == kill_in_step["iteration"] and rank() == kill_in_step["rank"]:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return out
+
+        GPTModel.forward = dying_forward
+
     def step_hook(engine, teacher, micro_batches, lr, kd):
         captured["iteration"] += 1
         it = captured["iteration"]
@@ -341,7 +357,7 @@ def _install_hooks(hooks: dict) -> dict:
 
         checkpoint.save_checkpoint = save_hook
 
-    if hooks.get("teacher_report"):
+    if hooks.get("teacher_report") or hooks.get("state_dump"):
         teacher_cls, init_student = trainer.Teacher, trainer.initialize_student
 
         class RecordingTeacher(teacher_cls):
@@ -409,6 +425,15 @@ def _main(argv: list[str]) -> int:
     if code == 0 and hooks.get("teacher_report"):
         teacher_dir = argv[argv.index("--teacher-load") + 1]
         _teacher_report(captured, hooks, teacher_dir)
+    if code == 0 and hooks.get("state_dump"):
+        import torch.distributed as dist
+        from safetensors.torch import save_file
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        out = Path(hooks["state_dump"])
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().float().contiguous().clone() for k, v in captured["engine"].module.state_dict().items()}
+        save_file(state, out / f"rank_{rank}.safetensors")
     return code
 
 

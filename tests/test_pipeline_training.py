@@ -1,0 +1,272 @@
+"""Pipeline parallelism end to end: PP=2, PP=4, TP=2 x PP=2 and TP=2 x PP=2 x DP=2 training with a teacher
+equal one process (losses of 5 steps and the final parameters), on tied and untied llama and GPT-NeoX;
+the tied embedding's two copies stay bit-identical; uneven stages; every launcher (deepspeed, mpirun,
+torchrun, and two torchrun "nodes" on loopback) runs a TP=2 x PP=2 job; a resume is bit-exact, also after
+one stage's process is SIGKILLed mid-step; impossible layouts are one line each.
+
+Every run is a subprocess with a hard timeout (tests/training_utils.py). The runs are made once per module.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.training_utils import (
+    BIN,
+    EXAMPLES,
+    WRAPPER,
+    base_env,
+    build_workspace,
+    deepspeed_shm_files,
+    free_port,
+    latest_tag,
+    python_cmd,
+    run,
+    run_many,
+    torchrun_cmd,
+    train_records,
+)
+
+ITERS = 5
+
+
+def ok(result):
+    assert result.returncode == 0, result.tail()
+    return result
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    """The training workspace plus untied-llama and GPT-NeoX teachers, and students that split over 2 TP ranks
+    and 4 stages (4 layers, 2 query groups of 1 head, MLP 64), an uneven one (layers 0, 2, 3)."""
+    from megatron_subnet.model.config import ModelConfig
+    from megatron_subnet.model.gpt import GPTModel
+    from megatron_subnet.model.subnet import SubnetConfig
+    from megatron_subnet.model.weights import load_config, save_checkpoint
+
+    root = build_workspace(tmp_path_factory.mktemp("pipeline"))
+    teachers = {
+        "untied": dict(arch="llama", vocab_size=128, hidden_size=64, num_layers=4, num_attention_heads=4,
+                       num_query_groups=2, head_dim=16, ffn_hidden_size=128, tie_word_embeddings=False),
+        "neox": dict(arch="gpt_neox", vocab_size=128, hidden_size=64, num_layers=4, num_attention_heads=4,
+                     num_query_groups=4, head_dim=16, ffn_hidden_size=128, activation="gelu",
+                     normalization="layernorm", qkv_bias=True, proj_bias=True, mlp_bias=True, parallel_residual=True,
+                     rotary_pct=0.25),
+    }  # fmt: skip
+    for i, (name, kwargs) in enumerate(teachers.items()):
+        torch.manual_seed(i + 1)
+        config = ModelConfig(**kwargs)
+        save_checkpoint(root / f"teacher_{name}", config, GPTModel(config).state_dict())
+    for name in ("teacher", "teacher_untied", "teacher_neox"):
+        parent = load_config(root / name)
+        subnet = SubnetConfig.from_counts(
+            parent, num_layers=4, hidden_size=32, num_attention_heads=2, num_query_groups=2, ffn_hidden_size=64
+        )
+        subnet.save(root / f"subnet_pp_{name}.json")
+    uneven = json.loads((root / "subnet_pp_teacher.json").read_text())
+    uneven = {k: [v[i] for i in (0, 2, 3)] if k != "hidden" else v for k, v in uneven.items()}
+    uneven["layers"] = [0, 2, 3]
+    (root / "subnet_uneven.json").write_text(json.dumps(uneven))
+    return root
+
+
+def flags(ws: Path, teacher: str = "teacher", subnet: str | None = None, stage: int = 1) -> list[str]:
+    return [
+        "--ds_config", f"{ws}/zero{stage}.json",
+        "--teacher-load", f"{ws}/{teacher}",
+        "--subnet", str(ws / (subnet or f"subnet_pp_{teacher}.json")),
+        "--data-path", f"{ws}/data", "--split", "80,10,10",
+        "--micro-batch-size", "1", "--global-batch-size", "4", "--seq-length", "32",
+        "--train-iters", str(ITERS), "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "2",
+        "--seed", "1234", "--log-interval", "1", "--eval-interval", str(ITERS), "--eval-iters", "1",
+    ]  # fmt: skip
+
+
+def layout(tp: int = 1, pp: int = 1) -> list[str]:
+    return ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
+
+
+def launcher(kind: str, nproc: int, argv: list[str], port: int) -> tuple[list, dict]:
+    script = {"deepspeed": "launch_deepspeed.sh", "mpirun": "launch_mpirun.sh"}[kind]
+    env = {"deepspeed": {"NUM_GPUS": str(nproc)}, "mpirun": {"NP": str(nproc)}}[kind]
+    return ["bash", EXAMPLES / script, *argv], {**env, "MASTER_PORT": str(port), "PYTHON": str(BIN / "python")}
+
+
+@pytest.fixture(scope="module")
+def runs(ws) -> dict[str, Path]:
+    """Every comparison run, each saving its final model: references on one process, then the layouts."""
+    out = {name: ws / f"run_{name}" for name in (
+        "ref", "pp2", "pp4", "tp2pp2", "tp2pp2dp2", "untied_ref", "untied_pp2", "neox_ref", "neox_pp2",
+        "uneven_ref", "uneven_pp2")}  # fmt: skip
+
+    def save(name: str) -> list[str]:
+        return ["--save", str(out[name] / "ckpt"), "--log-dir", str(out[name])]
+
+    single = [
+        (python_cmd(flags(ws) + save("ref")), ws, None, 300, None),
+        (python_cmd(flags(ws, "teacher_untied") + save("untied_ref")), ws, None, 300, None),
+        (python_cmd(flags(ws, "teacher_neox") + save("neox_ref")), ws, None, 300, None),
+        (python_cmd(flags(ws, subnet="subnet_uneven.json") + save("uneven_ref")), ws, None, 300, None),
+    ]
+    for result in run_many(single):
+        ok(result)
+    dump = {"state_dump": str(out["pp2"] / "state_dump")}
+    ok(run(torchrun_cmd(2, flags(ws) + layout(pp=2) + save("pp2")), ws, hooks=dump, timeout=300))
+    ok(run(torchrun_cmd(2, flags(ws, "teacher_untied") + layout(pp=2) + save("untied_pp2")), ws, timeout=300))
+    ok(run(torchrun_cmd(2, flags(ws, "teacher_neox") + layout(pp=2) + save("neox_pp2")), ws, timeout=300))
+    uneven = flags(ws, subnet="subnet_uneven.json") + layout(pp=2) + ["--pipeline-layer-split", "1,2"]
+    ok(run(torchrun_cmd(2, uneven + save("uneven_pp2")), ws, timeout=300))
+    ok(run(torchrun_cmd(8, flags(ws) + layout(2, 2) + save("tp2pp2dp2")), ws, timeout=600))
+    for name, kind, argv in (("pp4", "deepspeed", layout(pp=4)), ("tp2pp2", "mpirun", layout(2, 2))):
+        port = free_port()
+        cmd, env = launcher(kind, 4, flags(ws) + argv + save(name), port)
+        try:
+            ok(run(cmd, ws, env=env, timeout=400))
+        finally:
+            for path in deepspeed_shm_files(port):
+                path.unlink(missing_ok=True)
+    return out
+
+
+def assert_same_run(run_dir: Path, ref_dir: Path, what: str) -> None:
+    """The losses, CE and KD parts, lr and grad norm of every step within 1e-5 relative, the final parameters
+    within 1e-5."""
+    from megatron_subnet.model.weights import load_checkpoint
+
+    got, ref = train_records(run_dir), train_records(ref_dir)
+    assert sorted(got) == sorted(ref) == list(range(1, ITERS + 1)), what
+    for i in ref:
+        for key in ("loss", "ce", "lr", "grad_norm"):
+            assert got[i][key] == pytest.approx(ref[i][key], rel=1e-5), (what, i, key)
+        assert got[i]["kd"] == pytest.approx(ref[i]["kd"], rel=1e-4, abs=1e-7), (what, i, "kd")
+    _, final = load_checkpoint(run_dir / "ckpt" / "final_model")
+    _, expected = load_checkpoint(ref_dir / "ckpt" / "final_model")
+    assert final.keys() == expected.keys(), what
+    for key in expected:
+        torch.testing.assert_close(final[key], expected[key], rtol=1e-5, atol=1e-5, msg=f"{what}: {key}")
+
+
+@pytest.mark.parametrize(
+    "name, ref",
+    [("pp2", "ref"), ("pp4", "ref"), ("tp2pp2", "ref"), ("tp2pp2dp2", "ref"), ("untied_pp2", "untied_ref"),
+     ("neox_pp2", "neox_ref"), ("uneven_pp2", "uneven_ref")],
+)  # fmt: skip
+def test_pipeline_layouts_equal_one_process(runs, name, ref):
+    """PP=2 (torchrun), PP=4 (deepspeed launcher), TP=2 x PP=2 (mpirun), TP=2 x PP=2 x DP=2 (8 processes) at
+    ZeRO-1 with distillation; untied llama and GPT-NeoX at PP=2; 3 kept parent layers split 1 + 2."""
+    assert_same_run(runs[name], runs[ref], name)
+    meta = json.loads((runs[name] / "ckpt" / f"iter_{ITERS:07d}" / "megatron_subnet.json").read_text())
+    pp = {"pp4": 4, "ref": 1}.get(name, 2)
+    assert meta["layout"]["pipeline_model_parallel_size"] == pp
+
+
+def test_tied_embedding_copies_stay_bit_identical(runs):
+    """After 5 steps at PP=2 the first stage's embedding and the last stage's copy are bit-identical, and equal
+    the one-process run's embedding."""
+    from safetensors.torch import load_file
+
+    from megatron_subnet.model.weights import load_checkpoint
+
+    first = load_file(runs["pp2"] / "state_dump" / "rank_0.safetensors")
+    last = load_file(runs["pp2"] / "state_dump" / "rank_1.safetensors")
+    assert torch.equal(first["embedding.weight"], last["embedding.weight"])
+    assert not set(first) - {"embedding.weight"} & set(last)  # no layer on both stages
+    assert any(k.startswith("layers.") for k in first) and "final_layernorm.weight" in last
+    _, expected = load_checkpoint(runs["ref"] / "ckpt" / "final_model")
+    torch.testing.assert_close(first["embedding.weight"], expected["embedding.weight"], rtol=1e-5, atol=1e-6)
+
+
+def test_uneven_stages_hold_the_layers_they_were_given(runs):
+    """--pipeline-layer-split 1,2 of the kept layers 0, 2, 3: stage 0 trains the student's layer 0 (the
+    parent's 0), stage 1 its layers 1-2 (the parent's 2, 3); the final model records the sub-network."""
+    subnet = json.loads((runs["uneven_pp2"] / "ckpt" / "final_model" / "subnet.json").read_text())
+    assert subnet["layers"] == [0, 2, 3]
+    from megatron_subnet.parallel.pipeline import split_layers, stage_of
+
+    assert [stage_of([1, 2], r).layers for r in (0, 1)] == [(0,), (1, 2)]
+    assert split_layers(17, 2) == [9, 8] and split_layers(30, 4) == [8, 8, 7, 7]
+    assert split_layers(10, 4, first=1, last=1) == [1, 4, 4, 1]
+
+
+def test_sigkill_of_one_stage_stops_the_job_and_it_resumes(ws, runs, tmp_path):
+    """PP=2, checkpoints every 2 steps: stage 1's process SIGKILLed in the middle of step 3. torchrun stops the
+    job within the timeout (no hang); --load resumes from iter_0000002 and steps 3-5 equal the uninterrupted
+    PP=2 run's exactly."""
+    save = tmp_path / "ckpt"
+    argv = flags(ws) + layout(pp=2) + ["--save", str(save), "--save-interval", "2"]
+    start = time.monotonic()
+    killed = run(torchrun_cmd(2, argv + ["--log-dir", str(tmp_path / "a")]), tmp_path,
+                 hooks={"kill_in_step": {"iteration": 3, "rank": 1}}, timeout=150)  # fmt: skip
+    assert killed.returncode not in (0, None), killed.tail()
+    assert time.monotonic() - start < 150
+    assert latest_tag(save) == "iter_0000002"
+    ok(run(torchrun_cmd(2, argv + ["--load", str(save), "--log-dir", str(tmp_path / "b")]), tmp_path, timeout=300))
+    resumed, reference = train_records(tmp_path / "b"), train_records(runs["pp2"])
+    assert sorted(resumed) == [3, 4, 5]
+    for key in ("loss", "ce", "kd", "grad_norm", "lr"):
+        assert [resumed[i][key] for i in (3, 4, 5)] == [reference[i][key] for i in (3, 4, 5)], key
+
+
+def two_node_job(argv: list[str], cwd: Path, hooks: dict | None = None, timeout: float = 400) -> list:
+    """TP=2 x PP=2 on two torchrun "nodes" of 2 processes each, meeting through c10d on 127.0.0.1."""
+    port = free_port()
+    env = base_env({"MEGATRON_SUBNET_TEST_HOOKS": json.dumps(hooks or {})})
+    procs = []
+    for node in range(2):
+        cmd = [str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "2", "--node-rank", str(node),
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"job{port}",
+               str(WRAPPER), *argv]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, start_new_session=True))  # fmt: skip
+    results = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+        results.append((p.returncode, out, err))
+    return results
+
+
+def test_two_torchrun_nodes_train_and_resume(ws, runs, tmp_path):
+    """Two torchrun processes (--nnodes 2, rendezvous on 127.0.0.1) run TP=2 x PP=2: stopped after the
+    checkpoint of step 3 and resumed the same way, every step equals the one-node TP=2 x PP=2 run's exactly."""
+    save = tmp_path / "ckpt"
+    argv = flags(ws) + layout(2, 2) + ["--save", str(save), "--save-interval", "3"]
+    for code, _out, err in two_node_job(argv + ["--log-dir", str(tmp_path / "a")], tmp_path, {"stop_after_save": 3}):
+        assert code == 0, err[-3000:]
+    assert latest_tag(save) == "iter_0000003"
+    for code, _out, err in two_node_job(argv + ["--load", str(save), "--log-dir", str(tmp_path / "b")], tmp_path):
+        assert code == 0, err[-3000:]
+    got = {**train_records(tmp_path / "a"), **train_records(tmp_path / "b")}
+    reference = train_records(runs["tp2pp2"])
+    assert sorted(got) == list(range(1, ITERS + 1))
+    for key in ("loss", "ce", "kd", "grad_norm", "lr"):
+        assert [got[i][key] for i in sorted(got)] == [reference[i][key] for i in sorted(reference)], key
+
+
+def test_impossible_layouts_are_one_line_each(ws, tmp_path):
+    """More stages than kept layers, a split that does not sum to them, a world that TP x PP does not divide,
+    ZeRO-2 with stages: every rank says so in one line, before any work."""
+    one_layer = json.loads((ws / "subnet_pp_teacher.json").read_text())
+    one_layer = {k: v[:1] if k != "hidden" else v for k, v in one_layer.items()}
+    (tmp_path / "one_layer.json").write_text(json.dumps(one_layer))
+    cases = [
+        (2, flags(ws, subnet=str(tmp_path / "one_layer.json")) + layout(pp=2), "more stages than the 1 layers"),
+        (2, flags(ws) + layout(pp=2) + ["--pipeline-layer-split", "1,1"], "--pipeline-layer-split 1,1"),
+        (3, flags(ws) + layout(pp=2), "world size 3 is not divisible by --tensor-model-parallel-size 1 x "
+                                      "--pipeline-model-parallel-size 2"),
+        (2, flags(ws, stage=2) + layout(pp=2), "ZeRO stage 2"),
+    ]
+    jobs = [(torchrun_cmd(n, argv), tmp_path, None, 120, None) for n, argv, _ in cases]
+    for result, (_, _, needle) in zip(run_many(jobs), cases):
+        lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert result.returncode != 0 and "megatron_subnet/" not in result.stderr, result.tail()
+        assert lines and all(needle in line for line in lines), result.tail()
