@@ -4,6 +4,8 @@
         [--split 949,50,1] [--split-name train] [--seq-length 512] [--micro-batch-size 4] [--calib-iters 8] \\
         [--drop-loss-iters N] [--layer-metric block|drop_loss] --output importance.safetensors [--overwrite]
     torchrun --nproc-per-node N tools/compute_importance.py --tensor-model-parallel-size N ...
+    torchrun --nproc-per-node N tools/compute_importance.py --pipeline-model-parallel-size P \
+        [--tensor-model-parallel-size T] ...
 
 The scores order a sub-network's kept indices: ``{"num_layers": ..., "order": "importance"}`` with
 ``--importance importance.safetensors`` (see megatron_subnet/model/importance.py for the definitions).
@@ -13,6 +15,12 @@ and write nothing.
 ``--tensor-model-parallel-size N`` (under torchrun): each rank reads only its shard of ``--load``; the
 heads and neurons each rank's hooks see are all-gathered into the global scores, which equal a single
 process's (drop-loss and block importance too). Global rank 0 writes ``--output``.
+
+``--pipeline-model-parallel-size P`` (under torchrun, world = TP x PP x DP): each rank reads only its (TP
+shard, stage) of ``--load``; the calibration forward runs through the stages, each layer's head, neuron and
+block scores come from the stage holding it, the hidden-channel scores sum every stage's norms, and the
+drop loss of layer i is one pipelined forward of the model without layer i per batch (L forwards per
+drop-loss batch). The scores equal a single process's.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from tools.evaluate import (  # noqa: E402
     check_data_inputs,
     check_output_location,
     check_seq_length_early,
-    start_tensor_parallel,
+    start_model_parallel,
 )
 
 
@@ -62,7 +70,8 @@ def _main(argv: list[str] | None) -> int:
     data_files = check_data_inputs(args.data_path, args.split)
     check_output_location(args.output, "file", {"--load": args.load}, data_files, args.overwrite)
     early_config = check_seq_length_early(args.load, args.seq_length)
-    device = start_tensor_parallel(args.load, early_config, args.tensor_model_parallel_size, device)
+    device = start_model_parallel(args.load, early_config, args.tensor_model_parallel_size, device,
+                                  args.pipeline_model_parallel_size)
     model = load_any(args.load, device)
     model.config.check_seq_length(args.seq_length)  # Hugging Face / GGUF: known once loaded
     batches = load_batches(args.data_path, args.split, args.split_name, args.seq_length, args.micro_batch_size,

@@ -1,12 +1,13 @@
 """Convert between Hugging Face / GGUF models and our checkpoints, and cut a dense student from a parent.
 
     python tools/convert_checkpoint.py import  --input HF_DIR_OR_GGUF --output ckpt/teacher \\
-        [--tensor-model-parallel-size N]
+        [--tensor-model-parallel-size T] [--pipeline-model-parallel-size P]
     python tools/convert_checkpoint.py export  --input ckpt/student --output hf/student
     python tools/convert_checkpoint.py extract --input ckpt/teacher --subnet best_subnet.json \\
-        [--importance importance.safetensors] --output ckpt/student [--tensor-model-parallel-size N]
+        [--importance importance.safetensors] --output ckpt/student [--tensor-model-parallel-size T] \\
+        [--pipeline-model-parallel-size P]
     python tools/convert_checkpoint.py reshard --input ckpt/teacher --output ckpt/teacher_tp4 \\
-        --tensor-model-parallel-size 4
+        --tensor-model-parallel-size 4 [--pipeline-model-parallel-size 2]
 
 ``import`` reads a Hugging Face directory (llama, mistral, qwen2, gpt_neox) or a ``.gguf`` file (through
 transformers) and writes ``model_config.json`` + ``model.safetensors`` + the tokenizer's files.
@@ -17,10 +18,13 @@ saved beside it (``subnet.json``); the sub-network JSON holds explicit indices o
 It reads only the student's rows and columns of the parent's file(s).
 
 Our checkpoints are consolidated (``model.safetensors``) or split into tensor-parallel shards
-(``mp_rank_00.safetensors`` ...); every command reads either. ``--tensor-model-parallel-size N`` makes
-``import``, ``extract`` and ``reshard`` write N shards (1: consolidated); ``reshard`` turns a checkpoint
-saved at any TP size into one at any other (the tensors are bit-identical). A size the model cannot take
-(heads, query groups, MLP width or vocabulary not divisible by N) is refused, naming the dimension.
+(``mp_rank_00.safetensors`` ...) and pipeline stages (``mp_rank_TT_PPP.safetensors``: TP rank TT of stage
+PPP, the layers split evenly over the stages, earlier stages taking one more when they do not divide);
+every command reads any layout. ``--tensor-model-parallel-size T`` and ``--pipeline-model-parallel-size P``
+make ``import``, ``extract`` and ``reshard`` write T x P files (1 x 1: consolidated); ``reshard`` turns a
+checkpoint saved at any TP x PP layout into one at any other (the tensors are bit-identical; a size it is
+not given keeps the input's). A layout the model cannot take (heads, query groups, MLP width or vocabulary
+not divisible by T; more stages than layers) is refused, naming the flag and the sizes.
 
 Every output directory is written under a hidden temporary name and renamed into place: a failure leaves
 nothing behind, and the temporary directory of a killed run is removed by the next write of the same
@@ -86,18 +90,35 @@ def _describe(config: ModelConfig) -> str:
     )
 
 
-def _shards_note(size: int) -> str:
-    return "" if size == 1 else f" ({size} tensor-parallel shards)"
+def _layout(tp: int, pp: int = 1) -> str:
+    if tp == pp == 1:
+        return "consolidated"
+    if pp == 1:
+        return f"{tp} tensor-parallel shards"
+    if tp == 1:
+        return f"{pp} pipeline stages"
+    return f"{tp} tensor-parallel shards x {pp} pipeline stages"
 
 
-def _check_splits(config: ModelConfig, size: int, what: str) -> None:
-    """ConvertError naming the dimension when ``config`` does not split into ``size`` tensor-parallel shards."""
+def _shards_note(size: int, stages: int = 1) -> str:
+    return "" if size == stages == 1 else f" ({_layout(size, stages)})"
+
+
+def _check_splits(config: ModelConfig, size: int, what: str, stages: int = 1) -> None:
+    """ConvertError naming the dimension when ``config`` does not split into ``size`` tensor-parallel shards, or
+    the flag and the sizes when it has fewer layers than ``stages`` pipeline stages."""
     from megatron_subnet.model.weights import check_divisible
+    from megatron_subnet.parallel.pipeline import split_layers
 
     try:
         check_divisible(config, size)
     except ValueError as e:
         raise ConvertError(f"--tensor-model-parallel-size {size}: {what} cannot be split: {e}") from None
+    try:
+        split_layers(config.num_layers, stages)
+    except ValueError:
+        raise ConvertError(f"--pipeline-model-parallel-size {stages}: {what} cannot be split: more stages than its "
+                           f"{config.num_layers} layers") from None
 
 
 def _tokenizer_note(directory: str | os.PathLike) -> str:
@@ -131,7 +152,8 @@ def cmd_import(args: argparse.Namespace) -> str:
         config, state = load_hf(src)
     except (CheckpointError, ConfigError, OSError) as e:
         raise _context("--input", src, e) from None
-    _check_splits(config, args.tensor_model_parallel_size, f"--input {src}")
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    _check_splits(config, tp, f"--input {src}", pp)
     state = _cast(state, args.dtype)
     with tempfile.TemporaryDirectory(prefix="convert-tokenizer-") as tmp:
         if src.suffix == ".gguf":
@@ -142,9 +164,9 @@ def cmd_import(args: argparse.Namespace) -> str:
             tokenizer_from = tmp
         else:
             tokenizer_from = src
-        save_checkpoint(args.output, config, state, tokenizer_from=tokenizer_from,
-                        tensor_parallel_size=args.tensor_model_parallel_size)
-    shards = _shards_note(args.tensor_model_parallel_size)
+        save_checkpoint(args.output, config, state, tokenizer_from=tokenizer_from, tensor_parallel_size=tp,
+                        pipeline_parallel_size=pp)
+    shards = _shards_note(tp, pp)
     return f"wrote checkpoint {args.output}{shards}: {_describe(config)}; {_tokenizer_note(args.output)}"
 
 
@@ -200,16 +222,17 @@ def cmd_extract(args: argparse.Namespace) -> str:
             student = subnet.student_config(parent)
         except ConfigError as e:
             raise _context("--subnet", args.subnet, e) from None
-        _check_splits(student, args.tensor_model_parallel_size, f"the student of --subnet {args.subnet}")
+        tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+        _check_splits(student, tp, f"the student of --subnet {args.subnet}", pp)
         try:  # only the student's rows and columns are read
             _, student_state = extract_shard(parent, reader.read, subnet, WHOLE)
         except (CheckpointError, OSError) as e:
             raise _context("--input", args.input, e) from None
     student_state = _cast(student_state, args.dtype)
     save_checkpoint(args.output, student, student_state, tokenizer_from=args.input, subnet=subnet.to_dict(),
-                    tensor_parallel_size=args.tensor_model_parallel_size)
+                    tensor_parallel_size=tp, pipeline_parallel_size=pp)
     share = student.num_parameters() / parent.num_parameters()
-    shards = _shards_note(args.tensor_model_parallel_size)
+    shards = _shards_note(tp, pp)
     return (f"wrote student checkpoint {args.output}{shards}: {_describe(student)}; "
             f"{100 * share:.1f}% of the parent's")
 
@@ -219,10 +242,12 @@ def cmd_reshard(args: argparse.Namespace) -> str:
 
     from megatron_subnet.model.weights import SUBNET_NAME, save_checkpoint
 
-    size = args.tensor_model_parallel_size
     with _open_checkpoint(args.input) as reader:
-        config, saved_at = reader.config, reader.tp_size
-        _check_splits(config, size, f"--input {args.input}")
+        config, saved_at = reader.config, (reader.tp_size, reader.pp_size)
+        # a size not given keeps the input's
+        size = args.tensor_model_parallel_size or reader.tp_size
+        stages = args.pipeline_model_parallel_size or reader.pp_size
+        _check_splits(config, size, f"--input {args.input}", stages)
         try:
             state = reader.read_all()
         except (CheckpointError, OSError) as e:
@@ -235,9 +260,9 @@ def cmd_reshard(args: argparse.Namespace) -> str:
         except (OSError, ValueError) as e:
             raise _context("--input", subnet_file, e) from None
     state = _cast(state, args.dtype)
-    save_checkpoint(args.output, config, state, tokenizer_from=args.input, subnet=subnet, tensor_parallel_size=size)
-    layout = lambda n: "consolidated" if n == 1 else f"{n} tensor-parallel shards"  # noqa: E731
-    return f"wrote checkpoint {args.output} ({layout(saved_at)} -> {layout(size)}): {_describe(config)}"
+    save_checkpoint(args.output, config, state, tokenizer_from=args.input, subnet=subnet, tensor_parallel_size=size,
+                    pipeline_parallel_size=stages)
+    return f"wrote checkpoint {args.output} ({_layout(*saved_at)} -> {_layout(size, stages)}): {_describe(config)}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -249,10 +274,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         sp.add_argument("--overwrite", action="store_true", help="replace --output when it exists and is not empty")
         sp.add_argument("--dtype", choices=DTYPES, default="keep", help="cast floating-point weights (default: keep)")
 
-    def shards(sp: argparse.ArgumentParser, required: bool = False) -> None:
-        sp.add_argument("--tensor-model-parallel-size", type=positive_int, required=required,
-                        default=None if required else 1,
-                        help="write this many tensor-parallel shards (mp_rank_XX.safetensors; 1: model.safetensors)")
+    def shards(sp: argparse.ArgumentParser, keep: bool = False) -> None:
+        """``keep`` (reshard): an omitted size keeps the input's."""
+        default = "the input's" if keep else "1"
+        sp.add_argument("--tensor-model-parallel-size", type=positive_int, default=None if keep else 1,
+                        help="write this many tensor-parallel shards (mp_rank_TT[_PPP].safetensors; "
+                        f"default: {default})")
+        sp.add_argument("--pipeline-model-parallel-size", type=positive_int, default=None if keep else 1,
+                        help="split the layers evenly over this many pipeline stages (mp_rank_TT_PPP.safetensors; "
+                        f"default: {default}; 1 x 1: model.safetensors)")
 
     sp = sub.add_parser("import", help="Hugging Face directory or .gguf file -> our checkpoint")
     sp.add_argument("--input", required=True, help="Hugging Face model directory or .gguf file")
@@ -261,7 +291,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sp.set_defaults(func=cmd_import)
 
     sp = sub.add_parser("export", help="our checkpoint -> Hugging Face directory (safetensors)")
-    sp.add_argument("--input", required=True, help="checkpoint directory (consolidated or tensor-parallel shards)")
+    sp.add_argument("--input", required=True, help="checkpoint directory (consolidated or any TP x PP shards)")
     common(sp)
     sp.set_defaults(func=cmd_export)
 
@@ -273,12 +303,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     shards(sp)
     sp.set_defaults(func=cmd_extract)
 
-    sp = sub.add_parser("reshard", help="our checkpoint at any tensor-parallel size -> the same at another")
-    sp.add_argument("--input", required=True, help="checkpoint directory (consolidated or tensor-parallel shards)")
+    sp = sub.add_parser("reshard", help="our checkpoint at any TP x PP layout -> the same at another")
+    sp.add_argument("--input", required=True, help="checkpoint directory (consolidated or any TP x PP shards)")
     common(sp)
-    shards(sp, required=True)
+    shards(sp, keep=True)
     sp.set_defaults(func=cmd_reshard)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.command == "reshard" and args.tensor_model_parallel_size is args.pipeline_model_parallel_size is None:
+        sp.error("give --tensor-model-parallel-size and/or --pipeline-model-parallel-size (a size not given keeps "
+                 "the input's)")
+    return args
 
 
 def _main(argv: list[str] | None) -> int:

@@ -4,6 +4,8 @@
         [--split 949,50,1] [--split-name valid] [--seq-length 512] [--micro-batch-size 4] [--eval-iters 16] \\
         [--subnet SUBNET.json [--importance FILE]] [--hf] [--output results.jsonl]
     torchrun --nproc-per-node N tools/evaluate.py --tensor-model-parallel-size N ...
+    torchrun --nproc-per-node N tools/evaluate.py --load CKPT --pipeline-model-parallel-size P \
+        [--tensor-model-parallel-size T] ...                           # N = T x P x data-parallel replicas
 
 ``--load`` takes our checkpoint directory, a Hugging Face directory or a ``.gguf`` file. ``--hf`` runs
 transformers' own model on the same batches instead of ours. Samples are Megatron's GPT samples
@@ -16,6 +18,12 @@ finite is an error and appends nothing. Flags, the output and (for our checkpoin
 (consolidated or saved at any TP size; a Hugging Face / GGUF model is read whole, then sharded) and the
 loss is the vocab-parallel cross-entropy, so no rank builds whole-vocabulary logits; the result equals a
 single process's. ``--hf`` runs at TP 1 only. Global rank 0 prints and appends the result.
+
+``--pipeline-model-parallel-size P`` (under torchrun, world = TP x PP x DP): the layers are split evenly
+over P stages and each rank reads only its (TP shard, stage) of ``--load`` (consolidated or saved at any
+TP x PP layout); every batch runs through the stages in the forward-only schedule, the last stage sums the
+cross-entropy and broadcasts it, so every rank holds the single process's result. More stages than layers
+is refused with one line; ``--hf`` runs at PP 1 only. Data-parallel replicas repeat the same evaluation.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from megatron_subnet.model.config import ModelConfig  # noqa: E402
 from megatron_subnet.model.evaluation import (  # noqa: E402
     checkpoint_kind,
     evaluate,
+    evaluate_model,
     load_any,
     load_transformers,
     transformers_forward,
@@ -49,6 +58,7 @@ from megatron_subnet.model.subnet import SubnetConfig, subnet_indices  # noqa: E
 from megatron_subnet.model.weights import check_divisible, load_config  # noqa: E402
 from megatron_subnet.outputs import OutputError, check_not_nested, check_output  # noqa: E402
 from megatron_subnet.parallel import state as parallel_state  # noqa: E402
+from megatron_subnet.parallel.pipeline import split_layers  # noqa: E402
 
 
 def add_data_args(p: argparse.ArgumentParser, split_name: str, iters_flag: str, iters: int) -> None:
@@ -62,20 +72,37 @@ def add_data_args(p: argparse.ArgumentParser, split_name: str, iters_flag: str, 
     g.add_argument(iters_flag, type=positive_int, default=iters, help="number of batches")
     g.add_argument("--seed", type=nonnegative_int, default=1234, help="seed of the sample shuffle")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_parallel_args(g)
+
+
+def add_parallel_args(g) -> None:
+    """``--tensor-model-parallel-size`` and ``--pipeline-model-parallel-size`` (evaluate, importance, search)."""
     g.add_argument("--tensor-model-parallel-size", type=positive_int, default=1,
                    help="split the model over this many ranks (under torchrun; the world must be a multiple)")
+    g.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1,
+                   help="split the layers evenly over this many pipeline stages (under torchrun; the world must "
+                   "be a multiple of tensor x pipeline size)")
 
 
-def start_tensor_parallel(load: str, config: ModelConfig | None, tp: int, device: str) -> str:
-    """Check that our checkpoint's ``config`` (None: not known before loading) splits into ``tp`` ranks, then
-    join the launcher's process group with ``tp``-way tensor parallelism; returns this rank's device."""
+def start_model_parallel(load: str, config: ModelConfig | None, tp: int, device: str, pp: int = 1) -> str:
+    """Check that our checkpoint's ``config`` (None: not known before loading) splits into ``tp`` tensor-parallel
+    ranks and ``pp`` pipeline stages, then join the launcher's process group with ``tp`` x ``pp`` model
+    parallelism; returns this rank's device."""
     if config is not None:
         try:
             check_divisible(config, tp)
         except ValueError as e:
             raise ValueError(f"--load {load}: cannot be split into {tp} tensor-parallel shards: {e}") from None
-    rank_device = initialize_distributed(tensor_parallel=tp, device=device, deepspeed_comm=False)
+        try:
+            split_layers(config.num_layers, pp)
+        except ValueError as e:
+            raise ValueError(f"--load {load}: {e}") from None
+    rank_device = initialize_distributed(tensor_parallel=tp, pipeline_parallel=pp, device=device,
+                                         deepspeed_comm=False)  # fmt: skip
     return device if parallel_state.get_world_size() == 1 else rank_device  # one process: the device asked for
+
+
+start_tensor_parallel = start_model_parallel  # the TP-era name
 
 
 def check_data_inputs(data_path: list[str], split: str) -> list[str]:
@@ -141,6 +168,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.hf and args.tensor_model_parallel_size > 1:
         p.error("--hf runs transformers' own model in one process: it does not take --tensor-model-parallel-size "
                 f"{args.tensor_model_parallel_size}")
+    if args.hf and args.pipeline_model_parallel_size > 1:
+        p.error("--hf runs transformers' own model in one process: it does not take --pipeline-model-parallel-size "
+                f"{args.pipeline_model_parallel_size}")
     return args
 
 
@@ -160,7 +190,8 @@ def _main(argv: list[str] | None) -> int:
         check_output_location(args.output, "append", inputs, data_files)
     early_config = check_seq_length_early(args.load, args.seq_length)
     subnet = load_subnet(args, early_config) if args.subnet and early_config else None
-    device = start_tensor_parallel(args.load, early_config, args.tensor_model_parallel_size, device)
+    device = start_model_parallel(args.load, early_config, args.tensor_model_parallel_size, device,
+                                  args.pipeline_model_parallel_size)
     try:
         batches = load_batches(args.data_path, args.split, args.split_name, args.seq_length, args.micro_batch_size,
                                args.eval_iters, args.seed)
@@ -176,10 +207,12 @@ def _main(argv: list[str] | None) -> int:
                 subnet = load_subnet(args, config)
             params = (subnet.num_parameters(config, include_embeddings=False) if subnet
                       else config.num_parameters(include_embeddings=False))
-            index = subnet_indices(config, subnet, device) if subnet else None
-            forward = lambda tokens: model(tokens, subnet=index)  # noqa: E731
+            index = subnet_indices(config, subnet, device, model.shard) if subnet else None
         check_vocab(batches, vocab)
-        result = evaluate(forward, batches, device, desc="eval (transformers)" if args.hf else "eval")
+        if args.hf:
+            result = evaluate(forward, batches, device, desc="eval (transformers)")
+        else:  # through the pipeline stages when the model is split into them
+            result = evaluate_model(model, batches, device, index, desc="eval")
     except IndexError as e:
         raise ValueError(str(e)) from None
     if not math.isfinite(result.loss):
@@ -195,6 +228,7 @@ def _main(argv: list[str] | None) -> int:
             "load": args.load, "data_path": args.data_path, "model": "transformers" if args.hf else "ours",
             "subnet": args.subnet, "importance": args.importance, "non_embedding_params": params,
             "split_name": args.split_name, "tensor_model_parallel_size": args.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
             "seq_length": args.seq_length, "micro_batch_size": args.micro_batch_size, "eval_iters": args.eval_iters,
             "seed": args.seed, "loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens,
         }

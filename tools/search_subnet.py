@@ -11,6 +11,8 @@
     torchrun --nproc-per-node 4 tools/search_subnet.py ...   # candidates evaluated 4 at a time, same result
     torchrun --nproc-per-node 4 tools/search_subnet.py --tensor-model-parallel-size 2 ...
                                                    # 2 replicas of a parent split over 2 ranks each, same result
+    torchrun --nproc-per-node 4 tools/search_subnet.py --pipeline-model-parallel-size 2 ...
+                                                   # 2 replicas of a parent in 2 pipeline stages, same result
 
 Fitness is the validation loss of the masked sub-network on ``--fitness-batches`` fixed batches of the
 valid split (``--data-seed`` picks them), optionally after ``--fitness-train-steps`` of distillation.
@@ -30,6 +32,12 @@ it when the student will be trained at tensor-parallel size N (the searching TP 
 for masked fitness). ``--fitness-train-steps`` at TP > 1 cuts each student shard from ``--load``'s file
 (only its bytes) and needs ``--divisible-by`` a multiple of N, since the student is trained sharded.
 Global rank 0 writes the outputs.
+
+``--pipeline-model-parallel-size P`` (under torchrun, world = TP x PP x DP): the parent's layers are split
+evenly over P stages, each rank loads only its (TP shard, stage) of ``--load`` (consolidated or any TP x
+PP layout), a candidate's validation forward runs through the stages (forward-only schedule) and the D
+data-parallel replicas split the candidates; results equal a single process's. ``--fitness-train-steps``
+is refused at P > 1 (the short distillation trains the student in one pipeline stage only).
 """
 
 from __future__ import annotations
@@ -60,7 +68,7 @@ from megatron_subnet.outputs import OutputError, check_not_nested, check_writabl
 from megatron_subnet.search.evolution import MODES, OUTPUT_NAMES, STATE_NAME, EvolutionConfig, Search  # noqa: E402
 from megatron_subnet.search.fitness import FitnessConfig, SubnetFitness, load_parent  # noqa: E402
 from megatron_subnet.search.space import SPACES, SearchSpace, SpaceConfig, check_budget, make_budget  # noqa: E402
-from tools.evaluate import check_data_inputs, start_tensor_parallel  # noqa: E402
+from tools.evaluate import add_parallel_args, check_data_inputs, start_model_parallel  # noqa: E402
 
 
 def nonnegative_float(text: str) -> float:
@@ -83,8 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--data-seed", type=nonnegative_int, default=1234,
                    help="seed of the sample shuffle (fixes the batches)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--tensor-model-parallel-size", type=positive_int, default=1,
-                   help="split the parent over this many ranks (under torchrun; the world must be a multiple)")
+    add_parallel_args(g)
     g = p.add_argument_group("search space")
     g.add_argument("--space", choices=SPACES, default="uniform")
     g.add_argument("--importance", help="importance scores (.safetensors, tools/compute_importance.py)")
@@ -131,7 +138,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.layer_metric and not args.importance:
         p.error("--layer-metric orders by importance scores: give --importance")
-    tp = args.tensor_model_parallel_size
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if args.fitness_train_steps and pp > 1:
+        p.error(f"--fitness-train-steps is not supported at --pipeline-model-parallel-size {pp}: the short "
+                "distillation trains each student in one pipeline stage (search with masked fitness, "
+                "--fitness-train-steps 0, or at --pipeline-model-parallel-size 1)")
     if args.fitness_train_steps and tp > 1 and args.divisible_by % tp:
         p.error(f"--fitness-train-steps at --tensor-model-parallel-size {tp} trains each student split over {tp} "
                 f"ranks: pass --divisible-by a multiple of {tp} (got {args.divisible_by})")
@@ -181,7 +192,7 @@ def _main(argv: list[str] | None) -> int:
         raise ValueError(f"--load: {e}{hint}") from None
     parent_config.check_seq_length(args.seq_length)
     tp = args.tensor_model_parallel_size
-    device = start_tensor_parallel(args.load, parent_config, tp, device)
+    device = start_model_parallel(args.load, parent_config, tp, device, args.pipeline_model_parallel_size)
     importance = importance_sha256 = None
     if args.importance:
         from megatron_subnet.model.importance import load_importance

@@ -4,11 +4,19 @@ Batches are token tensors ``[batch, seq + 1]``: inputs ``[:, :-1]``, labels ``[:
 fp32 cross-entropy averaged over every label token of every batch (token-weighted: batches of different
 sizes count by their tokens). ``evaluate`` is the one evaluation loop: ``tools/evaluate.py``, the search
 fitness, importance's drop loss (through ``lm_loss``) and the trainer's validation all use it.
+``evaluate_model`` runs our model (dense or a masked sub-network) through it, or, when the model is one
+pipeline stage, through the forward-only pipeline schedule with the same definition.
 
 Under tensor parallelism our model's logits are this rank's vocabulary slice; ``lm_loss`` is
 ``parallel.losses.cross_entropy``, which takes such slices (no rank builds a whole-vocabulary row) and
 gives the same value on every rank. With one tensor-parallel rank it is the plain cross-entropy, so
 transformers' full-vocabulary logits go through it too.
+
+Under pipeline parallelism each rank holds one stage (``GPTModel(..., stage=...)``): every micro-batch goes
+through the stages (``parallel.pipeline.forward_only``; a masked candidate's hidden states are
+``[batch, seq, len(subnet.hidden)]`` between stages), the last stage sums the vocab-parallel cross-entropy
+batch by batch exactly as ``evaluate`` does, and the sum is broadcast from the last stage, so every rank
+returns the same ``EvalResult`` as a single process.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from megatron_subnet.model.weights import (
 from megatron_subnet.parallel import state as parallel_state
 from megatron_subnet.parallel.layers import TPShard
 from megatron_subnet.parallel.losses import cross_entropy
+from megatron_subnet.parallel.pipeline import Messages, broadcast_from_last_stage, current_stage, forward_only
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # tokens [batch, seq] -> logits [batch, seq, vocab (/ TP)]
 
@@ -64,8 +73,7 @@ def evaluate(
     divided by their number. ``progress=None``: a bar only on a terminal (and only on global rank 0);
     ``False``: silent."""
     total, tokens = 0.0, 0
-    quiet = (not progress if progress is not None else None) if parallel_state.get_rank() == 0 else True
-    bar = tqdm(batches, desc=desc, unit="batch", disable=quiet)
+    bar = tqdm(batches, desc=desc, unit="batch", disable=_quiet(progress))
     for batch in bar:
         batch = batch.to(device)
         inputs, labels = batch[:, :-1], batch[:, 1:]
@@ -76,6 +84,79 @@ def evaluate(
     if tokens == 0:
         raise ValueError("no evaluation batches")
     return EvalResult(total / tokens, tokens)
+
+
+def _quiet(progress: bool | None) -> bool | None:
+    return (not progress if progress is not None else None) if parallel_state.get_rank() == 0 else True
+
+
+def evaluate_model(
+    model, batches: Iterable[torch.Tensor], device: torch.device | str = "cpu", subnet=None,
+    desc: str = "eval", progress: bool | None = None,
+) -> EvalResult:
+    """``evaluate`` of our GPTModel, dense or the masked ``subnet`` (a SubnetConfig or SubnetIndices, parent
+    indices), whether ``model`` is the whole model (or a tensor-parallel shard of it) or one pipeline stage."""
+    from megatron_subnet.model.subnet import SubnetConfig, subnet_indices
+
+    index = subnet_indices(model.config, subnet, device, model.shard) if isinstance(subnet, SubnetConfig) else subnet
+    if model.stage.first and model.stage.last:
+        return evaluate(lambda tokens: model(tokens, subnet=index), batches, device, desc, progress)
+    return evaluate_pipelined(model, batches, device, index, desc, progress)
+
+
+@torch.no_grad()
+def evaluate_pipelined(
+    model, batches: Iterable[torch.Tensor], device: torch.device | str = "cpu", index=None,
+    desc: str = "eval", progress: bool | None = None,
+) -> EvalResult:
+    """``evaluate``'s token-weighted loss of a model split into pipeline stages (``model``: this rank's stage;
+    ``index``: a masked sub-network's ``SubnetIndices`` or None). Every stage runs every batch in the
+    forward-only schedule; the last stage sums the cross-entropy; every rank returns the same result."""
+    batches = [b.to(device) for b in batches]
+    if not batches:
+        raise ValueError("no evaluation batches")
+    with tqdm(total=len(batches), desc=desc, unit="batch", disable=_quiet(progress)) as bar:
+        total, tokens = pipelined_loss_sum(model, batches, device, index, bar)
+    total = float(broadcast_from_last_stage(torch.tensor([total], dtype=torch.float64, device=device)))
+    return EvalResult(total / tokens, tokens)
+
+
+@torch.no_grad()
+def pipelined_loss_sum(
+    model, batches: Iterable[torch.Tensor], device: torch.device | str = "cpu", index=None, bar=None
+) -> tuple[float, int]:
+    """(summed cross-entropy on the last stage, 0.0 on the others; label tokens) of ``batches`` run through
+    the pipeline stages in the forward-only schedule (``index``: a masked sub-network's SubnetIndices;
+    ``bar``: a tqdm bar advanced per batch)."""
+    batches = [b.to(device) for b in batches]
+    stage = model.stage
+    width = model.config.hidden_size if index is None or index.hidden is None else len(index.hidden)
+    dtype = next(model.parameters()).dtype
+    sums: list[float] = []
+
+    def forward(i: int, received):
+        inputs, labels = batches[i][:, :-1], batches[i][:, 1:]
+        result = model(inputs if stage.first else received[0], subnet=index)
+        if bar is not None:
+            bar.update()
+        if not stage.last:
+            return [result]
+        sums.append(float(lm_loss(result, labels, reduction="sum")))
+        return None
+
+    start = 0
+    while start < len(batches):  # runs of equally shaped batches: the message shape follows the batch
+        end = start + 1
+        while end < len(batches) and batches[end].shape == batches[start].shape:
+            end += 1
+        b, t = batches[start].shape[0], batches[start].shape[1] - 1
+        forward_only(end - start, lambda i, received, s=start: forward(s + i, received),
+                     Messages([((b, t, width), dtype)]), device)  # fmt: skip
+        start = end
+    total = 0.0
+    for value in sums:  # the same float additions, in the same order, as evaluate()
+        total += value
+    return total, sum(batch[:, 1:].numel() for batch in batches)
 
 
 def checkpoint_kind(path: str | os.PathLike) -> str:
@@ -93,19 +174,23 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
 
 
 def load_any(path: str | os.PathLike, device: torch.device | str = "cpu"):
-    """This rank's tensor-parallel shard of our GPTModel from our checkpoint directory (only the shard is
-    read), a Hugging Face directory or a ``.gguf`` file (read whole by transformers, then sharded)."""
+    """This rank's tensor-parallel shard and pipeline stage (layers split evenly) of our GPTModel from our
+    checkpoint directory (only that part is read), a Hugging Face directory or a ``.gguf`` file (read whole
+    by transformers, then cut)."""
     if checkpoint_kind(path) == "ours":
         return load_model(path, device)
     from megatron_subnet.model.hf import load_hf
+    from megatron_subnet.model.weights import expected_shapes
 
     config, state = load_hf(path)
     shard = TPShard.current()
     try:
+        stage = current_stage(config.num_layers)
         state = shard_state_dict(config, state, shard)
+        state = {name: state[name] for name in expected_shapes(config, shard, stage) if name in state}
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    return model_from_state(config, state, device, shard)
+    return model_from_state(config, state, device, shard, stage)
 
 
 def load_transformers(path: str | os.PathLike, device: torch.device | str = "cpu"):

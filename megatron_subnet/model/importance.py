@@ -17,6 +17,13 @@ heads and MLP neurons (a contiguous block of the global numbering), which are al
 group into the global vectors; norm outputs and layer inputs/outputs are replicated, so hidden-channel
 and block scores are taken as they are, and the drop loss uses the vocab-parallel cross-entropy. The
 scores equal a single process's (up to float rounding) and every rank holds them.
+
+Under pipeline parallelism each stage's hooks see only its layers: per-layer statistics (heads, neurons,
+block importance) come from the stage holding the layer, the hidden-channel statistics are the sums over
+each stage's norms, and both are summed over the pipeline group (one all-reduce; a stage contributes zeros
+for the layers it does not hold). The calibration forward runs through the stages (forward-only schedule),
+and the drop loss of layer ``i`` is the loss of the masked model without layer ``i``, one full pipelined
+forward per layer, summed on the last stage. Every rank again holds the single process's scores.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from torch import nn
 from tqdm import tqdm
 
 from megatron_subnet.model.config import ModelConfig
-from megatron_subnet.model.evaluation import lm_loss
+from megatron_subnet.model.evaluation import lm_loss, pipelined_loss_sum
 from megatron_subnet.model.gpt import GPTModel, rotary_cos_sin
 from megatron_subnet.outputs import write_file_atomically
 from megatron_subnet.parallel import mappings
@@ -173,17 +180,19 @@ def load_importance(
 
 
 class _Recorder:
-    """Forward hooks on a dense GPTModel that sum the activation statistics of each batch."""
+    """Forward hooks on a dense GPTModel (or one pipeline stage of it) that sum the activation statistics of
+    each batch, per layer in GLOBAL layer numbering (a stage records only the layers it holds)."""
 
     def __init__(self, model: GPTModel):
         self.model = model
-        c = model.config
-        n = c.num_layers
+        n = model.config.num_layers
         zeros = lambda size: torch.zeros(size, dtype=torch.float64)  # noqa: E731
-        # this tensor-parallel rank's heads and neurons (all of them with one rank)
-        self.heads = [zeros(layer.self_attention.layout.num_heads) for layer in model.layers]
-        self.mlp = [zeros(layer.mlp.linear_fc2.in_per_rank) for layer in model.layers]
-        self.hidden = zeros(c.hidden_size)
+        # this tensor-parallel rank's heads and neurons (all of them with one rank), by global layer index
+        self.heads = {i: zeros(layer.self_attention.layout.num_heads) for i, layer in zip(model.layers.indices(),
+                                                                                         model.layers)}  # fmt: skip
+        self.mlp = {i: zeros(layer.mlp.linear_fc2.in_per_rank) for i, layer in zip(model.layers.indices(),
+                                                                                   model.layers)}  # fmt: skip
+        self.hidden = zeros(model.config.hidden_size)
         self.block = zeros(n)
         self.layer_inputs: list[torch.Tensor | None] = [None] * n
         self.keep_inputs = False  # keep each layer's input (for the drop loss)
@@ -191,8 +200,8 @@ class _Recorder:
         self.handles: list = []
 
     def __enter__(self) -> _Recorder:
-        norms: list[nn.Module] = [self.model.final_layernorm]
-        for i, layer in enumerate(self.model.layers):
+        norms: list[nn.Module] = [self.model.final_layernorm] if self.model.final_layernorm is not None else []
+        for i, layer in zip(self.model.layers.indices(), self.model.layers):
             norms += [layer.input_layernorm, layer.pre_mlp_layernorm]
             self.handles += [
                 layer.self_attention.linear_proj.register_forward_pre_hook(self._head_hook(i)),
@@ -251,6 +260,35 @@ def _gather_tp(local: torch.Tensor, device: torch.device) -> torch.Tensor:
     return mappings.all_gather_last_dim(local.to(device)).cpu()  # on the model's device: NCCL needs CUDA tensors
 
 
+def _sum_over_pipeline(parts: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """``parts`` summed over the stages of this rank's pipeline (one all-reduce of their concatenation): a
+    statistic only one stage holds comes out as that stage's (the others add zeros), one every stage holds
+    part of (the norms of the hidden channels) as the sum of the parts."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return parts
+    flat = torch.cat([p.reshape(-1) for p in parts]).to(device)
+    torch.distributed.all_reduce(flat, group=parallel_state.get_pipeline_model_parallel_group())
+    return list(flat.cpu().split([p.numel() for p in parts]))
+
+
+def _drop_layer_losses(model: GPTModel, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Pipeline stages: the summed cross-entropy of the masked model without layer ``i`` for every ``i`` (each
+    one full forward through the stages), on the last stage (zeros on the others)."""
+    from megatron_subnet.model.subnet import SubnetConfig, subnet_indices
+
+    c = model.config
+    full = SubnetConfig.full(c)
+    out = torch.zeros(c.num_layers, dtype=torch.float64)
+    for i in range(c.num_layers):
+        keep = [j for j in range(c.num_layers) if j != i]
+        dropped = SubnetConfig(layers=keep, hidden=full.hidden, heads=[full.heads[j] for j in keep],
+                               query_groups=[full.query_groups[j] for j in keep],
+                               mlp=[full.mlp[j] for j in keep])  # fmt: skip
+        index = subnet_indices(c, dropped, device, model.shard)
+        out[i] = pipelined_loss_sum(model, [batch], device, index)[0]
+    return out
+
+
 @torch.no_grad()
 def compute_importance(
     model: GPTModel,
@@ -263,7 +301,9 @@ def compute_importance(
 
     The drop loss uses the first ``drop_loss_iters`` batches (None: all; 0: not computed). Leaving out
     layer ``i`` changes nothing before it, so its loss runs layers ``i+1..`` from layer ``i``'s recorded
-    input: the same number as the masked model without layer ``i``, at about half the cost.
+    input: the same number as the masked model without layer ``i``, at about half the cost. ``model`` may
+    be one pipeline stage (every stage of the pipeline calls this with the same batches): the forward runs
+    through the stages and the drop loss of each layer is one masked pipelined forward.
     """
     if not batches:
         raise ImportanceError("no calibration batches")
@@ -271,41 +311,58 @@ def compute_importance(
     was_training = model.training
     model.eval()
     c = model.config
+    device = next(model.parameters()).device
+    pipelined = not (model.stage.first and model.stage.last)
     tokens_seen = drop_tokens = 0
     drop_loss = torch.zeros(c.num_layers, dtype=torch.float64)
     quiet = (None if progress is None else not progress) if parallel_state.get_rank() == 0 else True
     bar = tqdm(batches, desc="importance", unit="batch", disable=quiet)
     with _Recorder(model) as rec:
         for step, batch in enumerate(bar):
-            batch = batch.to(model.embedding.weight.device)
+            batch = batch.to(device)
             inputs, labels = batch[:, :-1], batch[:, 1:]
-            rec.keep_inputs = step < drop_iters
-            logits = model(inputs)
+            rec.keep_inputs = step < drop_iters and not pipelined
+            if pipelined:  # the dense forward through the stages; the last stage holds the summed loss
+                base = pipelined_loss_sum(model, [batch], device)[0]
+            else:
+                logits = model(inputs)
             tokens_seen += inputs.numel()
-            if not rec.keep_inputs:
+            if step >= drop_iters:
                 continue
-            # token-weighted, as evaluation.evaluate: summed cross-entropy, divided by the label tokens at the end
-            base = float(lm_loss(logits, labels, reduction="sum"))
-            del logits
-            cos, sin = rotary_cos_sin(c, inputs.shape[1], inputs.device)
             rec.recording = False
-            for i in range(c.num_layers):
-                logits = _logits_from(model, rec.layer_inputs[i], i + 1, cos, sin)
-                drop_loss[i] += float(lm_loss(logits, labels, reduction="sum")) - base
-            rec.layer_inputs = [None] * c.num_layers
+            if pipelined:
+                if model.stage.last:
+                    drop_loss += _drop_layer_losses(model, batch, device) - base
+                else:
+                    _drop_layer_losses(model, batch, device)
+            else:
+                # token-weighted, as evaluation.evaluate: summed cross-entropy, divided by the label tokens at the end
+                base = float(lm_loss(logits, labels, reduction="sum"))
+                del logits
+                cos, sin = rotary_cos_sin(c, inputs.shape[1], inputs.device)
+                for i in range(c.num_layers):
+                    logits = _logits_from(model, rec.layer_inputs[i], i + 1, cos, sin)
+                    drop_loss[i] += float(lm_loss(logits, labels, reduction="sum")) - base
+                rec.layer_inputs = [None] * c.num_layers
             rec.recording = True
             drop_tokens += labels.numel()
     model.train(was_training)
     n_batches = len(batches)
     per_group = [c.layer_heads(i) // c.layer_query_groups(i) for i in range(c.num_layers)]
-    device = model.embedding.weight.device
-    heads = [(_gather_tp(h, device) / n_batches).float() for h in rec.heads]
+    # this stage's layers (global vectors after the tensor-parallel gather), zeros for the others' layers
+    heads = [_gather_tp(rec.heads[i], device) if i in rec.heads else torch.zeros(c.layer_heads(i), dtype=torch.float64)
+             for i in range(c.num_layers)]  # fmt: skip
+    mlp = [_gather_tp(rec.mlp[i], device) if i in rec.mlp else torch.zeros(c.layer_ffn(i), dtype=torch.float64)
+           for i in range(c.num_layers)]  # fmt: skip
+    n = c.num_layers
+    hidden, block, drop_loss, *per_layer = _sum_over_pipeline([rec.hidden, rec.block, drop_loss, *heads, *mlp], device)
+    heads = [(h / n_batches).float() for h in per_layer[:n]]
     return Importance(
-        hidden=(rec.hidden / tokens_seen).float(),
+        hidden=(hidden / tokens_seen).float(),
         heads=heads,
         query_groups=[h.view(-1, g).sum(1) for h, g in zip(heads, per_group)],
-        mlp=[(_gather_tp(m, device) / tokens_seen).float() for m in rec.mlp],
-        block=(rec.block / tokens_seen).float(),
+        mlp=[(m / tokens_seen).float() for m in per_layer[n:]],
+        block=(block / tokens_seen).float(),
         drop_loss=(drop_loss / drop_tokens).float() if drop_iters else None,
         layer_metric=layer_metric,
         metadata={

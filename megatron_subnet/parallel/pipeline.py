@@ -224,8 +224,13 @@ def forward_only(
 
 
 def broadcast_from_last_stage(values: torch.Tensor) -> torch.Tensor:
-    """``values`` of the last stage on every stage of this pipeline (in place)."""
-    if state.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(values, state.get_pipeline_model_parallel_ranks()[-1],
-                       group=state.get_pipeline_model_parallel_group())  # fmt: skip
+    """``values`` of the last stage on every stage of this pipeline (in place; a CPU tensor travels through
+    the accelerator when the group is NCCL's)."""
+    if state.get_pipeline_model_parallel_world_size() == 1:
+        return values
+    group = state.get_pipeline_model_parallel_group()
+    device_copy = values.cuda() if dist.get_backend(group) == "nccl" and not values.is_cuda else values
+    dist.broadcast(device_copy, state.get_pipeline_model_parallel_ranks()[-1], group=group)
+    if device_copy is not values:
+        values.copy_(device_copy.cpu())
     return values

@@ -25,6 +25,12 @@ distilled candidate's student is cut shard by shard through ``read`` (a ``Checkp
 parent's checkpoint: each rank reads only its student shard's rows and columns, never the whole parent),
 trained sharded with the vocab-parallel ``distillation_loss``; the student must split into the TP size
 (the search keeps it so with ``--divisible-by``).
+
+Under pipeline parallelism the parent is this rank's stage (TP shard of it) and a masked candidate's
+validation forward runs through the stages in the forward-only schedule (``evaluation.evaluate_model``):
+the TP x PP ranks of one data-parallel replica evaluate the same candidates together, and the last
+stage's loss is broadcast to every stage. The distilled fitness (``train_steps > 0``) is not built for
+pipeline stages: it is refused.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_subnet.model.evaluation import evaluate
+from megatron_subnet.model.evaluation import evaluate, evaluate_model
 from megatron_subnet.model.gpt import GPTModel
 from megatron_subnet.model.subnet import SubnetConfig, extract_shard, subnet_indices
 from megatron_subnet.model.weights import TensorSource, load_model, state_source
@@ -46,7 +52,7 @@ from megatron_subnet.parallel.losses import distillation_loss
 
 def load_parent(path: str | os.PathLike, device: torch.device | str = "cpu") -> GPTModel:
     """The parent from our checkpoint directory (consolidated or sharded), frozen and in eval mode: this
-    rank's tensor-parallel shard only, through the one loader (``weights.load_model``).
+    rank's tensor-parallel shard of its pipeline stage only, through the one loader (``weights.load_model``).
 
     Raises ``CheckpointError`` (a ValueError) naming a missing file or weights that do not fit the config.
     """
@@ -86,6 +92,11 @@ class SubnetFitness:
         self.read = read
         if self.config.train_steps > 0 and not self.train:
             raise ValueError("--fitness-train-steps needs train batches")
+        if self.config.train_steps > 0 and not (parent.stage.first and parent.stage.last):
+            raise ValueError(
+                "--fitness-train-steps is not supported under pipeline parallelism (the distilled student is "
+                "trained in one pipeline stage): use --pipeline-model-parallel-size 1"
+            )
         if self.config.train_steps > 0 and parent.shard.size > 1 and read is None:
             raise ValueError(
                 "--fitness-train-steps under tensor parallelism cuts each student from the parent's checkpoint: "
@@ -107,8 +118,8 @@ class SubnetFitness:
     def loss(self, subnet: SubnetConfig) -> float:
         if self.config.train_steps > 0:
             return self.distilled_loss(subnet)
-        index = subnet_indices(self.parent.config, subnet, self.device)
-        return self._valid_loss(lambda tokens: self.parent(tokens, subnet=index))
+        index = subnet_indices(self.parent.config, subnet, self.device, self.parent.shard)
+        return evaluate_model(self.parent, self.valid, self.device, index, progress=False).loss
 
     def _valid_loss(self, forward) -> float:
         return evaluate(forward, self.valid, self.device, progress=False).loss

@@ -44,7 +44,9 @@ class GuardedAdamW(torch.optim.AdamW):
     def step(self, closure=None):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         finite = not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
-        flag = torch.tensor([0.0 if finite else 1.0])
+        # NCCL reduces accelerator tensors only; a ZeRO-3 partition may hold no parameter at all
+        device = next((p.device for group in self.param_groups for p in group["params"]), torch.device("cpu"))
+        flag = torch.tensor([0.0 if finite else 1.0], device=device)
         if state.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0:
@@ -122,8 +124,8 @@ class StepResult:
     skipped: bool
 
 
-def _sum_over_data_parallel(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+def _sum_over_data_parallel(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     if state.get_data_parallel_world_size() > 1:
         dist.all_reduce(t, group=state.get_data_parallel_group())
     return t.tolist()
@@ -142,7 +144,7 @@ def _grad_norm(engine) -> float:
             continue
         if getattr(p, "tensor_model_parallel", False) or state.get_tensor_model_parallel_rank() == 0:
             grads.append(p.grad.detach().float())
-    squares = torch.zeros(1, dtype=torch.float64)
+    squares = torch.zeros(1, dtype=torch.float64, device=engine.device)
     if grads:
         squares[0] = torch.stack(torch._foreach_norm(grads)).double().pow(2).sum()
     if state.DeepSpeedMPU.get_model_parallel_world_size() > 1:
@@ -179,7 +181,7 @@ def train_step(
     if engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled():
         grad_norm = _grad_norm(engine)
     dp = state.get_data_parallel_world_size()
-    loss, ce, kl = (t / dp for t in _sum_over_data_parallel([t / len(batches) for t in totals]))
+    loss, ce, kl = (t / dp for t in _sum_over_data_parallel([t / len(batches) for t in totals], engine.device))
     skipped = bool(getattr(optimizer, "skipped_last", False)) or not math.isfinite(grad_norm) or not math.isfinite(loss)
     return StepResult(loss, ce, kl if teacher is not None else None, grad_norm, skipped)
 
@@ -276,7 +278,7 @@ def evaluate(engine, batches: list[torch.Tensor], device) -> float:
     else:
         sums = _evaluate_pipelined(engine, [b.to(device) for b in batches]).tolist()
     engine.module.train(was_training)
-    total, tokens = _sum_over_data_parallel(sums)
+    total, tokens = _sum_over_data_parallel(sums, engine.device)
     return total / max(tokens, 1.0)
 
 

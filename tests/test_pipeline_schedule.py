@@ -1,0 +1,208 @@
+"""The 1F1B and forward-only schedules themselves (``parallel/pipeline.py``), on a toy fp64 model with plain
+autograd: every stage two ``tanh(Linear(8, 8))`` layers of a student, plus a frozen teacher whose hidden states
+travel in the same message without a gradient (as when distilling). At PP=2 and PP=4 with 1, 3 and 8
+micro-batches the stages' accumulated gradients equal one process running all the layers, the events of each
+stage follow Megatron's order (warm-up forwards, 1F1B, cool-down backwards), at most ``min(PP - stage, m)``
+micro-batches are in flight, and a micro-batch's graph is gone once its backward ran.
+
+One group of processes per PP runs every case (spawning is the slow part).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+from tests.distributed import run_distributed
+
+WIDTH, MICRO_BATCH, LAYERS_PER_STAGE = 8, 2, 2
+MICROBATCHES = (1, 3, 8)
+
+
+def _toy(pp: int):
+    """The whole model and data, the same on every process: student layers, frozen teacher layers,
+    micro-batches ``[m, MICRO_BATCH, WIDTH]`` and their targets."""
+    g = torch.Generator().manual_seed(1234)
+
+    def linear(trainable: bool) -> nn.Linear:
+        layer = nn.Linear(WIDTH, WIDTH, dtype=torch.float64)
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(WIDTH, WIDTH, generator=g, dtype=torch.float64) / WIDTH**0.5)
+            layer.bias.copy_(torch.randn(WIDTH, generator=g, dtype=torch.float64) * 0.1)
+        return layer.requires_grad_(trainable)
+
+    n = pp * LAYERS_PER_STAGE
+    student = [linear(True) for _ in range(n)]
+    teacher = [linear(False) for _ in range(n)]
+    m = max(MICROBATCHES)
+    data = torch.randn(m, MICRO_BATCH, WIDTH, generator=g, dtype=torch.float64)
+    targets = torch.randn(m, MICRO_BATCH, WIDTH, generator=g, dtype=torch.float64)
+    return student, teacher, data, targets
+
+
+def _run(layers, x):
+    for layer in layers:
+        x = torch.tanh(layer(x))
+    return x
+
+
+def _loss(s, t, target):
+    return ((s - target) ** 2).sum() + 0.1 * (s * t).sum()
+
+
+def _stage(rank: int, pp: int):
+    """This process's pipeline stage over the toy model, every m: see ``_case``."""
+    student, teacher, data, targets = _toy(pp)
+    held = slice(rank * LAYERS_PER_STAGE, (rank + 1) * LAYERS_PER_STAGE)
+    return {m: _case(rank, pp, m, student[held], teacher[held], data, targets) for m in MICROBATCHES}
+
+
+def _case(rank, pp, m, mine, mine_teacher, data, targets) -> dict:
+    """One 1F1B run (gradients, events, peak, what was still alive at each backward and after) and one
+    forward-only run (the last stage's outputs) of ``m`` micro-batches on this stage's layers."""
+    from megatron_subnet.parallel.pipeline import Messages, forward_backward_1f1b, forward_only
+
+    params = [p for layer in mine for p in layer.parameters()]
+    for p in params:
+        p.grad = None
+    first, last = rank == 0, rank == pp - 1
+    messages = Messages([((MICRO_BATCH, WIDTH), torch.float64)] * 2, with_grad=1)
+    events: list[str] = []
+    refs: dict[int, weakref.ref] = {}
+    alive_at_backward: dict[int, list[int]] = {}
+    received_grad_flags: list[tuple[bool, bool]] = []
+
+    def forward(i, received):
+        events.append(f"F {i}")
+        if first:
+            s_in, t_in = data[i], data[i]
+        else:
+            s_in, t_in = received
+            received_grad_flags.append((s_in.requires_grad, t_in.requires_grad))
+        with torch.no_grad():
+            t = _run(mine_teacher, t_in)
+        s = _run(mine, s_in)
+        result = _loss(s, t, targets[i]) if last else [s, t]
+        refs[i] = weakref.ref(result if last else s)  # holds the micro-batch's graph until its backward
+        return result
+
+    def backward(i, outputs, grads):
+        events.append(f"B {i}")
+        alive_at_backward[i] = sorted(k for k, r in refs.items() if r() is not None)
+        if last:
+            assert grads is None
+            outputs.backward()
+        else:
+            assert len(grads) == 1 and grads[0].shape == (MICRO_BATCH, WIDTH)
+            torch.autograd.backward(outputs[0], grads[0])
+
+    peak = forward_backward_1f1b(m, forward, backward, messages)
+    alive_after = sorted(k for k, r in refs.items() if r() is not None)
+
+    outputs = []
+
+    @torch.no_grad()
+    def evaluate(i, received):
+        s_in, t_in = (data[i], data[i]) if first else received
+        s, t = _run(mine, s_in), _run(mine_teacher, t_in)
+        if last:
+            outputs.append((s.clone(), t.clone()))
+        return [s, t]
+
+    forward_only(m, evaluate, messages)
+    return {
+        "grads": [p.grad.clone() for p in params],
+        "events": events,
+        "peak": peak,
+        "alive_at_backward": alive_at_backward,
+        "alive_after": alive_after,
+        "received_grad_flags": received_grad_flags,
+        "forward_only": outputs,
+    }
+
+
+def _reference(pp: int, m: int):
+    """One process, all the layers, the same micro-batches: accumulated gradients per layer and the outputs."""
+    student, teacher, data, targets = _toy(pp)
+    outputs = []
+    for i in range(m):
+        with torch.no_grad():
+            t = _run(teacher, data[i])
+        s = _run(student, data[i])
+        _loss(s, t, targets[i]).backward()
+        outputs.append((s.detach(), t))
+    grads = [p.grad for layer in student for p in layer.parameters()]
+    return grads, outputs
+
+
+def _expected_events(pp: int, rank: int, m: int) -> list[str]:
+    warmup = min(pp - rank - 1, m)
+    steady = m - warmup
+    events = [f"F {i}" for i in range(warmup)]
+    for k in range(steady):
+        events += [f"F {warmup + k}", f"B {k}"]
+    return events + [f"B {i}" for i in range(steady, m)]
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda pp: f"pp{pp}")
+def pipeline(request):
+    pp = request.param
+    return pp, run_distributed(_stage, pp, pipeline_parallel=pp, args=(pp,), timeout=120)
+
+
+@pytest.mark.parametrize("m", MICROBATCHES)
+def test_1f1b_gradients_equal_one_process(pipeline, m):
+    pp, stages = pipeline
+    want, _ = _reference(pp, m)
+    per_stage = 2 * LAYERS_PER_STAGE  # weight and bias of each layer
+    for rank, stage in enumerate(stages):
+        got = stage[m]["grads"]
+        for g, w in zip(got, want[rank * per_stage : (rank + 1) * per_stage], strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("m", MICROBATCHES)
+def test_1f1b_event_order_and_peak_in_flight(pipeline, m):
+    pp, stages = pipeline
+    for rank, stage in enumerate(stages):
+        events = stage[m]["events"]
+        assert events == _expected_events(pp, rank, m), f"stage {rank}"
+        # in flight after each event never exceeds PP; the returned peak is Megatron's min(PP - stage, m)
+        running, most = 0, 0
+        for e in events:
+            running += 1 if e.startswith("F") else -1
+            most = max(most, running)
+        assert running == 0
+        assert stage[m]["peak"] == most == min(pp - rank, m) <= pp, f"stage {rank}"
+
+
+@pytest.mark.parametrize("m", MICROBATCHES)
+def test_1f1b_releases_a_micro_batch_after_its_backward(pipeline, m):
+    pp, stages = pipeline
+    for rank, stage in enumerate(stages):
+        warmup = min(pp - rank - 1, m)
+        for j, alive in stage[m]["alive_at_backward"].items():
+            # nothing already backwarded is still referenced; only micro-batches forwarded and not yet
+            # backwarded (at most PP of them) are alive when micro-batch j's backward starts
+            forwarded = min(m, j + warmup + 1)
+            assert set(alive) <= set(range(j, forwarded)), f"stage {rank}, backward {j}: alive {alive}"
+            assert j in alive
+        assert stage[m]["alive_after"] == [], f"stage {rank}"
+        # received student hidden states carry a gradient back; the teacher's do not
+        assert all(flags == (True, False) for flags in stage[m]["received_grad_flags"]), f"stage {rank}"
+
+
+@pytest.mark.parametrize("m", MICROBATCHES)
+def test_forward_only_gives_one_process_outputs(pipeline, m):
+    pp, stages = pipeline
+    _, want = _reference(pp, m)
+    got = stages[-1][m]["forward_only"]
+    assert len(got) == m
+    for (s, t), (ws, wt) in zip(got, want, strict=True):
+        torch.testing.assert_close(s, ws, rtol=0, atol=1e-12)
+        torch.testing.assert_close(t, wt, rtol=0, atol=1e-12)
+    for stage in stages[:-1]:
+        assert stage[m]["forward_only"] == []
