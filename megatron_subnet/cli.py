@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import math
 import os
 import sys
@@ -43,6 +44,14 @@ def fraction(text: str) -> float:
     value = finite_float(text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"{text!r} is not in [0, 1]")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite float > 0."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
     return value
 
 
@@ -95,7 +104,10 @@ def one_line(error: BaseException) -> str:
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None, error_code: int = 2) -> int:
     """``main(argv)``; a ValueError/OSError becomes one ``error:`` line and ``error_code``, Ctrl-C exit 130."""
     try:
-        return main(argv)
+        code = main(argv)
+        if code == 0:  # at interpreter exit, after whatever the caller still does with the group
+            atexit.register(_leave_process_group)
+        return code
     except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C); finished outputs are intact, unfinished ones were not written",
               file=sys.stderr)
@@ -109,3 +121,15 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         return error_code
+
+
+def _leave_process_group() -> None:
+    """After a successful distributed run: wait for every rank, then close the group. A rank that exits while a
+    peer still reads its last message resets the connection, and gloo aborts the peer."""
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,8 +1,8 @@
 """Pipeline parallelism end to end: PP=2, PP=4, TP=2 x PP=2 and TP=2 x PP=2 x DP=2 training with a teacher
 equal one process (losses of 5 steps and the final parameters), on tied and untied llama and GPT-NeoX;
-the tied embedding's two copies stay bit-identical; uneven stages; every launcher (deepspeed, mpirun,
-torchrun, and two torchrun "nodes" on loopback) runs a TP=2 x PP=2 job; a resume is bit-exact, also after
-one stage's process is SIGKILLed mid-step; impossible layouts are one line each.
+the tied embedding's two copies stay bit-identical; uneven stages; every launcher (deepspeed, mpirun, and
+torchrun on two "nodes" on loopback) runs a TP=2 x PP=2 job; a resume is bit-exact, also after one
+stage's process is SIGKILLed mid-step; impossible layouts are one line each.
 
 Every run is a subprocess with a hard timeout (tests/training_utils.py). The runs are made once per module.
 """
@@ -122,12 +122,13 @@ def runs(ws) -> dict[str, Path]:
     ok(run(torchrun_cmd(2, flags(ws, "teacher_neox") + layout(pp=2) + save("neox_pp2")), ws, timeout=300))
     uneven = flags(ws, subnet="subnet_uneven.json") + layout(pp=2) + ["--pipeline-layer-split", "1,2"]
     ok(run(torchrun_cmd(2, uneven + save("uneven_pp2")), ws, timeout=300))
-    ok(run(torchrun_cmd(8, flags(ws) + layout(2, 2) + save("tp2pp2dp2")), ws, timeout=600))
-    for name, kind, argv in (("pp4", "deepspeed", layout(pp=4)), ("tp2pp2", "mpirun", layout(2, 2))):
+    ok(run(torchrun_cmd(4, flags(ws) + layout(pp=4) + save("pp4")), ws, timeout=400))
+    # the deepspeed and mpirun launchers each run a TP=2 x PP=2 job (torchrun does below, on two "nodes")
+    for name, kind, nproc in (("tp2pp2", "deepspeed", 4), ("tp2pp2dp2", "mpirun", 8)):
         port = free_port()
-        cmd, env = launcher(kind, 4, flags(ws) + argv + save(name), port)
+        cmd, env = launcher(kind, nproc, flags(ws) + layout(2, 2) + save(name), port)
         try:
-            ok(run(cmd, ws, env=env, timeout=400))
+            ok(run(cmd, ws, env=env, timeout=600))
         finally:
             for path in deepspeed_shm_files(port):
                 path.unlink(missing_ok=True)
@@ -158,7 +159,7 @@ def assert_same_run(run_dir: Path, ref_dir: Path, what: str) -> None:
      ("neox_pp2", "neox_ref"), ("uneven_pp2", "uneven_ref")],
 )  # fmt: skip
 def test_pipeline_layouts_equal_one_process(runs, name, ref):
-    """PP=2 (torchrun), PP=4 (deepspeed launcher), TP=2 x PP=2 (mpirun), TP=2 x PP=2 x DP=2 (8 processes) at
+    """PP=2 and PP=4 (torchrun), TP=2 x PP=2 (deepspeed launcher), TP=2 x PP=2 x DP=2 (8 processes, mpirun) at
     ZeRO-1 with distillation; untied llama and GPT-NeoX at PP=2; 3 kept parent layers split 1 + 2."""
     assert_same_run(runs[name], runs[ref], name)
     meta = json.loads((runs[name] / "ckpt" / f"iter_{ITERS:07d}" / "megatron_subnet.json").read_text())
@@ -237,7 +238,8 @@ def two_node_job(argv: list[str], cwd: Path, hooks: dict | None = None, timeout:
 
 def test_two_torchrun_nodes_train_and_resume(ws, runs, tmp_path):
     """Two torchrun processes (--nnodes 2, rendezvous on 127.0.0.1) run TP=2 x PP=2: stopped after the
-    checkpoint of step 3 and resumed the same way, every step equals the one-node TP=2 x PP=2 run's exactly."""
+    checkpoint of step 3 and resumed the same way, every step equals the one-node TP=2 x PP=2 run's (under
+    the deepspeed launcher) exactly."""
     save = tmp_path / "ckpt"
     argv = flags(ws) + layout(2, 2) + ["--save", str(save), "--save-interval", "3"]
     for code, _out, err in two_node_job(argv + ["--log-dir", str(tmp_path / "a")], tmp_path, {"stop_after_save": 3}):
