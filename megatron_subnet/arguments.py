@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from megatron_subnet.cli import ArgumentParser, finite_float, fraction, nonnegative_int, positive_int
+from megatron_subnet.cli import ArgumentParser, finite_float, fraction, nonnegative_int, positive_float, positive_int
 
 
 class ArgumentError(ValueError):
@@ -74,7 +74,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-skipped-steps", type=positive_int, default=10, help="abort after this many NaN/Inf steps in a row"
     )
     g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--bf16", action="store_true", help="bf16 training (ds_config bf16.enabled)")
+    g = p.add_argument_group("precision and speed")
+    g.add_argument(
+        "--bf16", action="store_true",
+        help="bf16 training: bf16 weights and activations, fp32 master weights and optimizer state (ds_config bf16)",
+    )  # fmt: skip
+    g.add_argument(
+        "--teacher-dtype", choices=["fp32", "bf16"], help="the frozen teacher's precision (default: the student's)"
+    )
+    g.add_argument(
+        "--recompute-activations", action="store_true",
+        help="recompute the attention core in the backward pass (Megatron's; = --recompute-granularity selective)",
+    )  # fmt: skip
+    g.add_argument(
+        "--recompute-granularity", choices=["full", "selective"],
+        help="full: keep only each layer's input and rerun the layer in backward; selective: the attention core only",
+    )  # fmt: skip
+    g.add_argument("--compile", action="store_true", help="torch.compile the student's and teacher's layers")
+    g.add_argument(
+        "--peak-tflops", type=positive_float,
+        help="the device's peak TFLOP/s for MFU (default: a table for known GPUs, a measured matmul on CPUs)",
+    )  # fmt: skip
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
@@ -143,6 +163,15 @@ def validate_args(args: argparse.Namespace) -> None:
     for flag, value in (("--weight-decay", args.weight_decay), ("--clip-grad", args.clip_grad)):
         if value < 0:
             raise ArgumentError(f"{flag} {value}: must be >= 0")
+    if args.recompute_activations and args.recompute_granularity not in (None, "selective"):
+        raise ArgumentError(
+            f"--recompute-activations means --recompute-granularity selective; got --recompute-granularity "
+            f"{args.recompute_granularity}: give one of the two"
+        )
+    if args.recompute_activations:
+        args.recompute_granularity = "selective"
+    if args.teacher_dtype is None:
+        args.teacher_dtype = "bf16" if args.bf16 else "fp32"
     if args.lr_decay_style == "wsd" and not args.lr_wsd_decay_iters:
         raise ArgumentError("--lr-decay-style wsd needs --lr-wsd-decay-iters")
     if args.train_iters is not None and args.lr_warmup_iters > args.train_iters:

@@ -132,6 +132,30 @@ def test_masked_equals_extracted_for_random_subnets(name):
 
 
 @pytest.mark.parametrize("name", list(PARENTS))
+def test_masked_equals_extracted_in_bf16(name):
+    """In bf16 the masked parent and the extracted student run the same bf16 matmuls on the same bf16 weights:
+    their logits agree within bf16 rounding (2^-7 of the logits' scale), 10 random sub-networks each, and both
+    stay within bf16 tolerance of the fp32 masked run."""
+    parent = make_parent(name)
+    rng = random.Random(100 + list(PARENTS).index(name))
+    x = tokens()
+    parent_bf16 = make_parent(name).to(torch.bfloat16)
+    for trial in range(10):
+        subnet = random_subnet(parent.config, rng)
+        student = student_from(parent_bf16, subnet).to(torch.bfloat16)  # its weights: bf16 values copied
+        assert all(p.dtype == torch.bfloat16 for p in student.parameters())
+        with torch.no_grad():
+            masked, extracted = parent_bf16(x, subnet=subnet), student(x)
+            reference = parent(x, subnet=subnet)
+        assert masked.dtype == extracted.dtype == torch.bfloat16
+        scale = reference.abs().max().item()
+        diff = (masked.float() - extracted.float()).abs().max().item()
+        assert diff <= scale * 2**-7, f"trial {trial}: bf16 masked and extracted differ by {diff} (scale {scale})"
+        drift = (masked.float() - reference).abs().max().item()
+        assert drift <= scale * 0.1, f"trial {trial}: bf16 is {drift} from fp32 (scale {scale})"
+
+
+@pytest.mark.parametrize("name", list(PARENTS))
 def test_full_subnet_is_the_dense_model(name):
     parent = make_parent(name)
     full = SubnetConfig.full(parent.config)

@@ -5,6 +5,9 @@ hidden channels, heads / query groups and MLP neurons of the same weights (see `
 
 Attention keeps Megatron's fused QKV layout, grouped by query group (``qkv.py`` owns it). The layers are
 Megatron's tensor-parallel ones (``parallel/layers.py``): with one TP rank they hold whole matrices.
+
+``model.set_recompute("full" | "selective" | None)`` turns on Megatron's activation recomputation
+(``--recompute-granularity``); ``compile.compile_model`` compiles the layers (``--compile``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megatron_subnet.model.config import ModelConfig
 from megatron_subnet.model.qkv import QKVLayout
@@ -28,6 +32,8 @@ from megatron_subnet.parallel.layers import (
 )
 from megatron_subnet.parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron_subnet.parallel.pipeline import PipelineStage
+
+RECOMPUTE_GRANULARITIES = ("full", "selective")
 
 _ACTIVATIONS = {
     "swiglu": F.silu,
@@ -61,9 +67,47 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
 
 
+def core_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """Rotary, causal attention and the heads joined: ``q [b, heads, t, d]``, ``k, v [b, groups, t, d]`` to
+    ``[b, t, heads * d]``. What selective recomputation re-runs in backward: it has no weights and no
+    collective, and what its ops save (rotated q and k, the output and its log-sum-exp; on SDPA's math path
+    also the ``[heads, t, t]`` probabilities) outweighs the q/k/v it starts from."""
+    b, heads, t, d = q.shape
+    # a branch, not a comparison: compiled with symbolic sizes, it still hands SDPA a Python bool
+    gqa = True if heads > k.shape[1] else False  # noqa: SIM210
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return out.transpose(1, 2).reshape(b, t, heads * d)
+
+
+def recomputing(module: nn.Module) -> bool:
+    """Recomputation applies to training forwards that build a graph (not to eval or ``no_grad``)."""
+    return module.training and torch.is_grad_enabled()
+
+
+def checkpointed(fn, *args, replay_all: bool = False):
+    """``fn(*args)`` keeping only its inputs for backward, where it runs again (non-reentrant checkpoint:
+    it takes any Python arguments, such as ``LayerIndices``, and inputs with or without grad).
+    ``replay_all``: no early stop, so a recomputed layer under tensor parallelism re-runs every collective
+    of its forward, in order, on every rank (as Megatron does), whatever each rank's ops saved."""
+    return checkpoint(fn, *args, use_reentrant=False, early_stop=not replay_all)
+
+
+def keeps_nothing(x, cos, sin, index: LayerIndices | None = None, hidden=None) -> bool:
+    """Whether this TP rank's shard of a layer keeps no head or no MLP neuron of the sub-network ``index``
+    (it then multiplies over an empty dimension and adds zeros to the all-reduce)."""
+    if index is None:
+        return False
+    return index.num_heads == 0 or (index.mlp_rows is not None and index.mlp_rows.numel() == 0)
+
+
 class SelfAttention(nn.Module):
     """Causal self-attention with grouped queries; under TP each rank holds a contiguous block of query groups
     (with their heads) of the fused QKV rows and the matching columns of the output projection."""
+
+    recompute_core: bool = False  # selective recomputation (GPTModel.set_recompute)
 
     def __init__(self, config: ModelConfig, layer: int, shard: TPShard):
         super().__init__()
@@ -93,16 +137,17 @@ class SelfAttention(nn.Module):
             heads, groups = self.layout.num_heads, self.layout.num_groups
         else:
             heads, groups = index.num_heads, index.num_groups
-        b, t, _ = x.shape
-        if heads == 0:  # this rank's shard keeps no head: it adds zeros to the projection's all-reduce
-            out = x.new_zeros(b, t, 0)
+        if heads == 0:  # this rank's shard keeps no head: it adds zeros to the projection's all-reduce, and
+            # (through the copy) zeros to the all-reduce of the QKV input's gradient the other ranks run in backward
+            out = copy_to_tensor_model_parallel_region(x)[..., :0]
         else:
             qkv = self.linear_qkv(x, rows=None if index is None else index.qkv_rows, cols=hidden)
             per_group = heads // groups
             q, k, v = QKVLayout.unpack(qkv, groups, per_group, self.head_dim)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=per_group > 1)
-            out = out.transpose(1, 2).reshape(b, t, heads * self.head_dim)
+            if self.recompute_core and recomputing(self):
+                out = checkpointed(core_attention, q, k, v, cos, sin)
+            else:
+                out = core_attention(q, k, v, cos, sin)
         return self.linear_proj(out, rows=hidden, cols=None if index is None else index.proj_cols)
 
 
@@ -189,7 +234,11 @@ class GPTModel(nn.Module):
     holds its own copy of the embedding (Megatron's scheme; the trainer keeps the two copies' gradients
     summed). A first stage takes tokens, later ones the previous stage's hidden states; a last stage
     returns logits, earlier ones hidden states.
+
+    ``set_recompute`` turns on activation recomputation for training forwards.
     """
+
+    recompute_granularity: str | None = None  # None, "full" or "selective" (set_recompute)
 
     def __init__(self, config: ModelConfig, shard: TPShard | None = None, stage: PipelineStage | None = None):
         super().__init__()
@@ -229,18 +278,39 @@ class GPTModel(nn.Module):
         x = self.embedding(inputs, cols=hidden) if self.stage.first else inputs
         if index is None:
             for layer in self.layers:
-                x = layer(x, cos, sin)
+                x = self.run_layer(layer, x, cos, sin)
         else:
             held = self.stage.layers
             for i, layer_index in zip(index.layers, index.per_layer):
                 if held[0] <= i <= held[-1]:
-                    x = self.layers[i](x, cos, sin, layer_index, hidden)
+                    x = self.run_layer(self.layers[i], x, cos, sin, layer_index, hidden)
         if not self.stage.last:
             return x
         x = self.final_layernorm(x, hidden)
         if self.output_layer is None:
             return self.embedding_logits(x, hidden)
         return self.output_layer(x, cols=hidden)
+
+    def set_recompute(self, granularity: str | None) -> GPTModel:
+        """Megatron's activation recomputation in training forwards (eval and ``no_grad`` run as they are):
+        ``"full"`` keeps only each layer's input and re-runs the layer in backward; ``"selective"`` re-runs
+        only the core attention (``core_attention``); ``None`` keeps every activation. Returns the model."""
+        if granularity is not None and granularity not in RECOMPUTE_GRANULARITIES:
+            raise ValueError(
+                f"--recompute-granularity {granularity!r}: expected one of {', '.join(RECOMPUTE_GRANULARITIES)}"
+            )
+        self.recompute_granularity = granularity
+        for layer in self.layers:
+            layer.self_attention.recompute_core = granularity == "selective"
+        return self
+
+    def run_layer(self, layer: nn.Module, *args) -> torch.Tensor:
+        """``layer(*args)``, under full recomputation a checkpoint of it (a compiled layer included)."""
+        if getattr(layer, "_compiled_call_impl", None) is not None and self.shard.size > 1 and keeps_nothing(*args):
+            layer = layer._call_impl  # eager (hooks included): see compile.py on shards that keep nothing
+        if self.recompute_granularity == "full" and recomputing(self):
+            return checkpointed(layer, *args, replay_all=self.shard.size > 1)
+        return layer(*args)
 
     def embedding_logits(self, x: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
         """Logits through the tied embedding (this rank's vocabulary rows)."""

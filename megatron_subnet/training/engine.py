@@ -84,14 +84,14 @@ def initialize_student(model: GPTModel, optimizer: torch.optim.Optimizer, ds_con
 
 class Teacher:
     """Frozen, eval-mode teacher: never in the optimizer, no gradients, sharded as the student is over the
-    tensor-parallel group. Under ZeRO-3 its parameters are also partitioned across the data-parallel ranks
-    by an optimizer-less DeepSpeed engine."""
+    tensor-parallel group, in its own ``dtype`` (fp32 or bf16, whatever the student's). Under ZeRO-3 its
+    parameters are also partitioned across the data-parallel ranks by an optimizer-less DeepSpeed engine."""
 
-    def __init__(self, model: GPTModel, student_ds_config: dict, device: str):
+    def __init__(self, model: GPTModel, student_ds_config: dict, device: str, dtype: torch.dtype = torch.float32):
         model.eval().requires_grad_(False)
         self.config: ModelConfig = model.config
         stage = student_ds_config.get("zero_optimization", {}).get("stage", 0)
-        bf16 = student_ds_config.get("bf16", {}).get("enabled", False)
+        bf16 = dtype == torch.bfloat16
         if stage == 3:
             import deepspeed
 

@@ -54,8 +54,9 @@ class MetricsLogger:
                 if key != "iteration" and isinstance(value, int | float) and math.isfinite(value):
                     self.writer.add_scalar(key, value, iteration)
         if "loss" in record:
+            extra = {"mfu": f"{100 * record['mfu']:.1f}%"} if "mfu" in record else {}
             self.bar.set_postfix(
-                loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+                loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", **extra
             )
         if "valid_loss" in record:
             self.bar.write(

@@ -16,6 +16,7 @@ from megatron_subnet.arguments import load_ds_config, reconcile_ds_config
 from megatron_subnet.data.batches import check_token_ids
 from megatron_subnet.data.gpt_dataset import PretrainingSampler, build_train_valid_test_datasets
 from megatron_subnet.initialize import initialize_distributed, set_seed
+from megatron_subnet.model.compile import compile_model
 from megatron_subnet.model.config import ModelConfig
 from megatron_subnet.model.gpt import GPTModel
 from megatron_subnet.model.subnet import SubnetConfig, extract_shard
@@ -35,6 +36,8 @@ from megatron_subnet.training.engine import (
     train_step,
 )
 from megatron_subnet.training.metrics import MetricsLogger, peak_memory_mb
+from megatron_subnet.training.mfu import DTYPES, FlopsMeter
+from megatron_subnet.training.peak import cpu_bf16_report
 from megatron_subnet.training.schedules import LRSchedule
 
 
@@ -155,6 +158,11 @@ def pretrain(args: argparse.Namespace) -> int:
     pp = state.get_pipeline_model_parallel_world_size()
     layout = {"world_size": dp_size, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
               "zero_stage": zero_stage, "bf16": args.bf16}  # fmt: skip
+    if args.compile and zero_stage == 3:
+        raise ValueError(
+            "--compile: not supported with ZeRO stage 3 (its parameter partitioning hooks run outside the "
+            "compiled graph); use ZeRO stage 0-2, or leave out --compile"
+        )
     if pp > 1 and (zero_stage > 1 or args.bf16):
         raise ValueError(
             f"--pipeline-model-parallel-size {pp}: supported with ZeRO stage 0 or 1 in fp32 (ZeRO-2/3 reduce "
@@ -208,9 +216,14 @@ def pretrain(args: argparse.Namespace) -> int:
         args.decoder_last_pipeline_num_layers,
     )  # fmt: skip
     student = build_student(args, student_config, subnet, resume_meta is not None, student_stage)
+    student.set_recompute(args.recompute_granularity)
+    if args.compile:
+        compile_model(student)
     teacher = None
     if kd.alpha > 0:  # this rank's shard of its stage only: the teacher's layers split evenly over the stages
-        teacher = Teacher(load_model(args.teacher_load), ds_config, device)
+        teacher = Teacher(load_model(args.teacher_load), ds_config, device, DTYPES[args.teacher_dtype])
+        if args.compile:
+            compile_model(teacher.module)
 
     global_batch, accumulation = plan.global_batch_size, plan.gradient_accumulation_steps
     train_iters = plan.train_iters
@@ -239,6 +252,14 @@ def pretrain(args: argparse.Namespace) -> int:
         args.lr, args.min_lr, args.lr_warmup_iters, train_iters, args.lr_decay_style, args.lr_wsd_decay_iters or 0
     )
     logger = MetricsLogger(log_dir, state.get_rank() == 0, train_iters, iteration, fresh=fresh_metrics)
+    meter = None
+    student_dtype, on_cpu = "bf16" if args.bf16 else "fp32", torch.device(engine.device).type == "cpu"
+    if state.get_rank() == 0:  # only rank 0 logs; the peak is one device's
+        meter = FlopsMeter.build(
+            student_config, teacher_config if teacher is not None else None, args.seq_length, state.get_world_size(),
+            torch.device(engine.device), student_dtype, args.teacher_dtype, args.recompute_granularity,
+            args.peak_tflops,
+        )  # fmt: skip
     try:
         for change in changes:
             logger.write(f"resuming with a changed setting (--override-checkpoint-args): {change}")
@@ -250,6 +271,22 @@ def pretrain(args: argparse.Namespace) -> int:
             f"global batch {global_batch} "
             f"= {args.micro_batch_size} x {accumulation} x {dp_size}"
         )
+        if meter is not None:
+            logger.write(
+                f"precision: student {student_dtype}{' (fp32 master weights and optimizer state)' * args.bf16}, "
+                f"teacher {args.teacher_dtype if teacher is not None else 'none'}; recompute "
+                f"{args.recompute_granularity or 'off'}; compile {'on' if args.compile else 'off'}"
+            )
+            logger.write(
+                f"FLOPs per token: student training {meter.student_per_token:.4g} (3x forward"
+                f"{'' if args.recompute_granularity is None else f'; {meter.hardware_per_token:.4g} with recompute'}), "
+                f"teacher forward {meter.teacher_per_token:.4g}; peak per device {meter.student_peak / 1e12:.3g} "
+                f"TFLOP/s ({meter.peak_source})"
+            )
+            if on_cpu and "bf16" in (student_dtype, args.teacher_dtype):
+                report = cpu_bf16_report()
+                if report:
+                    logger.write(report)
         meta = {
             "args": {k: v for k, v in settings.items() if isinstance(v, str | int | float | bool | list | None)},
             "model_config": student.config.to_dict(),
@@ -303,6 +340,8 @@ def pretrain(args: argparse.Namespace) -> int:
                         "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9),
                         "tokens": consumed * args.seq_length,
                         "peak_memory_mb": peak_memory_mb(),
+                        **(meter.rates(window_steps * tokens_per_step, elapsed) if meter else {}),
+                        **(meter.totals(consumed * args.seq_length) if meter else {}),
                     }
                 )
                 window_start, window_steps = time.perf_counter(), 0
