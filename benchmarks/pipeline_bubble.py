@@ -22,7 +22,10 @@ the same for the timed step of least wall time alone). The analytical 1F1B bubbl
 micro-batches is (p - 1) / (m + p - 1) of every stage's time; the table gives measured / analytical per
 stage (target <= 1.1x). The "replay" column is the idle the same steps would have had if messages cost
 nothing: every stage's events in the order and with the durations measured, a forward waiting only for the
-previous stage's forward of its micro-batch and a backward for the next stage's backward. Replay above
+previous stage's forward of its micro-batch and a backward for the next stage's backward. The "mean-duration
+replay" replays the same order with every event at its stage's mean F or B duration: the bubble the stages'
+average costs imply, without the jitter of single events (on a shared CPU one stage's forward of the same
+micro-batch shape ranges over 1.7x within a step, and every hand-off waits for the slower of two). Replay above
 analytical is unequal stages (the last one holds the output layer and the loss) or noisy durations;
 measured above replay is the messages: gloo over loopback TCP, and the wake-up of a process that waited.
 "CPU replay" replays the same way with each event's CPU time (``time.thread_time``: one thread does the
@@ -299,6 +302,19 @@ def replay(stage_spans: list[list[tuple]], cpu: bool = False) -> float:
     return max(clock)
 
 
+def mean_durations(stage_spans: list[list[tuple]]) -> list[list[tuple]]:
+    """The same events with each one's duration replaced by its stage's mean for its kind (F or B): what the
+    schedule gives the stages' average costs without the jitter of single events."""
+    out = []
+    for spans in stage_spans:
+        means = {}
+        for kind in ("F", "B"):
+            durations = [t1 - t0 for k, _, t0, t1, _ in spans if k == kind]
+            means[kind] = sum(durations) / max(len(durations), 1)
+        out.append([(k, i, 0.0, means[k], means[k]) for k, i, *_ in spans])
+    return out
+
+
 def summarize(pp: int, m: int, stages: list[dict]) -> list[dict]:
     """Per stage: busy, wall, idle (all timed steps, and the step of least wall time), the replay's idle,
     analytical, ratios, per-micro-batch costs, memory."""
@@ -308,6 +324,7 @@ def summarize(pp: int, m: int, stages: list[dict]) -> list[dict]:
         max(r["steps"][k]["end"] for r in runs) - min(r["steps"][k]["start"] for r in runs) for k in range(n_steps)
     ]
     replays = [replay([r["steps"][k]["spans"] for r in runs]) for k in range(n_steps)]
+    mean_replays = [replay(mean_durations([r["steps"][k]["spans"] for r in runs])) for k in range(n_steps)]
     cpu_replays = [replay([r["steps"][k]["spans"] for r in runs], cpu=True) for k in range(n_steps)]
     busy = [[sum(t1 - t0 for _, _, t0, t1, _ in step["spans"]) for step in r["steps"]] for r in runs]
     cpu = [sum(c for step in r["steps"] for *_, c in step["spans"]) for r in runs]
@@ -330,6 +347,7 @@ def summarize(pp: int, m: int, stages: list[dict]) -> list[dict]:
             "idle": idle, "analytical": bubble, "ratio": idle / bubble,
             "idle_best_step": idle_best, "ratio_best_step": idle_best / bubble,
             "replay_idle": 1 - sum(busy[rank]) / sum(replays),
+            "mean_replay_idle": 1 - sum(busy[rank]) / sum(mean_replays),
             "cpu_s_per_microbatch": cpu[rank] / (n_steps * m), "cpu_replay_idle": 1 - cpu[rank] / sum(cpu_replays),
             "peak_in_flight": run["peak_in_flight"],
             "one_microbatch_bytes": one, "peak_bytes": run["peak_bytes"],
@@ -420,24 +438,26 @@ def main(argv=None) -> int:
             bubble = analytical_bubble(pp, m)
             mean = {
                 k: sum(r[k] for r in mine) / len(mine)
-                for k in ("idle", "idle_best_step", "replay_idle", "cpu_replay_idle")
+                for k in ("idle", "idle_best_step", "replay_idle", "mean_replay_idle", "cpu_replay_idle")
             }
             summary.append({"pp": pp, "m": m, "analytical": bubble, "mean_idle": mean["idle"],
                             "ratio_mean": mean["idle"] / bubble, "ratio_max": max(r["ratio"] for r in mine),
                             "ratio_mean_best_step": mean["idle_best_step"] / bubble,
                             "replay_ratio_mean": mean["replay_idle"] / bubble,
+                            "mean_replay_ratio_mean": mean["mean_replay_idle"] / bubble,
                             "cpu_replay_ratio_mean": mean["cpu_replay_idle"] / bubble,
                             "peak_vs_pp_x_one_max": max(r["peak_vs_pp_x_one"] for r in mine),
                             "oversubscribed": pp > cores})  # fmt: skip
     print(
         "\nmean over stages\n\n| PP | m | analytical | mean idle | ratio | ratio, best step | worst stage ratio | "
-        "replay ratio | CPU replay ratio | worst peak / (PP x 1 mb) |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "replay ratio | mean-duration replay ratio | CPU replay ratio | worst peak / (PP x 1 mb) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     for s in summary:
         note = " (oversubscribed)" if s["oversubscribed"] else ""
         print(f"| {s['pp']}{note} | {s['m']} | {s['analytical']:.3f} | {s['mean_idle']:.3f} | {s['ratio_mean']:.2f}x | "
               f"{s['ratio_mean_best_step']:.2f}x | {s['ratio_max']:.2f}x | {s['replay_ratio_mean']:.2f}x | "
+              f"{s['mean_replay_ratio_mean']:.2f}x | "
               f"{s['cpu_replay_ratio_mean']:.2f}x | {s['peak_vs_pp_x_one_max']:.2f}x |")  # fmt: skip
     load_end = os.getloadavg()
     print(

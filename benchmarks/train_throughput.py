@@ -22,8 +22,10 @@ Arms (``--arms``; default: all but ``compile``, which spends minutes compiling o
   recompute_sel   fp32 with --recompute-activations (selective)
   compile         fp32 with --compile (timed after the compile, which the warm-up steps absorb)
 
-MFU is what pretrain_slm.py logs: model FLOPs (model/flops.py) per second over this CPU's measured matmul
-peak in the arm's dtype (training/peak.py, a 2048x2048 matmul with the same threads).
+MFU: model FLOPs (model/flops.py: 3x the forward, recomputation not counted) per second, as pretrain_slm.py
+logs them, over this CPU's peak in the arm's dtype: the best 2048x2048 matmul with the same threads that
+training/peak.py has seen on this host by the end of the benchmark. Each round starts one arm later than
+the last, so no arm always runs right after the same other one.
 """
 
 from __future__ import annotations
@@ -245,17 +247,32 @@ def main(argv=None) -> int:
         )
         start = time.perf_counter()
         for k in range(args.rounds):
-            for arm in args.arms:
+            shift = k % len(args.arms)  # each round starts one arm later: no arm always follows the same one
+            for arm in args.arms[shift:] + args.arms[:shift]:
                 measured[arm].append(run_arm(args, arm, work))
                 m = measured[arm][-1]
                 mfu = f", MFU {100 * m['mfu']:.1f}%" if "mfu" in m else ""
                 print(f"round {k + 1} {arm}: {m['tokens_per_s']:,.0f} tokens/s{mfu}", flush=True)
     print(f"\n{time.perf_counter() - start:.0f} s in all\n")
-    print("| arm | tokens/s (median) | MFU (median) |\n|---|---:|---:|")
+    # Each run measured the peak anew and kept the best seen on this host; MFU is quoted against the final best
+    # (a run that probed while the machine was busy would otherwise divide by a low peak).
+    import torch
+
+    from megatron_subnet.training.peak import peak_flops
+
+    peaks = {name: peak_flops("cpu", dtype)[0] for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    print(f"peak per process (best 2048x2048 matmul seen, {threads} threads): fp32 {peaks['fp32'] / 1e9:.0f}, bf16 "
+          f"{peaks['bf16'] / 1e9:.0f} GFLOP/s\n")  # fmt: skip
+    print("| arm | tokens/s (median) | model TFLOP/s (median) | MFU (median) |\n|---|---:|---:|---:|")
     for arm in args.arms:
         rates = [m["tokens_per_s"] for m in measured[arm]]
-        mfu = [m["mfu"] for m in measured[arm] if "mfu" in m]
-        print(f"| {arm} | {statistics.median(rates):,.0f} | {f'{100 * statistics.median(mfu):.1f}%' if mfu else ''} |")
+        tflops = [m["model_tflops"] for m in measured[arm] if "model_tflops" in m]
+        for m in measured[arm]:
+            if "model_tflops" in m:
+                m["mfu_final_peak"] = m["model_tflops"] * 1e12 / peaks["bf16" if "bf16" in arm else "fp32"]
+        mfu = [m["mfu_final_peak"] for m in measured[arm] if "mfu_final_peak" in m]
+        cells = (f"{statistics.median(tflops):.3f}", f"{100 * statistics.median(mfu):.1f}%") if mfu else ("", "")
+        print(f"| {arm} | {statistics.median(rates):,.0f} | {cells[0]} | {cells[1]} |")
     print("\n| ratio (within a round) | median (min, max) over rounds | target |\n|---|---|---|")
     ratios = {}
     for name, needs, value, target in RATIOS:
@@ -266,7 +283,8 @@ def main(argv=None) -> int:
     if args.output:
         from megatron_subnet.outputs import write_text_atomically
 
-        result = {"args": vars(args), "sizes": sizes, "cpu_flags": flags, "measured": measured, "ratios": ratios}
+        result = {"args": vars(args), "sizes": sizes, "cpu_flags": flags, "peaks": peaks, "measured": measured,
+                  "ratios": ratios, "date": time.strftime("%Y-%m-%d")}  # fmt: skip
         write_text_atomically(args.output, json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.output}")
     return 0
