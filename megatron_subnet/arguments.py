@@ -28,7 +28,8 @@ def layer_counts(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
-        description="Pretrain a small LM from a sub-network of a teacher, with online distillation (DeepSpeed ZeRO).",
+        description="Pretrain a small LM cut from a sub-network of a parent LLM, with online distillation from a "
+        "teacher (DeepSpeed ZeRO).",
         allow_abbrev=False,
     )
     g = p.add_argument_group("model")
@@ -36,10 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--init",
         choices=["subnet", "random"],
         default="subnet",
-        help="student weights: cut from the teacher (--teacher-load, --subnet) or Megatron's random init",
+        help="student weights: cut from the parent (--parent-load, --subnet) or Megatron's random init",
     )
-    g.add_argument("--teacher-load", help="teacher checkpoint (tools/convert_checkpoint.py import)")
-    g.add_argument("--subnet", help="sub-network JSON (tools/search_subnet.py output, or counts)")
+    g.add_argument(
+        "--parent-load",
+        help="parent checkpoint the sub-network is cut from (its weights, the student's shape with --subnet, the "
+        "tokenizer of the final model); default: --teacher-load",
+    )
+    g.add_argument("--teacher-load", help="teacher checkpoint, who distils (tools/convert_checkpoint.py import)")
+    g.add_argument("--subnet", help="sub-network JSON of the parent (tools/search_subnet.py output, or counts)")
     g.add_argument("--importance", help="importance scores for a counts sub-network with order 'importance'")
     g.add_argument("--model-config", help="student ModelConfig JSON for --init random without a teacher")
     g = p.add_argument_group("distillation")
@@ -177,15 +183,20 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.train_iters is not None and args.lr_warmup_iters > args.train_iters:
         raise ArgumentError(f"--lr-warmup-iters {args.lr_warmup_iters}: more than --train-iters {args.train_iters}")
     if args.load is None:
-        if args.init == "subnet" and not (args.teacher_load and args.subnet):
-            raise ArgumentError("--init subnet needs --teacher-load and --subnet")
-        if args.init == "random" and not (args.model_config or (args.teacher_load and args.subnet)):
-            raise ArgumentError("--init random needs --model-config, or --teacher-load and --subnet for the shape")
+        # the parent defaults to the teacher (resuming, to the checkpoint's parent: training/trainer.py)
+        parent = args.parent_load or args.teacher_load
+        if args.init == "subnet" and not (parent and args.subnet):
+            raise ArgumentError("--init subnet needs --teacher-load (or --parent-load) and --subnet")
+        if args.init == "random" and not (args.model_config or (parent and args.subnet)):
+            raise ArgumentError(
+                "--init random needs --model-config, or --teacher-load (or --parent-load) and --subnet for the shape"
+            )
     if args.kd_alpha > 0 and not args.teacher_load:
+        parent_only = "; --parent-load is the student's parent, not a teacher" if args.parent_load else ""
         raise ArgumentError(
-            f"--kd-alpha {args.kd_alpha} needs a teacher (--teacher-load); use --kd-alpha 0 without one"
+            f"--kd-alpha {args.kd_alpha} needs a teacher (--teacher-load{parent_only}); use --kd-alpha 0 without one"
         )
-    for flag in ("teacher_load", "subnet", "importance", "model_config", "load", "ds_config"):
+    for flag in ("parent_load", "teacher_load", "subnet", "importance", "model_config", "load", "ds_config"):
         path = getattr(args, flag)
         if path is not None and not os.path.exists(path):
             raise ArgumentError(f"--{flag.replace('_', '-') if flag != 'ds_config' else flag} {path}: no such file")

@@ -124,6 +124,12 @@ def cases(ws: Path) -> dict[str, Case]:
         "pretrain zero iters": Case(pt, pretrain(ws, "--train-iters", "0"), ("--train-iters",)),
         "pretrain negative global batch": Case(pt, pretrain(ws, "--global-batch-size", "-4"), ("--global-batch-size",)),
         "pretrain infinite lr": Case(pt, pretrain(ws, "--lr", "inf"), ("--lr", "inf")),
+        "pretrain zero peak": Case(pt, pretrain(ws, "--peak-tflops", "0"), ("--peak-tflops", "0")),
+        "pretrain nan peak": Case(pt, pretrain(ws, "--peak-tflops", "nan"), ("--peak-tflops", "nan")),
+        "pretrain unknown recompute": Case(
+            pt, pretrain(ws, "--recompute-granularity", "block"), ("--recompute-granularity",)
+        ),
+        "pretrain teacher dtype fp16": Case(pt, pretrain(ws, "--teacher-dtype", "fp16"), ("--teacher-dtype",)),
         "pretrain beta1 out of range": Case(pt, pretrain(ws, "--adam-beta1", "1.5"), ("--adam-beta1",)),
         "pretrain missing teacher": Case(pt, pretrain(ws, "--teacher-load", f"{W}/nope"), ("--teacher-load",)),
         # pretrain_slm.py: ds_config, before any weights or data are read

@@ -331,3 +331,63 @@ def test_tool_in_a_subprocess_gives_one_line_and_no_traceback(tmp_path):
     assert proc.returncode == 1 and proc.stderr.startswith("error: --output"), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert out.read_bytes() == b"keep me"
+
+
+# ---------------------------------------------------------------------- issue 12: FLOPs spent
+
+
+@pytest.mark.parametrize("arch", [LLAMA, NEOX], ids=["llama", "gpt_neox"])
+def test_flops_in_the_metadata_equal_the_flop_counter(arch):
+    """The calibration forwards and every layer-dropped evaluation of the drop loss, as FlopCounterMode counts
+    them (attention as two dense bmms)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatron_subnet.model.flops import forward_flops_per_token
+
+    torch.manual_seed(0)
+    model = GPTModel(ModelConfig(**arch)).eval()
+    batches = tiny_batches(n=3)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        imp = compute_importance(model, batches, drop_loss_iters=2, progress=False)
+    meta = imp.metadata
+    assert int(meta["calibration_flops"]) == int(forward_flops_per_token(model.config, 16)) * 3 * 2 * 16
+    assert int(meta["drop_loss_flops"]) > 0
+    assert int(meta["flops"]) == int(meta["calibration_flops"]) + int(meta["drop_loss_flops"])
+    assert int(meta["flops"]) == counter.get_total_flops()
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        imp = compute_importance(model, batches, drop_loss_iters=0, progress=False)
+    assert imp.metadata["drop_loss_flops"] == "0" and int(imp.metadata["flops"]) == counter.get_total_flops()
+
+
+def test_drop_loss_flops_count_one_evaluation_per_dropped_layer():
+    from megatron_subnet.model.flops import forward_flops_per_token
+    from megatron_subnet.model.importance import drop_loss_flops_per_token
+
+    c = ModelConfig(**LLAMA)
+    full = SubnetConfig.full(c)
+    whole = 0
+    for i in range(c.num_layers):  # through pipeline stages: the masked model without layer i, once per layer
+        keep = [j for j in range(c.num_layers) if j != i]
+        dropped = SubnetConfig(keep, full.hidden, [full.heads[j] for j in keep], [full.query_groups[j] for j in keep],
+                               [full.mlp[j] for j in keep])  # fmt: skip
+        whole += int(forward_flops_per_token(dropped.student_config(c), 16))
+    assert drop_loss_flops_per_token(c, 16, pipelined=True) == whole
+    # in one process layer i's evaluation starts from its recorded input: the layers after it and the head
+    assert drop_loss_flops_per_token(c, 16) < whole
+
+
+def test_tool_prints_and_stores_the_flops(tmp_path, capsys):
+    from megatron_subnet.model.flops import forward_flops_per_token
+    from megatron_subnet.model.importance import drop_loss_flops_per_token
+
+    model = tiny_model()
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", model)
+    data = tiny_dataset(tmp_path / "data" / "d")
+    out = tmp_path / "imp.safetensors"
+    assert importance_main(tool_args(ckpt, data, out, "--calib-iters", "2")) == 0
+    meta = load_importance(out, parent=model.config).metadata
+    expected = (int(forward_flops_per_token(model.config, 16)) * 2 * 2 * 16
+                + drop_loss_flops_per_token(model.config, 16) * 2 * 16)  # fmt: skip
+    assert int(meta["flops"]) == expected
+    assert f"{expected:.3e} FLOPs" in capsys.readouterr().out

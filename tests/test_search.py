@@ -668,3 +668,341 @@ def test_search_errors_in_a_subprocess_are_one_line(workdir, tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: ")
         assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------- issue 12: FLOPs, counts, held-out, one-shot
+
+
+def _student_of(row: dict, config: ModelConfig) -> SubnetConfig:
+    """The sub-network of a results row of a count space searched without importance (first-k indices)."""
+    c = row["config"]
+    subnet = SubnetConfig.from_counts(config, c["num_layers"], c["hidden_size"], c["num_attention_heads"],
+                                      c["num_query_groups"], c["ffn_hidden_size"])  # fmt: skip
+    assert subnet.layers == c["layers"]
+    return subnet
+
+
+def _importance_file(path: Path, config: ModelConfig, seed: int = 0, drop_loss: bool = True) -> SimpleNamespace:
+    from megatron_subnet.model.importance import Importance
+
+    s = random_importance(config, seed)
+    drop = torch.rand(config.num_layers, generator=torch.Generator().manual_seed(seed + 100)) if drop_loss else None
+    Importance(hidden=s.hidden, heads=s.heads, query_groups=s.query_groups, mlp=s.mlp, block=s.layers,
+               drop_loss=drop).save(path)  # fmt: skip
+    return SimpleNamespace(scores=s, drop_loss=drop)
+
+
+def test_rows_and_summary_carry_flops_and_both_parameter_counts(workdir, tmp_path, capsys):
+    from megatron_subnet.model.flops import forward_flops_per_token
+
+    out = tmp_path / "out"
+    assert search_main(cli_args(workdir, out, "--generations", "2", "--space", "per_layer")) == 0
+    printed = capsys.readouterr().out
+    config = ModelConfig(**PARENTS["llama"])
+    tokens = 2 * 2 * 16  # --fitness-batches x --micro-batch-size x --seq-length
+    records = read_results(out / "results.jsonl")
+    expected_total = 0
+    for r in records:
+        subnet = _student_of(r, config)
+        assert r["total_params"] == subnet.num_parameters(config, include_embeddings=True)
+        assert r["non_embedding_params"] == subnet.num_parameters(config, include_embeddings=False) == r["params"]
+        expected = 0 if r["cached"] else int(forward_flops_per_token(subnet.student_config(config), 16)) * tokens
+        assert r["flops"] == expected
+        expected_total += expected
+    assert expected_total > 0
+    summary = json.loads((out / "summary.json").read_text())
+    state = json.loads((out / "state.json").read_text())
+    assert summary["search_flops"] == state["search_flops"] == expected_total
+    assert summary["parent"] == {"total_params": config.num_parameters(True),
+                                 "non_embedding_params": config.num_parameters(False)}  # fmt: skip
+    best = SubnetConfig.load(out / "best_subnet.json", config)
+    assert summary["best"]["total_params"] == best.num_parameters(config, include_embeddings=True)
+    assert summary["best"]["non_embedding_params"] == best.num_parameters(config, include_embeddings=False)
+    for entry in json.loads((out / "best_per_bin.json").read_text()):
+        subnet = SubnetConfig.from_dict(entry["subnet"], config)
+        assert entry["total_params"] == subnet.num_parameters(config, include_embeddings=True)
+        assert entry["non_embedding_params"] == subnet.num_parameters(config, include_embeddings=False)
+    lines = printed.strip().splitlines()
+    assert lines[0].startswith("bin 0") and lines[-1].startswith("best loss")
+    for line in (lines[0], lines[-1]):
+        assert "non-embedding /" in line and "total params" in line, line
+    assert f"{summary['best']['total_params']:,} total params" in lines[-1]
+    assert f"{expected_total:.3e} search FLOPs" in lines[-1]
+    # a resumed (extended) search keeps counting
+    assert search_main(cli_args(workdir, out, "--generations", "3", "--space", "per_layer")) == 0
+    more = [r for r in read_results(out / "results.jsonl") if r["generation"] == 2]
+    state = json.loads((out / "state.json").read_text())
+    assert state["search_flops"] == expected_total + sum(r["flops"] for r in more) > expected_total
+
+
+@pytest.mark.parametrize("train_steps", [0, 2])
+def test_search_flops_equal_the_flop_counter(workdir, train_steps):
+    """What the search says it spent is what FlopCounterMode counts it running (attention as two dense bmms)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    parent = load_parent(workdir.ckpts["llama"])
+    valid = load_batches(workdir.data, "80,20,0", "valid", 16, 2, 2, 1234)
+    train = load_batches(workdir.data, "80,20,0", "train", 16, 2, 2, 1234) if train_steps else None
+    fitness = SubnetFitness(parent, valid, train, FitnessConfig(train_steps=train_steps, lr=1e-3))
+    space = SearchSpace(parent.config, SpaceConfig(kind="per_layer"))
+    budget = make_budget(space.parent_params(), target=0.5, tolerance=0.2)
+    search = Search(space, budget, EvolutionConfig(population=3, generations=2, elite=1), fitness, progress=False,
+                    rescore_top=2)  # fmt: skip
+    heldout = load_batches(workdir.data, "80,20,0", "valid", 16, 2, 1, 99)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        search.run()
+        spent = counter.get_total_flops()
+        report = search.rescore(fitness.on_batches(heldout), {"split": "valid"})
+    assert search.evaluations == 5 and spent == search.search_flops > 0
+    assert counter.get_total_flops() - spent == report["rescore_flops"] > 0
+    assert len(report["candidates"]) == 2
+
+
+def test_heldout_samples_are_disjoint_from_the_selection(workdir):
+    from megatron_subnet.search.fitness import load_heldout_batches
+
+    selection = load_batches(workdir.data, "80,20,0", "valid", 16, 2, 3, 1234)
+    heldout, info = load_heldout_batches(workdir.data, "80,20,0", 16, 2, 4, 1234, 6)
+    assert info["split"] == "valid" and info["samples"] == 8 and info["tokens"] == 8 * 16
+    assert "samples 6..13" in info["which"]
+    sel = {tuple(row.tolist()) for b in selection for row in b}
+    held = [tuple(row.tolist()) for b in heldout for row in b]
+    assert len(sel) == 6 and len(set(held)) == 8 and not sel & set(held)
+    # no token window shared: no 8-gram of a held-out sample occurs in a selection sample
+    grams = {row[i : i + 8] for row in sel for i in range(len(row) - 7)}
+    assert not any(row[i : i + 8] in grams for row in held for i in range(len(row) - 7))
+    # with a test split: its documents, which the valid selection never holds
+    test, info = load_heldout_batches(workdir.data, "70,15,15", 16, 2, 2, 1234, 6)
+    assert info["split"] == "test" and len(test) == 2
+    assert test[0].tolist() == load_batches(workdir.data, "70,15,15", "test", 16, 2, 2, 1234)[0].tolist()
+    with pytest.raises(ValueError, match="cannot hold the 6 selection samples and 400 held-out ones"):
+        load_heldout_batches(workdir.data, "80,20,0", 16, 2, 200, 1234, 6)
+
+
+def test_rescoring_reports_both_losses_on_the_heldout_samples(workdir, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = cli_args(workdir, out, "--generations", "2", "--space", "per_layer", "--rescore-top", "3",
+                    "--rescore-batches", "3")  # fmt: skip
+    assert search_main(args) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "rescored.json").read_text())
+    assert report["split"] == "valid" and report["samples"] == 6 and report["tokens"] == 6 * 16
+    assert report["selection"] == {"split": "valid", "data_seed": 1234, "samples": 4, "tokens": 64}
+    records = {r["key"]: r for r in read_results(out / "results.jsonl") if not r["cached"]}
+    rows = report["candidates"]
+    assert len(rows) == 3 and [r["rank"] for r in rows] == [0, 1, 2]
+    assert [r["selection_loss"] for r in rows] == sorted(r["loss"] for r in records.values())[:3]
+    config = ModelConfig(**PARENTS["llama"])
+    parent = load_parent(workdir.ckpts["llama"])
+    from megatron_subnet.search.fitness import load_heldout_batches
+
+    heldout, _ = load_heldout_batches(workdir.data, "80,20,0", 16, 2, 3, 1234, 4)
+    from megatron_subnet.model.flops import forward_flops_per_token
+
+    for row in rows:
+        subnet = _student_of(records[row["key"]], config)
+        assert row["heldout_loss"] == pytest.approx(SubnetFitness(parent, heldout).loss(subnet), rel=1e-6)
+        assert row["heldout_loss"] != pytest.approx(row["selection_loss"], rel=1e-6)
+        assert row["flops"] == int(forward_flops_per_token(subnet.student_config(config), 16)) * 6 * 16
+        assert row["total_params"] == subnet.num_parameters(config, include_embeddings=True)
+    assert report["rescore_flops"] == sum(r["flops"] for r in rows)
+    assert "held-out re-scoring on the valid split (6 samples, 96 tokens" in printed
+    assert printed.count("held-out loss") == 3
+    assert json.loads((out / "summary.json").read_text())["best"]["heldout_loss"] == rows[0]["heldout_loss"]
+    # a rerun resumes: nothing is evaluated or re-scored again, the files stay the same
+    before = {name: (out / name).read_text() for name in ("results.jsonl", "rescored.json", "state.json")}
+    assert search_main(args) == 0
+    assert {name: (out / name).read_text() for name in before} == before
+    # a changed held-out setting is another search's
+    assert search_main(args[:-1] + ["2"]) == 1
+    assert "rescore" in capsys.readouterr().err
+    # the test split, when there is one
+    out2 = tmp_path / "with_test"
+    split = ["--split", "70,15,15", "--rescore-top", "1"]
+    assert search_main(cli_args(workdir, out2, "--generations", "1", *split)) == 0
+    report = json.loads((out2 / "rescored.json").read_text())
+    assert report["split"] == "test" and report["samples"] == 4 and len(report["candidates"]) == 1
+    # --rescore-top 0: no re-scoring
+    out3 = tmp_path / "none"
+    assert search_main(cli_args(workdir, out3, "--generations", "1", "--rescore-top", "0")) == 0
+    assert not (out3 / "rescored.json").exists()
+    assert not [p.name for d in (out, out2, out3) for p in d.iterdir() if p.name.startswith(".")]
+
+
+def test_a_split_too_small_for_heldout_samples_is_one_line_before_the_search(workdir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _run(cli_args(workdir, out, "--rescore-batches", "500")) == 1
+    _one_error_line(capsys, "--split 80,20,0", "no test documents", "--rescore-top 0")
+    assert not out.exists()
+    orphans = tmp_path / "orphans"
+    orphans.mkdir()
+    (orphans / "rescored.json").write_text("{}")
+    assert _run(cli_args(workdir, orphans)) == 1
+    _one_error_line(capsys, "holds search results (rescored.json)", "--overwrite")
+
+
+def test_killed_rescoring_resumes_exactly(tmp_path):
+    space, budget, fitness = synthetic_problem("uniform")
+    config = EvolutionConfig(population=6, generations=2, seed=1)
+    heldout = lambda subnets: [(loss + 1.0, 0.0, 7) for loss, _ in fitness(subnets)]  # noqa: E731
+    full = Search(space, budget, config, fitness, tmp_path / "full", progress=False, rescore_top=3)
+    full.run()
+    expected = full.rescore(heldout, {"split": "test"})
+    assert [r["heldout_loss"] for r in expected["candidates"]] == [r["selection_loss"] + 1 for r in
+                                                                     expected["candidates"]]  # fmt: skip
+    calls = []
+
+    def dying(subnets):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return heldout(subnets)
+
+    part = Search(space, budget, config, fitness, tmp_path / "part", progress=False, rescore_top=3)
+    part.run()
+    with pytest.raises(KeyboardInterrupt):
+        part.rescore(dying, {"split": "test"})
+    assert len(json.loads((tmp_path / "part" / "state.json").read_text())["rescored"]) == 1
+    again = Search(space, budget, config, fitness, tmp_path / "part", progress=False, rescore_top=3)
+    again.run()
+    counted = []
+    assert again.rescore(lambda s: counted.append(len(s)) or heldout(s), {"split": "test"}) == expected
+    assert counted == [1, 1]  # only the two not scored before the kill
+    assert (tmp_path / "full" / "rescored.json").read_text() == (tmp_path / "part" / "rescored.json").read_text()
+    assert expected["rescore_flops"] == 3 * 7
+
+
+def _oneshot(workdir, tmp_path, mode: str, *extra: str) -> tuple[Path, ModelConfig, SubnetConfig, list[dict]]:
+    out = tmp_path / mode
+    args = cli_args(workdir, out, "--mode", mode, *extra)
+    assert search_main(args) == 0
+    config = ModelConfig(**PARENTS["llama"])
+    subnet = SubnetConfig.load(out / "best_subnet.json", config)
+    rows = read_results(out / "results.jsonl")
+    assert len(rows) == 1 and rows[0]["mode"] == mode and not rows[0]["cached"]
+    low, high = make_budget(config.num_parameters(False), 0.5, 0.1).window(0)
+    assert low <= subnet.num_parameters(config, include_embeddings=False) == rows[0]["params"] <= high
+    assert rows[0]["total_params"] == subnet.num_parameters(config, include_embeddings=True)
+    report = json.loads((out / "rescored.json").read_text())
+    assert report["split"] == "valid" and report["samples"] == 4 and report["tokens"] == 64
+    assert "samples 4..7" in report["which"] and len(report["candidates"]) == 1
+    assert report["candidates"][0]["key"] == rows[0]["key"] and np.isfinite(report["candidates"][0]["heldout_loss"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == mode and summary["evaluations"] == 1 and summary["search_flops"] == rows[0]["flops"] > 0
+    # the same command again: resumes, evaluates nothing
+    before = (out / "results.jsonl").read_text(), (out / "state.json").read_text()
+    assert search_main(args) == 0
+    assert ((out / "results.jsonl").read_text(), (out / "state.json").read_text()) == before
+    return out, config, subnet, rows
+
+
+def test_width_oneshot_keeps_every_layer_and_the_full_hidden_size(workdir, tmp_path):
+    config = ModelConfig(**PARENTS["llama"])
+    imp = _importance_file(tmp_path / "imp.safetensors", config).scores
+    _, _, subnet, rows = _oneshot(workdir, tmp_path, "width_oneshot", "--importance", str(tmp_path / "imp.safetensors"))
+    assert subnet.layers == list(range(config.num_layers)) and subnet.hidden == list(range(config.hidden_size))
+    groups, ffn = len(subnet.query_groups[0]), len(subnet.mlp[0])
+    assert (groups, ffn) == (1, 32)  # of the in-budget shapes, the one pruning groups and MLP by equal fractions
+    expected = SubnetConfig.from_counts(config, num_attention_heads=4 * groups, num_query_groups=groups,
+                                        ffn_hidden_size=ffn, importance=imp)  # fmt: skip
+    assert subnet == expected  # the most important groups (with all their heads) and neurons
+    assert subnet.query_groups[0] == [int(imp.query_groups[0].argmax())]
+
+
+def test_depth_oneshot_keeps_the_drop_loss_most_important_layers_at_full_width(workdir, tmp_path):
+    config = ModelConfig(**PARENTS["llama"])
+    drop = _importance_file(tmp_path / "imp.safetensors", config).drop_loss
+    _, _, subnet, _ = _oneshot(workdir, tmp_path, "depth_oneshot", "--importance", str(tmp_path / "imp.safetensors"),
+                               "--tolerance", "0.1")  # fmt: skip
+    n = len(subnet.layers)
+    assert n == 2  # 2 of 4 full-width layers: half the non-embedding parameters
+    assert subnet.layers == sorted(drop.argsort(descending=True)[:n].tolist())  # drop loss, not the block scores
+    full = SubnetConfig.full(config)
+    assert subnet.hidden == full.hidden
+    assert subnet.heads == [full.heads[i] for i in subnet.layers] and subnet.mlp == [full.mlp[i] for i in subnet.layers]
+
+
+def test_first_k_slices_the_first_units_of_every_dimension(workdir, tmp_path):
+    _, config, subnet, _ = _oneshot(workdir, tmp_path, "first_k")
+    n, h = len(subnet.layers), len(subnet.hidden)
+    assert subnet.layers == list(range(n)) and subnet.hidden == list(range(h))
+    for groups, heads, mlp in zip(subnet.query_groups, subnet.heads, subnet.mlp):
+        assert groups == list(range(len(groups))) and heads == list(range(len(heads)))
+        assert mlp == list(range(len(mlp)))
+    assert n < config.num_layers and h < config.hidden_size and len(subnet.mlp[0]) < config.ffn_hidden_size
+
+
+@pytest.mark.parametrize(
+    "extra, code, texts",
+    [
+        (["--mode", "width_oneshot"], 2, ["--mode width_oneshot", "--importance"]),
+        (["--mode", "depth_oneshot"], 2, ["--mode depth_oneshot", "--importance"]),
+        (["--mode", "first_k", "--importance", "IMP"], 2, ["--importance", "first_k"]),
+        (["--mode", "first_k", "--space", "index"], 2, ["--space", "first_k"]),
+        (["--mode", "first_k", "--target-params", "100"], 1,
+         ["--mode first_k", "first-k sub-network", "non-embedding parameters", "--tolerance"]),
+        (["--mode", "depth_oneshot", "--importance", "IMP", "--target-params", "0.6", "--tolerance", "0.01"], 1,
+         ["--mode depth_oneshot", "depth-only", "the nearest has"]),
+        (["--mode", "depth_oneshot", "--importance", "NODROP"], 1, ["--importance", "drop-loss", "--drop-loss-iters"]),
+        (["--mode", "width_oneshot", "--importance", "IMP", "--target-params", "0.05"], 1,
+         ["--mode width_oneshot", "width-only"]),
+    ],
+)
+def test_oneshot_errors_are_one_line_and_leave_no_output(workdir, tmp_path, capsys, extra, code, texts):
+    config = ModelConfig(**PARENTS["llama"])
+    _importance_file(tmp_path / "imp.safetensors", config)
+    _importance_file(tmp_path / "nodrop.safetensors", config, drop_loss=False)
+    paths = {"IMP": str(tmp_path / "imp.safetensors"), "NODROP": str(tmp_path / "nodrop.safetensors")}
+    extra = [paths.get(a, a) for a in extra]
+    assert _run(cli_args(workdir, tmp_path / "out", *extra)) == code  # a later --target-params wins
+    _one_error_line(capsys, *texts)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("parent", sorted(PARENTS))
+@pytest.mark.parametrize("mode", ["width_oneshot", "depth_oneshot", "first_k"])
+@pytest.mark.parametrize("include_embeddings", [False, True])
+def test_oneshot_shapes_land_in_budget(parent, mode, include_embeddings):
+    from megatron_subnet.search.oneshot import oneshot_genome
+
+    config = ModelConfig(**PARENTS[parent])
+    importance = None if mode == "first_k" else random_importance(config)
+    space = SearchSpace(config, SpaceConfig(kind="per_layer", include_embeddings=include_embeddings), importance)
+    fitted = 0
+    for target, tolerance in ((0.5, 0.1), (0.7, 0.15), (0.4, 0.15)):
+        budget = make_budget(space.parent_params(), target=target, tolerance=tolerance)
+        try:
+            g = oneshot_genome(space, mode, budget)
+        except SearchSpaceError as e:  # the tiny parents' shapes are coarse: one line naming mode and budget
+            low, high = budget.window(0)
+            assert str(e).startswith(f"--mode {mode}: no ") and f"{low:,}..{high:,}" in str(e), str(e)
+            continue
+        fitted += 1
+        subnet = space.to_subnet(g)
+        low, high = budget.window(0)
+        assert low <= subnet.num_parameters(config, include_embeddings) == space.params(g) <= high
+        counts = space.param_counts(g)
+        assert counts["total_params" if include_embeddings else "non_embedding_params"] == space.params(g)
+        if config.arch == "llama":
+            assert all(len(subnet.hidden) % len(h) == 0 for h in subnet.heads)
+        if mode != "depth_oneshot":
+            assert len(set(map(len, subnet.mlp))) == 1 and len(set(map(len, subnet.query_groups))) == 1
+    assert fitted >= 1
+
+
+def test_a_search_saved_before_rescoring_resumes(workdir, tmp_path):
+    """state.json of a search written before held-out re-scoring (no rescore settings, top lists or FLOPs)."""
+    out = tmp_path / "out"
+    assert search_main(cli_args(workdir, out, "--generations", "1")) == 0
+    state = json.loads((out / "state.json").read_text())
+    for key in ("top", "search_flops", "rescored"):
+        del state[key]
+    del state["settings"]["rescore"]
+    (out / "state.json").write_text(json.dumps(state))
+    assert search_main(cli_args(workdir, out, "--generations", "2")) == 0
+    state = json.loads((out / "state.json").read_text())
+    assert state["generation"] == 2 and state["settings"]["rescore"] == [5, 2]
+    generation_1 = [r for r in read_results(out / "results.jsonl") if r["generation"] == 1]
+    assert state["search_flops"] == sum(r["flops"] for r in generation_1) > 0  # counted from the resume on
+    assert json.loads((out / "rescored.json").read_text())["candidates"]

@@ -424,7 +424,8 @@ def test_metrics_plot_and_exported_model(name, ws, refs):
     out = refs(name)
     records = read_jsonl(out / "metrics.jsonl")
     train = [r for r in records if "loss" in r]
-    fields = {"iteration", "loss", "ce", "kd", "lr", "grad_norm", "skipped", "tokens_per_s", "tokens", "peak_memory_mb"}
+    fields = {"iteration", "loss", "ce", "kd", "lr", "grad_norm", "skipped", "tokens_per_s", "tokens", "peak_memory_mb",
+              "model_tflops", "mfu", "hardware_tflops", "teacher_tflops", "total_mfu", "train_flops", "teacher_flops"}
     assert all(set(r) == fields for r in train)
     assert all(r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0 and r["grad_norm"] > 0 for r in train)
     valid = [r for r in records if "valid_loss" in r]

@@ -10,7 +10,9 @@
 The scores order a sub-network's kept indices: ``{"num_layers": ..., "order": "importance"}`` with
 ``--importance importance.safetensors`` (see megatron_subnet/model/importance.py for the definitions).
 An existing ``--output`` is replaced only with ``--overwrite``; scores that are not finite are an error
-and write nothing.
+and write nothing. The FLOPs spent (the parent's calibration forwards plus every layer-dropped evaluation of
+the drop loss) are printed and kept in the file's metadata (``flops``, ``calibration_flops``,
+``drop_loss_flops``).
 
 ``--tensor-model-parallel-size N`` (under torchrun): each rank reads only its shard of ``--load``; the
 heads and neurons each rank's hooks see are all-gathered into the global scores, which equal a single
@@ -88,7 +90,9 @@ def _main(argv: list[str] | None) -> int:
     importance.save(args.output)
     meta = importance.metadata
     print(f"wrote {args.output}: {meta['num_tokens']} calibration tokens "
-          f"({meta['drop_loss_tokens']} for the drop loss), {time.time() - start:.1f} s")
+          f"({meta['drop_loss_tokens']} for the drop loss), {int(meta['flops']):.3e} FLOPs "
+          f"({int(meta['calibration_flops']):.3e} calibration + {int(meta['drop_loss_flops']):.3e} drop loss), "
+          f"{time.time() - start:.1f} s")
     return 0
 
 

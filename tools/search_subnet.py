@@ -6,7 +6,9 @@
         (--target-params 0.5 [--tolerance 0.05] | --bins 5 --min-params 0.3 --max-params 0.7) \\
         [--population 16] [--generations 10] [--mutation-prob 0.2] [--crossover-prob 0.5] \\
         [--tournament-size 3] [--elite 2] [--mode evolution|random] [--seed 0] \\
-        [--fitness-train-steps 0] --output search/
+        [--fitness-train-steps 0] [--rescore-top 5] [--rescore-batches N] --output search/
+    python tools/search_subnet.py --mode width_oneshot|depth_oneshot|first_k --target-params 0.5 ...
+                                                   # one-shot baselines: one candidate, one evaluation
 
     torchrun --nproc-per-node 4 tools/search_subnet.py ...   # candidates evaluated 4 at a time, same result
     torchrun --nproc-per-node 4 tools/search_subnet.py --tensor-model-parallel-size 2 ...
@@ -19,10 +21,34 @@ valid split (``--data-seed`` picks them), optionally after ``--fitness-train-ste
 Parameter budgets count non-embedding parameters (``--include-embeddings``: total); values up to 1 are
 fractions of the parent, larger ones absolute counts; ``--tolerance`` is relative to the target.
 Writes ``results.jsonl``, ``best_subnet.json`` (for ``pretrain_slm.py --subnet``), ``best_per_bin.json``,
-``pareto.png`` and ``state.json``; running the same command again resumes a killed search (only
-``--generations`` may change, to extend it; the importance file is compared by content). ``--output`` may
-not hold search results without their ``state.json`` (``--overwrite`` starts a new search there instead),
-nor contain or lie inside an input. A search in which no candidate gets a finite loss exits non-zero.
+``summary.json``, ``rescored.json``, ``pareto.png`` and ``state.json``; running the same command again resumes
+a killed search (only ``--generations`` may change, to extend it; the importance file is compared by content).
+
+Accounting: every results.jsonl row, best_per_bin.json entry, summary.json and printed line carries both
+``total_params`` and ``non_embedding_params`` (``params`` is the budget's metric), and the FLOPs spent:
+each row's ``flops`` (the candidate's student forward FLOPs x the validation tokens; with
+``--fitness-train-steps`` also its training FLOPs and the parent's forwards on the KD batches when they run,
+their logits being cached), ``search_flops`` (cumulative, kept in state.json across resumes) in
+summary.json and the last line, and ``rescore_flops`` for the re-scoring.
+
+Held-out re-scoring: at the end each bin's ``--rescore-top K`` best candidates (default 5, 0: none) are scored
+again, the same way, on ``--rescore-batches`` batches (default ``--fitness-batches``) that the selection never
+saw: the test split's (``--data-seed``), or, when the test split has no documents, the valid split's samples
+that follow the selection's in its token stream (token windows disjoint from the selection's; refused when the
+valid split cannot hold both, or is a blend). ``rescored.json`` and the printed summary give both losses, the
+split and the number of samples and tokens; a killed re-scoring resumes with what it had not scored.
+
+One-shot baselines (``--mode``, one evaluation, no evolution; megatron_subnet/search/oneshot.py):
+``width_oneshot`` (Minitron width-only: all layers, full hidden, query groups with their heads and MLP
+neurons pruned by importance; needs ``--importance``), ``depth_oneshot`` (whole layers dropped by the
+drop-loss layer scores, or ``--layer-metric``'s; full width; needs ``--importance`` with layer scores) and
+``first_k`` (every dimension's first units, one fraction for all; no importance). Each sizes its shape
+into ``--target-params`` +- ``--tolerance`` (one ``error:`` line naming the mode and the budget when no such
+shape fits) and writes the same outputs as a search (one results.jsonl row); ``--space``, ``--bins`` and
+the evolution flags do not apply.
+
+``--output`` may not hold search results without their ``state.json`` (``--overwrite`` starts a new search
+there instead), nor contain or lie inside an input. A search in which no candidate gets a finite loss exits non-zero.
 
 ``--tensor-model-parallel-size N`` (under torchrun, N x D processes): each rank loads only its shard of
 the parent (``--load`` consolidated or saved at any TP size), the N ranks of a data-parallel replica
@@ -65,8 +91,21 @@ from megatron_subnet.cli import (  # noqa: E402
 from megatron_subnet.data.batches import check_vocab, load_batches  # noqa: E402
 from megatron_subnet.model.weights import CheckpointError, CheckpointReader, load_config  # noqa: E402
 from megatron_subnet.outputs import OutputError, check_not_nested, check_writable_location  # noqa: E402
-from megatron_subnet.search.evolution import MODES, OUTPUT_NAMES, STATE_NAME, EvolutionConfig, Search  # noqa: E402
-from megatron_subnet.search.fitness import FitnessConfig, SubnetFitness, load_parent  # noqa: E402
+from megatron_subnet.search.evolution import (  # noqa: E402
+    MODES,
+    ONESHOT_MODES,
+    OUTPUT_NAMES,
+    STATE_NAME,
+    EvolutionConfig,
+    Search,
+)
+from megatron_subnet.search.fitness import (  # noqa: E402
+    FitnessConfig,
+    SubnetFitness,
+    load_heldout_batches,
+    load_parent,
+)
+from megatron_subnet.search.oneshot import oneshot_genome  # noqa: E402
 from megatron_subnet.search.space import SPACES, SearchSpace, SpaceConfig, check_budget, make_budget  # noqa: E402
 from tools.evaluate import add_parallel_args, check_data_inputs, start_model_parallel  # noqa: E402
 
@@ -93,7 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_parallel_args(g)
     g = p.add_argument_group("search space")
-    g.add_argument("--space", choices=SPACES, default="uniform")
+    g.add_argument("--space", choices=SPACES, default=None, help="default: uniform (one-shot modes: their own)")
     g.add_argument("--importance", help="importance scores (.safetensors, tools/compute_importance.py)")
     g.add_argument("--layer-metric", choices=("block", "drop_loss"), help="layer score to order by (default: file's)")
     g.add_argument("--grid", type=positive_int, default=8, help="hidden and MLP sizes are multiples of this")
@@ -135,9 +174,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="AdamW steps of distillation per candidate")
     g.add_argument("--fitness-lr", type=nonnegative_float, default=1e-4)
     g.add_argument("--fitness-kd-alpha", type=fraction, default=0.5)
+    g = p.add_argument_group("held-out re-scoring")
+    g.add_argument("--rescore-top", type=nonnegative_int, default=5,
+                   help="re-score each bin's K best candidates on held-out samples at the end (0: none)")
+    g.add_argument("--rescore-batches", type=positive_int, default=None,
+                   help="held-out batches each re-scored candidate is scored on (default: --fitness-batches)")
     args = p.parse_args(argv)
+    if args.rescore_batches is None:
+        args.rescore_batches = args.fitness_batches
     if args.layer_metric and not args.importance:
         p.error("--layer-metric orders by importance scores: give --importance")
+    if args.mode in ONESHOT_MODES:
+        if args.space is not None:
+            p.error(f"--space: --mode {args.mode} is a one-shot baseline with its own shape; leave --space out")
+        if args.bins is not None:
+            p.error(f"--bins: --mode {args.mode} fits one target; give --target-params (and --tolerance)")
+        if args.mode in ("width_oneshot", "depth_oneshot") and not args.importance:
+            what = "query groups and MLP neurons" if args.mode == "width_oneshot" else "layers"
+            p.error(f"--mode {args.mode} prunes {what} by importance: give --importance "
+                    "(tools/compute_importance.py)")
+        if args.mode == "first_k" and args.importance:
+            p.error("--importance: --mode first_k keeps the first units of every dimension; it uses no scores")
+    args.space = args.space or "uniform"
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if args.fitness_train_steps and pp > 1:
         p.error(f"--fitness-train-steps is not supported at --pipeline-model-parallel-size {pp}: the short "
@@ -194,18 +252,26 @@ def _main(argv: list[str] | None) -> int:
     tp = args.tensor_model_parallel_size
     device = start_model_parallel(args.load, parent_config, tp, device, args.pipeline_model_parallel_size)
     importance = importance_sha256 = None
+    oneshot = args.mode in ONESHOT_MODES
+    layer_metric = args.layer_metric
+    if args.mode == "depth_oneshot" and layer_metric is None:
+        layer_metric = "drop_loss"  # the depth baseline drops the layers whose removal costs the least loss
     if args.importance:
         from megatron_subnet.model.importance import load_importance
 
         try:
-            importance = load_importance(args.importance, args.layer_metric, parent_config)
+            importance = load_importance(args.importance, layer_metric, parent_config)
         except ValueError as e:
-            raise ValueError(f"--importance: {e}") from None
+            hint = ""
+            if args.mode == "depth_oneshot" and "drop-loss" in str(e):
+                hint = (" (--mode depth_oneshot orders layers by drop loss: compute it with "
+                        "tools/compute_importance.py --drop-loss-iters N > 0, or pass --layer-metric block)")
+            raise ValueError(f"--importance: {e}{hint}") from None
         importance_sha256 = file_sha256(args.importance, "--importance")
     space = SearchSpace(
         parent_config,
         SpaceConfig(
-            kind=args.space,
+            kind="per_layer" if oneshot else args.space,
             grid=args.grid,
             divisible_by=args.divisible_by,
             min_layers=args.min_layers,
@@ -218,23 +284,28 @@ def _main(argv: list[str] | None) -> int:
     budget = make_budget(
         space.parent_params(), args.target_params, args.tolerance, args.bins, args.min_params, args.max_params
     )
-    evolution = EvolutionConfig(
-        population=args.population,
-        generations=args.generations,
-        mutation_prob=args.mutation_prob,
-        crossover_prob=args.crossover_prob,
-        tournament_size=args.tournament_size,
-        elite=args.elite,
-        mode=args.mode,
-        seed=args.seed,
-        max_tries=args.max_tries,
-    )
-    evolution.validate(budget.bins)
-    check_budget(space, budget)
+    fixed = None
+    if oneshot:  # one candidate, sized before the data or the weights are read
+        fixed = [oneshot_genome(space, args.mode, budget)]
+        evolution = EvolutionConfig(population=1, generations=1, elite=0, mode=args.mode)
+    else:
+        evolution = EvolutionConfig(
+            population=args.population,
+            generations=args.generations,
+            mutation_prob=args.mutation_prob,
+            crossover_prob=args.crossover_prob,
+            tournament_size=args.tournament_size,
+            elite=args.elite,
+            mode=args.mode,
+            seed=args.seed,
+            max_tries=args.max_tries,
+        )
+        evolution.validate(budget.bins)
+        check_budget(space, budget)
     settings = {
         "load": os.path.abspath(args.load),
         "importance_sha256": importance_sha256,  # the file's content: a moved copy resumes, a changed file not
-        "layer_metric": args.layer_metric,
+        "layer_metric": layer_metric,
         "data": [
             args.data_path,
             args.split,
@@ -244,17 +315,34 @@ def _main(argv: list[str] | None) -> int:
             args.data_seed,
         ],
         "fitness": [args.fitness_train_steps, args.fitness_lr, args.fitness_kd_alpha],
+        "rescore": [args.rescore_top, args.rescore_batches if args.rescore_top else None],
     }
     # a saved state of another search is refused here, before the data and the weights are read
-    search = Search(space, budget, evolution, None, args.output, settings, restart=args.overwrite)
+    search = Search(
+        space, budget, evolution, None, args.output, settings, restart=args.overwrite, fixed=fixed,
+        rescore_top=args.rescore_top,
+    )
     data = (args.data_path, args.split)
     valid = load_batches(*data, "valid", args.seq_length, args.micro_batch_size, args.fitness_batches, args.data_seed)
-    train = None
+    train = heldout = None
     if args.fitness_train_steps:
         train = load_batches(
             *data, "train", args.seq_length, args.micro_batch_size, args.fitness_train_steps, args.data_seed
         )
-    check_vocab(valid + (train or []), parent_config.vocab_size)
+    if args.rescore_top:  # before the search: a split too small for held-out samples is found before the work
+        heldout, heldout_info = load_heldout_batches(
+            *data, args.seq_length, args.micro_batch_size, args.rescore_batches, args.data_seed,
+            args.fitness_batches * args.micro_batch_size,
+        )  # fmt: skip
+        heldout_info["selection"] = {
+            "split": "valid",
+            "data_seed": args.data_seed,
+            "samples": args.fitness_batches * args.micro_batch_size,
+            "tokens": args.fitness_batches * args.micro_batch_size * args.seq_length,
+        }
+        heldout_info.update(seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+                            batches=args.rescore_batches)  # fmt: skip
+    check_vocab(valid + (train or []) + (heldout or []), parent_config.vocab_size)
     reader = None
     try:
         parent = load_parent(args.load, device)
@@ -273,26 +361,49 @@ def _main(argv: list[str] | None) -> int:
         ),
         read=reader.read if reader is not None else None,
     )
+    report = None
     try:
         search.run()
+        if args.rescore_top:
+            report = search.rescore(search.fitness.on_batches(heldout), heldout_info)
     finally:
         if reader is not None:
             reader.close()
     if search.writer:
         total = space.parent_params()
+        metric = "total" if args.include_embeddings else "non-embedding"
         for entry in search.best_per_bin():
             if "loss" in entry:
                 print(
                     f"bin {entry['bin']} [{entry['window'][0]:,}, {entry['window'][1]:,}]: loss "
-                    f"{entry['loss']:.4f}, {entry['params']:,} params ({entry['params'] / total:.1%} of parent), "
-                    f"{entry['config']}"
+                    f"{entry['loss']:.4f}, {_params(entry)} ({entry['params'] / total:.1%} of the parent's "
+                    f"{metric}), {entry['config']}"
+                )
+        if report is not None:
+            print(
+                f"held-out re-scoring on the {report['split']} split ({report['samples']} samples, "
+                f"{report['tokens']:,} tokens, data seed {report['data_seed']}; the selection used "
+                f"{report['selection']['samples']} valid samples), {report['rescore_flops']:.3e} FLOPs:"
+            )
+            for row in report["candidates"]:
+                print(
+                    f"  bin {row['bin']} #{row['rank'] + 1}: selection loss {row['selection_loss']:.4f}, "
+                    f"held-out loss {row['heldout_loss']:.4f}, {_params(row)}, key {row['key']}"
                 )
         best = search.overall_best()
+        heldout_text = ""
+        if best["key"] in search.rescored:
+            heldout_text = f" (held-out {search.rescored[best['key']]['loss']:.4f})"
         print(
-            f"best loss {best['loss']:.4f} at {best['params']:,} params -> {args.output}/best_subnet.json "
-            f"({search.evaluations} evaluations, {time.time() - start:.1f} s)"
+            f"best loss {best['loss']:.4f}{heldout_text} at {_params(search.summary()['best'])} -> "
+            f"{args.output}/best_subnet.json ({search.evaluations} evaluations, {search.search_flops:.3e} "
+            f"search FLOPs, {time.time() - start:.1f} s)"
         )
     return 0
+
+
+def _params(entry: dict) -> str:
+    return f"{entry['non_embedding_params']:,} non-embedding / {entry['total_params']:,} total params"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,11 @@ One dense forward per calibration batch, watched by forward hooks (``gpt.py`` is
 - layers, two ways: ``block`` importance, 1 - cosine(layer input, layer output) averaged over tokens
   (ShortGPT's BI), and ``drop_loss``, the LM loss with that one layer left out minus the full model's.
 
+The FLOPs run (``model/flops.py``'s count, every rank together) are kept in the metadata: ``calibration_flops``
+(the parent's forward on every calibration token), ``drop_loss_flops`` (each dropped layer's evaluation
+counted: in one process the layers after it and the output layer from its recorded input, per drop-loss
+token; through pipeline stages the whole model without it) and their sum ``flops``.
+
 Higher is more important everywhere. ``Importance`` implements ``subnet.ImportanceScores``; its
 ``layer_metric`` picks which layer score ``.layers`` returns. Saved as safetensors with metadata.
 
@@ -44,6 +49,7 @@ from tqdm import tqdm
 
 from megatron_subnet.model.config import ModelConfig
 from megatron_subnet.model.evaluation import lm_loss, pipelined_loss_sum
+from megatron_subnet.model.flops import forward_flops_per_token, layer_linear_flops_per_token, logits_flops_per_token
 from megatron_subnet.model.gpt import GPTModel, rotary_cos_sin
 from megatron_subnet.outputs import write_file_atomically
 from megatron_subnet.parallel import mappings
@@ -271,6 +277,24 @@ def _sum_over_pipeline(parts: list[torch.Tensor], device: torch.device) -> list[
     return list(flat.cpu().split([p.numel() for p in parts]))
 
 
+def _layer_flops_per_token(config: ModelConfig, i: int, seq_length: int) -> int:
+    """Forward FLOPs per token of layer ``i`` (weight matmuls and the dense attention core, as ``flops.py``)."""
+    core = 4 * config.layer_heads(i) * config.head_dim * seq_length  # Q K^T and A V: flops.attention_core_...
+    return int(layer_linear_flops_per_token(config, i)) + core
+
+
+def drop_loss_flops_per_token(config: ModelConfig, seq_length: int, pipelined: bool = False) -> int:
+    """Forward FLOPs per drop-loss token of all ``num_layers`` layer-dropped evaluations together: in one
+    process layer ``i``'s runs layers ``i+1..`` and the output layer (from layer ``i``'s recorded input);
+    through pipeline stages it is the whole model without layer ``i``."""
+    n = config.num_layers
+    layers = [_layer_flops_per_token(config, i, seq_length) for i in range(n)]
+    logits = int(logits_flops_per_token(config))
+    if pipelined:
+        return sum(sum(layers) - layers[i] + logits for i in range(n))
+    return sum(sum(layers[i + 1 :]) + logits for i in range(n))
+
+
 def _drop_layer_losses(model: GPTModel, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Pipeline stages: the summed cross-entropy of the masked model without layer ``i`` for every ``i`` (each
     one full forward through the stages), on the last stage (zeros on the others)."""
@@ -314,6 +338,7 @@ def compute_importance(
     device = next(model.parameters()).device
     pipelined = not (model.stage.first and model.stage.last)
     tokens_seen = drop_tokens = 0
+    calibration_flops = drop_flops = 0
     drop_loss = torch.zeros(c.num_layers, dtype=torch.float64)
     quiet = (None if progress is None else not progress) if parallel_state.get_rank() == 0 else True
     bar = tqdm(batches, desc="importance", unit="batch", disable=quiet)
@@ -327,6 +352,7 @@ def compute_importance(
             else:
                 logits = model(inputs)
             tokens_seen += inputs.numel()
+            calibration_flops += int(forward_flops_per_token(c, inputs.shape[1])) * inputs.numel()
             if step >= drop_iters:
                 continue
             rec.recording = False
@@ -346,6 +372,7 @@ def compute_importance(
                 rec.layer_inputs = [None] * c.num_layers
             rec.recording = True
             drop_tokens += labels.numel()
+            drop_flops += drop_loss_flops_per_token(c, inputs.shape[1], pipelined) * labels.numel()
     model.train(was_training)
     n_batches = len(batches)
     per_group = [c.layer_heads(i) // c.layer_query_groups(i) for i in range(c.num_layers)]
@@ -369,6 +396,9 @@ def compute_importance(
             "num_tokens": str(tokens_seen),
             "num_batches": str(n_batches),
             "drop_loss_tokens": str(drop_tokens),
+            "calibration_flops": str(calibration_flops),
+            "drop_loss_flops": str(drop_flops),
+            "flops": str(calibration_flops + drop_flops),
             "seq_length": str(batches[0].shape[1] - 1),
             "parent_config_sha256": config_hash(c),
             "parent_shape": json.dumps({

@@ -19,6 +19,17 @@ evaluations are split (``fitness.py``), and rank 0 writes the files.
 A fresh run writes ``state.json`` for generation 0 before the first evaluation, so an output directory
 with search results always holds the state they came from. A search in which no candidate got a finite
 loss raises ``SearchSpaceError`` and writes no best sub-network.
+
+Accounting: a fitness may return ``(loss, seconds, flops)``; every results.jsonl row carries its ``flops``
+(0 for a cached duplicate), its ``params`` in the budget's metric and both ``total_params`` and
+``non_embedding_params``; ``state.json`` and ``summary.json`` carry the cumulative ``search_flops`` of the
+committed generations (a resumed search keeps counting; a generation cut short by a kill is evaluated, and
+counted, again). With ``rescore_top = K`` the search keeps each bin's K best candidates (``top`` in the
+state), and ``rescore`` scores them once more on held-out batches (a second fitness): ``rescored.json``
+holds both losses side by side, and a killed re-scoring resumes with the candidates it has not scored yet.
+
+The one-shot modes (``ONESHOT_MODES``, ``oneshot.py``) run as a search of one generation whose only
+candidates are ``fixed`` genomes: one evaluation, the same outputs.
 """
 
 from __future__ import annotations
@@ -40,13 +51,22 @@ from megatron_subnet.outputs import write_file_atomically, write_text_atomically
 from megatron_subnet.parallel import state
 from megatron_subnet.search.space import Budget, SearchSpace, SearchSpaceError, check_budget
 
-MODES = ("evolution", "random")
+SEARCH_MODES = ("evolution", "random")
+ONESHOT_MODES = ("width_oneshot", "depth_oneshot", "first_k")  # one fixed candidate each (oneshot.py)
+MODES = SEARCH_MODES + ONESHOT_MODES
 STATE_VERSION = 1
 STATE_NAME = "state.json"
-OUTPUT_NAMES = ("results.jsonl", "best_subnet.json", "best_per_bin.json", "pareto.png")  # beside state.json
+OUTPUT_NAMES = (  # beside state.json
+    "results.jsonl",
+    "best_subnet.json",
+    "best_per_bin.json",
+    "pareto.png",
+    "summary.json",
+    "rescored.json",
+)
 
-# candidates -> [(validation loss, seconds)] in the same order
-Fitness = Callable[[list[SubnetConfig]], list[tuple[float, float]]]
+# candidates -> [(validation loss, seconds)] or [(validation loss, seconds, FLOPs)] in the same order
+Fitness = Callable[[list[SubnetConfig]], list[tuple]]
 
 
 @dataclass
@@ -122,10 +142,21 @@ class Search:
         settings: dict | None = None,
         progress: bool | None = None,
         restart: bool = False,
+        fixed: list[dict] | None = None,
+        rescore_top: int = 0,
     ):
         """``fitness`` may be set later (before ``run``): constructing checks a saved state against the
-        settings without it. ``restart``: ignore and replace a saved state (``--overwrite``)."""
+        settings without it. ``restart``: ignore and replace a saved state (``--overwrite``). ``fixed``: the
+        genomes of a one-shot mode (its only generation evaluates exactly them). ``rescore_top``: keep each
+        bin's that many best candidates for ``rescore``."""
         config.validate(budget.bins)
+        if (fixed is not None) != (config.mode in ONESHOT_MODES):
+            raise SearchSpaceError(f"--mode {config.mode}: one-shot modes, and only they, evaluate fixed candidates")
+        if fixed is not None and (config.generations != 1 or config.population != len(fixed) or config.elite):
+            raise SearchSpaceError(f"--mode {config.mode}: one generation of {len(fixed)} candidates, no elite")
+        if rescore_top < 0:
+            raise SearchSpaceError(f"--rescore-top {rescore_top}: must be >= 0")
+        self.fixed, self.rescore_top = fixed, rescore_top
         self.space, self.budget, self.config, self.fitness = space, budget, config, fitness
         self.output = Path(output) if output is not None else None
         self.writer = self.output is not None and state.get_rank() == 0
@@ -148,7 +179,11 @@ class Search:
         self.population: list[dict] = []  # {genome, key, params, bin, loss}
         self.cache: dict[str, dict] = {}  # key -> {loss, params, bin, generation, seconds}
         self.best: list[dict | None] = [None] * budget.bins  # {key, params, loss, generation, genome}
+        self.top: list[list[dict]] = [[] for _ in range(budget.bins)]  # the rescore_top best per bin, like best
+        self.search_flops = 0  # FLOPs of the committed evaluations
+        self.rescored: dict[str, dict] = {}  # key -> {loss, seconds, flops} on the held-out batches
         self.records: list[dict] = []  # results.jsonl lines
+        self._counts: dict[str, dict[str, int]] = {}  # key -> both parameter counts
         self.restart = restart
         self.resumed = False
         self._resume()
@@ -169,8 +204,12 @@ class Search:
             return  # run() starts the output
         if "error" in saved:
             raise SearchSpaceError(saved["error"])
-        if saved.get("version") != STATE_VERSION or saved.get("settings") != self.settings:
-            old, new = _flatten(saved.get("settings") or {}), _flatten(self.settings)
+        expected = self.settings
+        if isinstance(saved.get("settings"), dict) and "rescore" not in saved["settings"] and "top" not in saved:
+            # written before held-out re-scoring existed: resumes, its top lists rebuilt from the best per bin
+            expected = {k: v for k, v in self.settings.items() if k != "rescore"}
+        if saved.get("version") != STATE_VERSION or saved.get("settings") != expected:
+            old, new = _flatten(saved.get("settings") or {}), _flatten(expected)
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise SearchSpaceError(
                 f"{self.output}/state.json: written by a search with other settings ({', '.join(diff) or 'version'}); "
@@ -179,6 +218,12 @@ class Search:
         self.rng.bit_generator.state = saved["rng"]
         self.generation, self.evaluations = saved["generation"], saved["evaluations"]
         self.population, self.cache, self.best = saved["population"], saved["cache"], saved["best"]
+        if "top" in saved:
+            self.top = saved["top"]
+        else:
+            self.top = [[copy.deepcopy(b)] if b is not None and self.rescore_top else [] for b in self.best]
+        self.search_flops = saved.get("search_flops", 0)
+        self.rescored = saved.get("rescored", {})
         self.resumed = True
 
     def _start_output(self) -> None:
@@ -201,6 +246,12 @@ class Search:
             return
         with open(self.output / "results.jsonl", "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in new_records)
+        self._write_state()
+        self._write_best()
+
+    def _write_state(self) -> None:
+        if not self.writer:
+            return
         state = {
             "version": STATE_VERSION,
             "settings": self.settings,
@@ -210,9 +261,11 @@ class Search:
             "population": self.population,
             "cache": self.cache,
             "best": self.best,
+            "top": self.top,
+            "search_flops": self.search_flops,
+            "rescored": self.rescored,
         }
         _write_json(self.output / STATE_NAME, state)
-        self._write_best()
 
     # ------------------------------------------------------------------ loop
 
@@ -261,7 +314,11 @@ class Search:
         seen = set(self.cache)
         children = []
         for k in range(cfg.new_per_generation(generation, bins)):
-            genome, key = self._make((generation + k) % bins, seen, evolve)
+            if self.fixed is not None:
+                genome = copy.deepcopy(self.fixed[k])
+                key = self.space.key(genome)
+            else:
+                genome, key = self._make((generation + k) % bins, seen, evolve)
             seen.add(key)
             children.append({"genome": genome, "key": key, "params": self.space.params(genome)})
         todo, keys = [], set()
@@ -277,15 +334,19 @@ class Search:
             best = min([r[0] for r in results] + ([prior["loss"]] if prior else []))
             bar.update(len(todo[i : i + chunk]))
             bar.set_postfix(gen=generation, best=f"{best:.4f}")
-        for c, (loss, seconds) in zip(todo, results):
+        for c, result in zip(todo, results):
+            loss, seconds = result[0], result[1]
             loss = float(loss) if math.isfinite(loss) else math.inf
+            flops = int(result[2]) if len(result) > 2 else 0
             self.cache[c["key"]] = {
                 "loss": loss,
                 "params": c["params"],
                 "bin": self.budget.bin_of(c["params"]),
                 "generation": generation,
                 "seconds": seconds,
+                "flops": flops,
             }
+            self.search_flops += flops
         self.evaluations += len(todo)
         records, fresh = [], set(keys)
         for c in children:
@@ -298,22 +359,30 @@ class Search:
                     "key": c["key"],
                     "bin": c["bin"],
                     "params": c["params"],
+                    **self.param_counts(c["key"], c["genome"]),
                     "loss": c["loss"],
                     "seconds": entry["seconds"] if c["key"] in fresh else 0.0,
+                    "flops": entry.get("flops", 0) if c["key"] in fresh else 0,
                     "cached": c["key"] not in fresh,
                     "config": self.space.summary(c["genome"]),
                 }
             )
             fresh.discard(c["key"])
+            member = {
+                "key": c["key"],
+                "params": c["params"],
+                "loss": c["loss"],
+                "generation": generation,
+                "genome": c["genome"],
+            }
             best = self.best[c["bin"]]
             if best is None or _sort_key(c) < _sort_key(best):
-                self.best[c["bin"]] = {
-                    "key": c["key"],
-                    "params": c["params"],
-                    "loss": c["loss"],
-                    "generation": generation,
-                    "genome": copy.deepcopy(c["genome"]),
-                }
+                self.best[c["bin"]] = copy.deepcopy(member)
+            top = self.top[c["bin"]]
+            if self.rescore_top and all(m["key"] != c["key"] for m in top):
+                top.append(copy.deepcopy(member))
+                top.sort(key=_sort_key)
+                del top[self.rescore_top :]
         self.population = kept + children
         self.records += records
         return records
@@ -366,8 +435,15 @@ class Search:
         found = [b for b in self.best if b is not None]
         return min(found, key=_sort_key) if found else None
 
+    def param_counts(self, key: str, genome: dict) -> dict[str, int]:
+        """``total_params`` and ``non_embedding_params`` of a candidate (cached by key)."""
+        if key not in self._counts:
+            self._counts[key] = self.space.param_counts(genome)
+        return dict(self._counts[key])
+
     def best_per_bin(self) -> list[dict]:
-        """One entry per bin: window, and the best candidate's params, loss, summary and explicit sub-network."""
+        """One entry per bin: window, and the best candidate's params (the budget's metric, total and
+        non-embedding), loss, summary and explicit sub-network."""
         out = []
         for b, best in enumerate(self.best):
             entry = {"bin": b, "window": list(self.budget.window(b))}
@@ -375,6 +451,7 @@ class Search:
                 entry.update(
                     key=best["key"],
                     params=best["params"],
+                    **self.param_counts(best["key"], best["genome"]),
                     loss=best["loss"],
                     generation=best["generation"],
                     config=self.space.summary(best["genome"]),
@@ -389,6 +466,95 @@ class Search:
             return
         self.space.to_subnet(best["genome"]).save(self.output / "best_subnet.json")
         _write_json(self.output / "best_per_bin.json", self.best_per_bin(), indent=1)
+        _write_json(self.output / "summary.json", self.summary(), indent=1)
+
+    def summary(self) -> dict:
+        """The search at a glance: mode, evaluations, FLOPs spent, the parent's and the best's parameters."""
+        best = self.overall_best()
+        out = {
+            "mode": self.config.mode,
+            "generation": self.generation,
+            "evaluations": self.evaluations,
+            "search_flops": self.search_flops,
+            "rescore_flops": sum(r.get("flops", 0) for r in self.rescored.values()),
+            "budget_metric": "total" if self.space.config.include_embeddings else "non-embedding",
+            "parent": self.space.parent_param_counts(),
+            "best": None,
+        }
+        if best is not None:
+            out["best"] = {
+                "key": best["key"],
+                "loss": best["loss"],
+                "params": best["params"],
+                **self.param_counts(best["key"], best["genome"]),
+                "generation": best["generation"],
+                "config": self.space.summary(best["genome"]),
+            }
+            if best["key"] in self.rescored:
+                out["best"]["heldout_loss"] = self.rescored[best["key"]]["loss"]
+        return out
+
+    # ------------------------------------------------------------------ held-out re-scoring
+
+    def rescore_candidates(self) -> list[tuple[int, int, dict]]:
+        """(bin, rank in the bin, member) of every bin's ``rescore_top`` best candidates with a finite loss."""
+        return [
+            (b, rank, m)
+            for b, top in enumerate(self.top)
+            for rank, m in enumerate(top[: self.rescore_top])
+            if math.isfinite(m["loss"])
+        ]
+
+    def rescore(self, fitness: Fitness, heldout: dict) -> dict:
+        """Score each bin's ``rescore_top`` best once more with ``fitness`` (on held-out batches, described by
+        ``heldout``: split, samples, tokens, ...); writes ``rescored.json`` and returns its content.
+
+        Every scored candidate is committed to ``state.json`` at once, so a killed re-scoring resumes where it
+        stopped; candidates scored before (same held-out batches: they are part of the settings) are not
+        scored again.
+        """
+        members = self.rescore_candidates()
+        todo = [m for _, _, m in members if m["key"] not in self.rescored]
+        chunk = state.get_data_parallel_world_size()
+        for i in range(0, len(todo), chunk):
+            part = todo[i : i + chunk]
+            results = fitness([self.space.to_subnet(m["genome"]) for m in part])
+            for m, result in zip(part, results):
+                loss = float(result[0]) if math.isfinite(result[0]) else math.inf
+                self.rescored[m["key"]] = {
+                    "loss": loss,
+                    "seconds": result[1],
+                    "flops": int(result[2]) if len(result) > 2 else 0,
+                }
+            self._write_state()
+        rows = []
+        for b, rank, m in members:
+            scored = self.rescored[m["key"]]
+            rows.append(
+                {
+                    "bin": b,
+                    "rank": rank,
+                    "key": m["key"],
+                    "params": m["params"],
+                    **self.param_counts(m["key"], m["genome"]),
+                    "selection_loss": m["loss"],
+                    "heldout_loss": scored["loss"],
+                    "generation": m["generation"],
+                    "flops": scored["flops"],
+                    "config": self.space.summary(m["genome"]),
+                }
+            )
+        report = {
+            **heldout,
+            "rescore_top": self.rescore_top,
+            "rescore_flops": sum(r.get("flops", 0) for r in self.rescored.values()),
+            "search_flops": self.search_flops,
+            "candidates": rows,
+        }
+        if self.writer:
+            _write_json(self.output / "rescored.json", report, indent=1)
+            _write_json(self.output / "summary.json", self.summary(), indent=1)
+        return report
 
 
 def read_results(path: str | os.PathLike) -> list[dict]:

@@ -31,18 +31,36 @@ validation forward runs through the stages in the forward-only schedule (``evalu
 the TP x PP ranks of one data-parallel replica evaluate the same candidates together, and the last
 stage's loss is broadcast to every stage. The distilled fitness (``train_steps > 0``) is not built for
 pipeline stages: it is refused.
+
+Every evaluation also reports the FLOPs it ran (``model/flops.py``'s count, all ranks of a replica together):
+the candidate's validation forwards cost ``forward_flops_per_token(student) x tokens`` (the masked forward
+computes only the kept units, exactly the extracted student's matmuls); a distilled candidate adds its
+``train_steps`` training steps (``training_flops_per_token(student) x tokens``) and the parent's forwards on
+the train batches, counted when they run: the parent's logits are cached (``teacher_cache_bytes``), so on
+each rank only the candidates that compute them pay for them.
+
+Held-out re-scoring (``load_heldout_batches``, ``SubnetFitness.on_batches``) scores the same way on samples
+the selection never saw: the test split, or, when it has no documents, the valid split's samples that follow
+the selection's in its token stream.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_subnet.data.batches import load_batches
+from megatron_subnet.data.gpt_dataset import GPTDataset, build_train_valid_test_datasets
+from megatron_subnet.model.config import ModelConfig
 from megatron_subnet.model.evaluation import evaluate, evaluate_model
+from megatron_subnet.model.flops import forward_flops_per_token, training_flops_per_token
 from megatron_subnet.model.gpt import GPTModel
 from megatron_subnet.model.subnet import SubnetConfig, extract_shard, subnet_indices
 from megatron_subnet.model.weights import TensorSource, load_model, state_source
@@ -72,7 +90,7 @@ class FitnessConfig:
 
 
 class SubnetFitness:
-    """Callable fitness: ``fitness(subnets) -> [(validation loss, seconds)]`` on one loaded parent."""
+    """Callable fitness: ``fitness(subnets) -> [(validation loss, seconds, FLOPs)]`` on one loaded parent."""
 
     def __init__(
         self,
@@ -104,16 +122,35 @@ class SubnetFitness:
             )
         self._teacher_logits: dict[int, torch.Tensor] = {}
         self._cpu_state: dict[str, torch.Tensor] | None = None
+        self.teacher_flops = 0  # the parent's forwards on train batches run so far (by this process)
 
-    def __call__(self, subnets: list[SubnetConfig]) -> list[tuple[float, float]]:
+    def __call__(self, subnets: list[SubnetConfig]) -> list[tuple[float, float, int]]:
         return evaluate_split(self.timed_loss, subnets)
 
-    def timed_loss(self, subnet: SubnetConfig) -> tuple[float, float]:
+    def on_batches(self, batches: list[torch.Tensor]) -> SubnetFitness:
+        """The same fitness (same parent, train batches and cached parent logits) scored on ``batches``."""
+        other = copy.copy(self)  # shares the parent, the train batches and the teacher-logit cache
+        other.valid = [b.to(self.device) for b in batches]
+        return other
+
+    def timed_loss(self, subnet: SubnetConfig) -> tuple[float, float, int]:
+        """(validation loss, seconds, FLOPs run for it)."""
         start = time.perf_counter()
+        teacher_before = self.teacher_flops
         loss = self.loss(subnet)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return loss, time.perf_counter() - start
+        return loss, time.perf_counter() - start, self.flops(subnet) + self.teacher_flops - teacher_before
+
+    def flops(self, subnet: SubnetConfig) -> int:
+        """FLOPs of evaluating ``subnet`` besides the parent's forwards: its validation forwards, and with
+        ``train_steps`` its training steps (the module docstring)."""
+        student = subnet.student_config(self.parent.config)
+        total = batches_flops(student, self.valid)
+        if self.config.train_steps > 0:
+            steps = [self.train[step % len(self.train)] for step in range(self.config.train_steps)]
+            total += batches_flops(student, steps, training=True)
+        return total
 
     def loss(self, subnet: SubnetConfig) -> float:
         if self.config.train_steps > 0:
@@ -161,9 +198,65 @@ class SubnetFitness:
         if i in self._teacher_logits:
             return self._teacher_logits[i]
         logits = self.parent(self.train[i][:, :-1])
+        self.teacher_flops += batches_flops(self.parent.config, [self.train[i]])
         if (len(self._teacher_logits) + 1) * logits.numel() * logits.element_size() <= self.config.teacher_cache_bytes:
             self._teacher_logits[i] = logits
         return logits
+
+
+def batches_flops(config: ModelConfig, batches: Sequence[torch.Tensor], training: bool = False) -> int:
+    """FLOPs of ``config``'s forward (``training``: forward and backward) over the inputs of token ``batches``
+    ``[batch, seq + 1]``: per-token FLOPs (``model/flops.py``) times the tokens, exact integers."""
+    count = training_flops_per_token if training else forward_flops_per_token
+    return sum(int(count(config, b.shape[1] - 1)) * b[:, :-1].numel() for b in batches)
+
+
+def load_heldout_batches(
+    data_path: Sequence[str] | str,
+    split: str,
+    seq_length: int,
+    micro_batch_size: int,
+    num_batches: int,
+    seed: int,
+    selection_samples: int,
+) -> tuple[list[torch.Tensor], dict]:
+    """Batches the selection (the first ``selection_samples`` samples of the valid split with ``seed``) never
+    saw, and a description of them: the test split's first ``num_batches``; or, when the test split has no
+    documents, the valid split's token-stream samples ``selection_samples ..`` (the selection shuffles the
+    stream's first ``selection_samples`` samples, so these share no token window with it). ValueError when
+    the valid split is too small for both, or is a blend (its components' samples cannot be split so)."""
+    n = num_batches * micro_batch_size
+    try:
+        batches = load_batches(data_path, split, "test", seq_length, micro_batch_size, num_batches, seed)
+    except ValueError as e:
+        if "no test documents" not in str(e):
+            raise
+    else:
+        info = {"split": "test", "data_seed": seed, "samples": n, "tokens": n * seq_length,
+                "which": f"the first {n} samples of the test split"}  # fmt: skip
+        return batches, info
+    prefixes = [data_path] if isinstance(data_path, str) else list(data_path)
+    hint = "give --split a test share, fewer --rescore-batches, or --rescore-top 0"
+    total = selection_samples + n
+    dataset = build_train_valid_test_datasets(prefixes, split, seq_length, seed, [0, total, 0])[1]
+    if not isinstance(dataset, GPTDataset):
+        raise ValueError(
+            f"--split {split}: no test documents for the held-out re-scoring, and the valid split of a blended "
+            f"--data-path cannot be divided into selection and held-out samples; {hint}"
+        )
+    tokens = int(dataset.indexed.sequence_lengths[dataset.document_ids].sum(dtype=np.int64))
+    if total * seq_length + 1 > tokens:
+        raise ValueError(
+            f"--split {split}: no test documents for the held-out re-scoring, and the valid split's "
+            f"{(tokens - 1) // seq_length} samples of {seq_length} tokens cannot hold the {selection_samples} "
+            f"selection samples and {n} held-out ones apart; {hint}"
+        )
+    samples = [torch.from_numpy(dataset.sample(k)["tokens"]) for k in range(selection_samples, total)]
+    batches = [torch.stack(samples[k : k + micro_batch_size]) for k in range(0, n, micro_batch_size)]
+    info = {"split": "valid", "data_seed": seed, "samples": n, "tokens": n * seq_length,
+            "which": f"the valid split's token-stream samples {selection_samples}..{total - 1} (the selection "
+                     f"used samples 0..{selection_samples - 1}; the test split has no documents)"}  # fmt: skip
+    return batches, info
 
 
 def evaluate_split(fn, items: list) -> list:

@@ -230,6 +230,20 @@ class SearchSpace:
     def parent_params(self) -> int:
         return self.parent.num_parameters(self.config.include_embeddings)
 
+    def param_counts(self, g: Genome) -> dict[str, int]:
+        """Both parameter counts of ``g``'s sub-network (``SubnetConfig.num_parameters``), whatever the metric."""
+        subnet = self.to_subnet(g)
+        return {
+            "total_params": subnet.num_parameters(self.parent, include_embeddings=True),
+            "non_embedding_params": subnet.num_parameters(self.parent, include_embeddings=False),
+        }
+
+    def parent_param_counts(self) -> dict[str, int]:
+        return {
+            "total_params": self.parent.num_parameters(True),
+            "non_embedding_params": self.parent.num_parameters(False),
+        }
+
     def param_range(self) -> tuple[int, int]:
         """Smallest and (about) largest parameter count the space can reach."""
         smallest = self._base_params(self.grid) + self.min_layers * self._layer_params(

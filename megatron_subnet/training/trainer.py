@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -54,32 +55,59 @@ def _load_importance(path: str | None):
     return load_importance(path)
 
 
+def _same_path(a: str, b: str) -> bool:
+    return a == b or os.path.realpath(a) == os.path.realpath(b)
+
+
+def _saved_parent(resume_meta: dict) -> str | None:
+    """The parent a checkpoint's run was cut from; checkpoints from before --parent-load had the teacher."""
+    saved = resume_meta.get("args", {})
+    return saved["parent_load"] if "parent_load" in saved else saved.get("teacher_load")
+
+
+def resolve_parent(args: argparse.Namespace, resume_meta: dict | None) -> tuple[str | None, str | None]:
+    """The parent checkpoint of this run and, resuming, the change of parent this launch asks for (a
+    ``"--parent-load: old -> new"`` like ``checkpoint.changed_args``'s, or None).
+
+    The parent is --parent-load as given; without it, resuming, the checkpoint's parent (when it still
+    exists); else --teacher-load."""
+    saved = _saved_parent(resume_meta) if resume_meta is not None else None
+    if args.parent_load is not None:
+        change = None
+        if saved is not None and not _same_path(saved, args.parent_load):
+            change = f"--parent-load: {saved} -> {args.parent_load}"
+        return args.parent_load, change
+    if saved is not None and os.path.isdir(saved):
+        return saved, None
+    return args.teacher_load, None
+
+
 def plan_student(
-    args: argparse.Namespace, teacher_config: ModelConfig | None, resume_meta: dict | None
+    args: argparse.Namespace, parent_config: ModelConfig | None, resume_meta: dict | None
 ) -> tuple[ModelConfig, SubnetConfig | None]:
-    """The student's architecture and the sub-network it is cut from (None for a random student without one),
-    from the configs alone: nothing is loaded but JSON."""
+    """The student's architecture and the sub-network of the parent it is cut from (None for a random
+    student without one), from the configs alone: nothing is loaded but JSON."""
     if resume_meta is not None:
         subnet = resume_meta.get("subnet")
         config = ModelConfig.from_dict(resume_meta["model_config"])
         return config, None if subnet is None else SubnetConfig(**subnet)
     subnet = None
     if args.subnet:
-        subnet = SubnetConfig.load(args.subnet, teacher_config, _load_importance(args.importance))
+        subnet = SubnetConfig.load(args.subnet, parent_config, _load_importance(args.importance))
     if subnet is not None:
-        return subnet.student_config(teacher_config), subnet
+        return subnet.student_config(parent_config), subnet
     return ModelConfig.load(args.model_config), None
 
 
 def build_student(
     args: argparse.Namespace, config: ModelConfig, subnet: SubnetConfig | None, resuming: bool, stage: PipelineStage
 ) -> GPTModel:
-    """This rank's tensor-parallel shard of its pipeline stage of the student: cut from the teacher's checkpoint
+    """This rank's tensor-parallel shard of its pipeline stage of the student: cut from the parent's checkpoint
     (only the rows and columns of the shard are read), Megatron's random init, or (resuming) to be
     overwritten by --load."""
     shard = TPShard.current()
     if args.init == "subnet" and not resuming:
-        with CheckpointReader(args.teacher_load) as reader:
+        with CheckpointReader(args.parent_load) as reader:
             _, weights = extract_shard(reader.config, reader.read, subnet, shard, stage)
         model = model_from_state(config, weights, shard=shard, stage=stage).train().requires_grad_(True)
     else:
@@ -102,6 +130,8 @@ def check_outputs(args: argparse.Namespace, log_dir: Path, run_id: str | None, r
 
     inputs = {
         "--teacher-load": args.teacher_load,
+        # the parent (read again at the end, for the final model's tokenizer), named apart when it is not the teacher
+        **({"--parent-load": args.parent_load} if args.parent_load != args.teacher_load else {}),
         "--subnet": args.subnet,
         "--importance": args.importance,
         "--model-config": args.model_config,
@@ -131,6 +161,13 @@ def check_outputs(args: argparse.Namespace, log_dir: Path, run_id: str | None, r
         f"--log-dir {log_dir}: holds another run's metrics.jsonl; choose a new --log-dir (or --save) or pass "
         "--overwrite to start it anew"
     )
+
+
+def _parameters(config: ModelConfig | None) -> str:
+    """``"N parameters (M non-embedding)"`` of a model, for the start-up line (``none``: no such model)."""
+    if config is None:
+        return "none"
+    return f"{config.num_parameters():,} parameters ({config.num_parameters(False):,} non-embedding)"
 
 
 def micro_batches(dataset, sampler: PretrainingSampler) -> Iterator[torch.Tensor]:
@@ -169,15 +206,15 @@ def pretrain(args: argparse.Namespace) -> int:
             f"gradients during the backward pass, before the pipeline's tied-embedding sum; bf16 keeps them in "
             f"its own buffer); this run has ZeRO stage {zero_stage}{' and --bf16' if args.bf16 else ''}"
         )
-    # the settings a resume compares: the flags as resolved (a ds_config's train_batch_size counts too)
-    settings = {**vars(args), "global_batch_size": plan.global_batch_size, "train_iters": plan.train_iters}
-
     # Everything that can be checked from flags and JSON is checked before any weights or data are read.
     resume_meta = checkpoint.read_meta(args.load) if args.load else None
+    args.parent_load, parent_change = resolve_parent(args, resume_meta)
+    # the settings a resume compares: the flags as resolved (a ds_config's train_batch_size counts too)
+    settings = {**vars(args), "global_batch_size": plan.global_batch_size, "train_iters": plan.train_iters}
     changes = []
     if resume_meta is not None:
         checkpoint.check_layout(resume_meta, layout, None, args.load)
-        changes = checkpoint.changed_args(resume_meta, settings)
+        changes = checkpoint.changed_args(resume_meta, settings) + ([parent_change] if parent_change else [])
         if changes and not args.override_checkpoint_args:
             raise checkpoint.ResumeError(
                 f"--load {args.load}: this launch changes what the checkpoint was trained on ({'; '.join(changes)}); "
@@ -187,16 +224,28 @@ def pretrain(args: argparse.Namespace) -> int:
     log_dir = Path(args.log_dir or args.save or "runs/latest")
     fresh_metrics = check_outputs(args, log_dir, run_id, resume_meta is not None)
     run_id = state.broadcast_object(run_id or checkpoint.new_run_id())
-    teacher_config = load_config(args.teacher_load) if args.teacher_load else None
-    student_config, subnet = plan_student(args, teacher_config, resume_meta)
+    # the parent: where the sub-network (and so the student's shape and weights) comes from; the teacher: who
+    # distils (none at --kd-alpha 0). By default they are the same checkpoint.
+    parent_config = load_config(args.parent_load) if args.parent_load else None
+    teacher_config = None
+    if args.kd_alpha > 0:
+        same = args.parent_load is not None and _same_path(args.parent_load, args.teacher_load)
+        teacher_config = parent_config if same else load_config(args.teacher_load)
+    student_config, subnet = plan_student(args, parent_config, resume_meta)
     student_config.check_seq_length(args.seq_length)
     models = [("student", student_config)]
-    if args.kd_alpha > 0:
+    if teacher_config is not None:
         teacher_config.check_seq_length(args.seq_length)
         if teacher_config.vocab_size != student_config.vocab_size:
+            origin = (
+                f"--load {args.load}" if resume_meta is not None
+                else f"--parent-load {args.parent_load}" if subnet is not None
+                else f"--model-config {args.model_config}"
+            )  # fmt: skip
             raise checkpoint.ResumeError(
                 f"--teacher-load {args.teacher_load}: vocabulary {teacher_config.vocab_size} "
-                f"differs from the student's {student_config.vocab_size}"
+                f"differs from the student's {student_config.vocab_size} ({origin}); the teacher needs the "
+                "student's vocabulary"
             )
         models.append(("teacher", teacher_config))
     for name, config in models:
@@ -264,9 +313,8 @@ def pretrain(args: argparse.Namespace) -> int:
         for change in changes:
             logger.write(f"resuming with a changed setting (--override-checkpoint-args): {change}")
         logger.write(
-            f"student: {student.config.num_parameters():,} parameters "
-            f"({student.config.num_parameters(False):,} non-embedding); teacher: "
-            f"{'none' if teacher is None else f'{teacher_config.num_parameters():,}'}; "
+            f"student: {_parameters(student.config)}; parent: {_parameters(parent_config)}; "
+            f"teacher: {_parameters(teacher_config if teacher is not None else None)}; "
             f"tensor parallel {tp}, pipeline parallel {pp}, data parallel {dp_size}, ZeRO stage {zero_stage}, "
             f"global batch {global_batch} "
             f"= {args.micro_batch_size} x {accumulation} x {dp_size}"
@@ -388,7 +436,7 @@ def pretrain(args: argparse.Namespace) -> int:
             raise abort(f"the final {' and '.join(bad)}: the model is broken; no final model written")
         weights = checkpoint.consolidated_state_dict(engine, student.config) if args.save else None  # collective
         if args.save and state.get_rank() == 0:
-            tokenizer_from = args.teacher_load
+            tokenizer_from = args.parent_load  # the student's vocabulary is the parent's
             save_model_checkpoint(
                 Path(args.save) / checkpoint.FINAL_MODEL,
                 student.config,
