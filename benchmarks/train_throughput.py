@@ -203,6 +203,8 @@ def separate(student: float, teacher: float) -> float:
 RATIOS = [
     # (name, arms it needs, value from one round's tokens/s, target)
     ("fp32 step vs plain transformers loop", ("fp32", "hf"), lambda r: r["fp32"] / r["hf"], ">= 1.3x"),
+    ("fp32 --compile step vs plain transformers loop", ("compile", "hf"), lambda r: r["compile"] / r["hf"],
+     ">= 1.3x"),
     ("bf16 step vs our fp32 step", ("bf16", "fp32"), lambda r: r["bf16"] / r["fp32"], ">= 2.0x (AMX hosts)"),
     ("KD step (fp32) vs student step + teacher forward apart", ("kd_fp32", "fp32", "teacher_fp32"),
      lambda r: separate(r["fp32"], r["teacher_fp32"]) / r["kd_fp32"], "<= 1.1x"),
