@@ -23,9 +23,11 @@ from tests.training_utils import (
     MICRO,
     SEQ,
     Result,
+    assert_one_line_error,
     batch_records,
     build_workspace,
     latest_tag,
+    ok,
     python_cmd,
     run,
     run_many,
@@ -59,22 +61,6 @@ def flags(ws: Path, parent: str | None, teacher: str | None, iters: int = ITERS)
     if teacher is not None:
         argv += ["--teacher-load", str(ws / teacher)]
     return argv
-
-
-def ok(result: Result) -> Result:
-    assert result.returncode == 0, result.tail()
-    return result
-
-
-def assert_one_line_error(result: Result, *needles: str) -> str:
-    """Exit 2, no traceback, exactly one ``error:`` line on stderr that names every needle."""
-    assert result.returncode == 2, result.tail()
-    assert "Traceback" not in result.stderr, result.tail()
-    lines = result.error_lines()
-    assert len(lines) == 1, result.tail()
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,8 @@ from tests.training_utils import (
     GLOBAL,
     MICRO,
     SEQ,
-    Result,
     build_workspace,
+    ok,
     python_cmd,
     run,
     torchrun_cmd,
@@ -44,11 +44,6 @@ def flags(ws: Path, ds_config: str, log_dir: Path, *extra: str) -> list[str]:
         "--lr", "1e-2", "--min-lr", "1e-3", "--lr-warmup-iters", "2", "--log-interval", "1",
         "--eval-interval", str(ITERS), "--eval-iters", "1", "--log-dir", str(log_dir), *extra,
     ]  # fmt: skip
-
-
-def ok(result: Result) -> Result:
-    assert result.returncode == 0, result.tail()
-    return result
 
 
 @pytest.fixture(scope="module")

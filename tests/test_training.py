@@ -25,6 +25,7 @@ from tests.training_utils import (
     MICRO,
     SEQ,
     Result,
+    assert_one_line_error,
     batch_records,
     build_workspace,
     deepspeed_shm_files,
@@ -32,6 +33,7 @@ from tests.training_utils import (
     free_port,
     latest_tag,
     launch_cmd,
+    ok,
     python_cmd,
     read_jsonl,
     run,
@@ -65,22 +67,6 @@ def common_flags(ws: Path, stage: int, iters: int = ITERS) -> list[str]:
         "--eval-interval", str(EVAL_INTERVAL),
         "--eval-iters", str(EVAL_ITERS),
     ]  # fmt: skip
-
-
-def ok(result: Result) -> Result:
-    assert result.returncode == 0, result.tail()
-    return result
-
-
-def assert_one_line_error(result: Result, *needles: str) -> str:
-    """Exit 2, no traceback, exactly one ``error:`` line on stderr that names every needle."""
-    assert result.returncode == 2, result.tail()
-    assert "Traceback" not in result.stderr, result.tail()
-    lines = result.error_lines()
-    assert len(lines) == 1, result.tail()
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def losses(records: dict[int, dict], key: str = "loss") -> list[float]:

@@ -190,6 +190,23 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: float = 180
     return Result([str(c) for c in cmd], code, out, err, time.monotonic() - start)
 
 
+def ok(result: Result) -> Result:
+    """``result``, after asserting the job succeeded (its output's tail otherwise)."""
+    assert result.returncode == 0, result.tail()
+    return result
+
+
+def assert_one_line_error(result: Result, *needles: str) -> str:
+    """Exit 2, no traceback, exactly one ``error:`` line on stderr that names every needle."""
+    assert result.returncode == 2, result.tail()
+    assert "Traceback" not in result.stderr, result.tail()
+    lines = result.error_lines()
+    assert len(lines) == 1, result.tail()
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
 def deepspeed_shm_files(port: int | str) -> list[Path]:
     """The /dev/shm buffers DeepSpeed's CPU shm all-reduce creates (and never removes) for a job on ``port``."""
     return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
