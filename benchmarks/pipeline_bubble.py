@@ -2,7 +2,7 @@
 peak activation memory per stage against PP x one micro-batch's activations.
 
     OMP_NUM_THREADS=1 python benchmarks/pipeline_bubble.py [--pp 2 4] [--microbatches 4 8] [--layers 8 \\
-        --hidden-size 384 --heads 6 --query-groups 2 --ffn-hidden-size 1024 --vocab-size 1024 \\
+        --hidden-size 384 --heads 6 --query-groups 2 --ffn-hidden-size 1024 --vocab-size 256 \\
         --micro-batch-size 2 --seq-length 256] [--steps 6] [--output results.json]
 
 **What runs.** For each PP, PP gloo processes (one thread each, ``OMP_NUM_THREADS=1``) each build their stage
@@ -383,7 +383,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--query-groups", type=int, default=2)
     p.add_argument("--ffn-hidden-size", type=int, default=1024)
-    p.add_argument("--vocab-size", type=int, default=1024, help="small: the output layer adds to the last stage")
+    p.add_argument("--vocab-size", type=int, default=256, help="small: the output layer adds to the last stage")
     p.add_argument("--micro-batch-size", type=int, default=2)
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--steps", type=int, default=6, help="timed steps per (PP, m), after one warm-up step")

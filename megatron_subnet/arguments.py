@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", default="949,50,1")
     g.add_argument("--seq-length", type=positive_int, default=512)
     g.add_argument("--data-cache-path", help="where the sample indices are cached (default: beside the data)")
+    g.add_argument(
+        "--extra-valid-data-path",
+        help="a second held-out text: every evaluation also scores --eval-iters batches of this dataset prefix "
+        "(all its documents), logged as extra_valid_loss",
+    )
     g = p.add_argument_group("batch")
     g.add_argument("--micro-batch-size", type=positive_int, required=True)
     g.add_argument("--global-batch-size", type=positive_int, help="default: micro batch x data-parallel size")
@@ -200,6 +205,14 @@ def validate_args(args: argparse.Namespace) -> None:
         path = getattr(args, flag)
         if path is not None and not os.path.exists(path):
             raise ArgumentError(f"--{flag.replace('_', '-') if flag != 'ds_config' else flag} {path}: no such file")
+    if args.extra_valid_data_path is not None:
+        from megatron_subnet.data.indexed import dataset_exists
+
+        if not dataset_exists(args.extra_valid_data_path):
+            prefix = args.extra_valid_data_path
+            raise ArgumentError(f"--extra-valid-data-path {prefix}: no such file {prefix}.bin/.idx")
+        if args.eval_iters == 0:
+            raise ArgumentError("--extra-valid-data-path: needs --eval-iters > 0 (no evaluation runs at 0)")
     check_ds_config(load_ds_config(args.ds_config), args.ds_config)
 
 

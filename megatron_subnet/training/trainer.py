@@ -137,6 +137,8 @@ def check_outputs(args: argparse.Namespace, log_dir: Path, run_id: str | None, r
         "--model-config": args.model_config,
         "--ds_config": args.ds_config,
         **{f"--data-path ({Path(f).name})": f for f in _data_files(args.data_path)},
+        **{f"--extra-valid-data-path ({Path(f).name})": f
+           for f in (_data_files([args.extra_valid_data_path]) if args.extra_valid_data_path else [])},
     }
     rewritten = [log_dir / "metrics.jsonl", log_dir / "loss_curve.png", log_dir / "tensorboard"]
     if args.save:
@@ -258,6 +260,11 @@ def pretrain(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise ValueError(f"the {name} cannot be split: {e}") from None
     check_token_ids(args.data_path, student_config.vocab_size)
+    if args.extra_valid_data_path:
+        try:
+            check_token_ids([args.extra_valid_data_path], student_config.vocab_size)
+        except ValueError as e:
+            raise ValueError(str(e).replace("--data-path", "--extra-valid-data-path", 1)) from None
     kd = KDConfig(args.kd_alpha, args.kd_loss, args.kd_temperature, args.kd_topk)
 
     student_stage = current_stage(
@@ -283,10 +290,18 @@ def pretrain(args: argparse.Namespace) -> int:
         args.eval_iters * global_batch,
     )
     data_args = (args.data_path, args.split, args.seq_length, args.seed, num_samples, args.data_cache_path)
+    # the second held-out text: every document of its prefix is a validation document
+    extra_args = (
+        ([args.extra_valid_data_path], "0,1,0", args.seq_length, args.seed, (0, args.eval_iters * global_batch, 0),
+         args.data_cache_path) if args.extra_valid_data_path else None
+    )  # fmt: skip
     if state.get_rank() == 0:
         build_train_valid_test_datasets(*data_args)  # builds and caches the indices once
+        if extra_args:
+            build_train_valid_test_datasets(*extra_args)
     state.barrier()
     train_ds, valid_ds, test_ds = build_train_valid_test_datasets(*data_args)
+    extra_valid_ds = build_train_valid_test_datasets(*extra_args)[1] if extra_args else None
     if train_ds is None:
         raise ValueError(f"--split {args.split}: the train split is empty")
 
@@ -343,6 +358,21 @@ def pretrain(args: argparse.Namespace) -> int:
             "run_id": run_id,
         }
         valid_batches = fixed_batches(valid_ds, args.eval_iters, args.micro_batch_size, dp_rank, dp_size)
+        extra_batches = fixed_batches(extra_valid_ds, args.eval_iters, args.micro_batch_size, dp_rank, dp_size)
+
+        def evaluation(iteration: int, tokens: int) -> float:
+            """Score the validation batches (and the extra held-out text's); log them; the validation loss."""
+            loss = evaluate(engine, valid_batches, engine.device)
+            record = {"iteration": iteration, "tokens": tokens, "valid_loss": loss,
+                      "valid_ppl": math.exp(min(loss, 50.0))}  # fmt: skip
+            if extra_batches:
+                extra = evaluate(engine, extra_batches, engine.device)
+                record.update(extra_valid_loss=extra, extra_valid_ppl=math.exp(min(extra, 50.0)))
+                final["extra_validation"] = extra
+            logger.log(record)
+            return loss
+
+        final = {}
         sampler = PretrainingSampler(len(train_ds), consumed, args.micro_batch_size, dp_rank, dp_size)
         train_iter = micro_batches(train_ds, sampler)
         tokens_per_step = global_batch * args.seq_length
@@ -357,8 +387,7 @@ def pretrain(args: argparse.Namespace) -> int:
 
         if valid_batches and iteration == 0:
             # Where the student starts: the quality of the initialisation is what sub-network selection buys.
-            loss = evaluate(engine, valid_batches, engine.device)
-            logger.log({"iteration": 0, "tokens": 0, "valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0))})
+            evaluation(0, 0)
         window_start, window_steps = time.perf_counter(), 0
         while iteration < train_iters:
             lr = schedule(iteration)
@@ -401,15 +430,7 @@ def pretrain(args: argparse.Namespace) -> int:
                 )
             logger.advance()
             if valid_batches and (iteration % args.eval_interval == 0 or iteration == train_iters):
-                last_valid = evaluate(engine, valid_batches, engine.device)
-                logger.log(
-                    {
-                        "iteration": iteration,
-                        "tokens": consumed * args.seq_length,
-                        "valid_loss": last_valid,
-                        "valid_ppl": math.exp(min(last_valid, 50.0)),
-                    }
-                )
+                last_valid = evaluation(iteration, consumed * args.seq_length)
             if args.save and args.save_interval and iteration % args.save_interval == 0:
                 last_saved = checkpoint.save_checkpoint(
                     engine, args.save, iteration, {**meta, "consumed_samples": consumed}, args.keep_last
@@ -424,7 +445,6 @@ def pretrain(args: argparse.Namespace) -> int:
                 engine, args.save, iteration, {**meta, "consumed_samples": consumed}, args.keep_last
             )
         test_batches = fixed_batches(test_ds, args.eval_iters, args.micro_batch_size, dp_rank, dp_size)
-        final = {}
         if test_batches:
             final["test"] = evaluate(engine, test_batches, engine.device)
             test_ppl = math.exp(min(final["test"], 50.0))
