@@ -219,8 +219,8 @@ def test_checkpoint_records_the_parent_and_final_model_has_its_tokenizer(ws, run
 
 def test_resume_inherits_the_parent_and_refuses_another(ws, runs, tmp_path):
     """Resuming the X/Y run from step 1: without --parent-load it keeps the checkpoint's parent and step 2
-    equals the uninterrupted run's exactly (final model with X's tokenizer); --parent-load Y is refused with
-    the change named; with --override-checkpoint-args it runs and logs the change."""
+    equals the uninterrupted run's exactly (final model with X's tokenizer); --parent-load Y, and another
+    --teacher-load, are refused with the change named; with --override-checkpoint-args it runs and logs the change."""
     save = tmp_path / "ckpt"
     shutil.copytree(runs["x_y"][0] / "ckpt", save)
     (save / "latest").write_text("iter_0000001")
@@ -230,6 +230,12 @@ def test_resume_inherits_the_parent_and_refuses_another(ws, runs, tmp_path):
     refused = run(python_cmd(other + ["--log-dir", str(tmp_path / "refused")]), tmp_path)
     assert_one_line_error(
         refused, f"--parent-load: {ws / 'teacher'} -> {ws / 'teacher_y'}", "--override-checkpoint-args"
+    )
+    assert latest_tag(save) == "iter_0000001"
+    other_teacher = flags(ws, "teacher", "teacher") + ["--save", str(save), "--load", str(save)]
+    refused = run(python_cmd(other_teacher + ["--log-dir", str(tmp_path / "refused_teacher")]), tmp_path)
+    assert_one_line_error(
+        refused, f"--teacher-load: {ws / 'teacher_y'} -> {ws / 'teacher'}", "--override-checkpoint-args"
     )
     assert latest_tag(save) == "iter_0000001"
 

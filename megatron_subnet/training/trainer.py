@@ -82,6 +82,15 @@ def resolve_parent(args: argparse.Namespace, resume_meta: dict | None) -> tuple[
     return args.teacher_load, None
 
 
+def teacher_change(args: argparse.Namespace, resume_meta: dict | None) -> str | None:
+    """Resuming a distillation run with another --teacher-load: ``"--teacher-load: old -> new"``, else None."""
+    saved = (resume_meta or {}).get("args", {})
+    old = saved.get("teacher_load")
+    if args.kd_alpha == 0 or not saved.get("kd_alpha") or old is None or _same_path(old, args.teacher_load):
+        return None
+    return f"--teacher-load: {old} -> {args.teacher_load}"
+
+
 def plan_student(
     args: argparse.Namespace, parent_config: ModelConfig | None, resume_meta: dict | None
 ) -> tuple[ModelConfig, SubnetConfig | None]:
@@ -216,7 +225,9 @@ def pretrain(args: argparse.Namespace) -> int:
     changes = []
     if resume_meta is not None:
         checkpoint.check_layout(resume_meta, layout, None, args.load)
-        changes = checkpoint.changed_args(resume_meta, settings) + ([parent_change] if parent_change else [])
+        changes = checkpoint.changed_args(resume_meta, settings) + [
+            change for change in (parent_change, teacher_change(args, resume_meta)) if change
+        ]
         if changes and not args.override_checkpoint_args:
             raise checkpoint.ResumeError(
                 f"--load {args.load}: this launch changes what the checkpoint was trained on ({'; '.join(changes)}); "
