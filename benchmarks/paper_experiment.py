@@ -257,7 +257,7 @@ def call(tool: str, argv: list[str]) -> None:
         raise ExperimentError(f"{tool} failed (exit {code}); its error is above")
 
 
-def importance_step(parent: Path, data: str, scale: Scale, out: Path, device: str) -> dict:
+def run_importance(parent: Path, data: str, scale: Scale, out: Path, device: str) -> dict:
     from safetensors import safe_open
 
     path = out / "importance.safetensors"
@@ -273,7 +273,7 @@ def importance_step(parent: Path, data: str, scale: Scale, out: Path, device: st
     return {"path": str(path), "flops": int(meta["flops"])}
 
 
-def search_step(parent: Path, data: str, scale: Scale, importance: str, mode: str, seed: int, out: Path,
+def run_search(parent: Path, data: str, scale: Scale, importance: str, mode: str, seed: int, out: Path,
                 device: str) -> dict:  # fmt: skip
     """One search (or one-shot) run; its summary with the FLOPs it spent."""
     directory = out / (mode if mode in ("first_k", "width_oneshot", "depth_oneshot") else f"{mode}_seed{seed}")
@@ -307,7 +307,7 @@ def search_step(parent: Path, data: str, scale: Scale, importance: str, mode: st
     }
 
 
-def train_step(name: str, parent: Path, data: str, heldout: str, scale: Scale, subnet: str, init: str,
+def train_arm(name: str, parent: Path, data: str, heldout: str, scale: Scale, subnet: str, init: str,
                kd: bool, iters: int, out: Path) -> list[dict]:  # fmt: skip
     """One training arm; its evaluations with tokens and training/teacher FLOPs."""
     log_dir = out / "arms" / name
@@ -350,7 +350,7 @@ def read_evaluations(metrics: Path) -> list[dict]:
     return evaluations
 
 
-def spearman_step(parent: Path, data: str, scale: Scale, importance: str, out: Path, device: str) -> dict:
+def proxy_check(parent: Path, data: str, scale: Scale, importance: str, out: Path, device: str) -> dict:
     """Untrained fitness vs loss after a short distillation, over random in-budget candidates."""
     path = out / "spearman.json"
     if path.exists():
@@ -607,13 +607,13 @@ def _main(argv: list[str] | None) -> int:
     parent, data, heldout = prepare_inputs(args, out)
     parent_config = load_config(parent)
     search_dir = out / "search"
-    importance = importance_step(parent, data, scale, out, device)
+    importance = run_importance(parent, data, scale, out, device)
     searches = {}
     for mode in ("first_k", "width_oneshot", "depth_oneshot"):
-        searches[mode] = search_step(parent, data, scale, importance["path"], mode, 0, search_dir, device)
+        searches[mode] = run_search(parent, data, scale, importance["path"], mode, 0, search_dir, device)
     for seed in args.seeds:
         for mode in ("evolution", "random"):
-            searches[f"{mode}{seed}"] = search_step(parent, data, scale, importance["path"], mode, seed, search_dir,
+            searches[f"{mode}{seed}"] = run_search(parent, data, scale, importance["path"], mode, seed, search_dir,
                                                     device)  # fmt: skip
 
     def counts(subnet_path: str) -> dict:
@@ -625,33 +625,30 @@ def _main(argv: list[str] | None) -> int:
 
     tokens_budget, arms = scale.tokens, []
     best_key = f"evolution{args.seeds[0]}"
-    best = searches[best_key]
-    ev = train_step("random_init", parent, data, heldout, scale, best["subnet"], "random", False, scale.train_iters,
-                    out)  # fmt: skip
-    arms.append(arm_record("random_init", None, None, "random", False, 0, ev, counts(best["subnet"])))
+
+    def arm(name: str, directory: str, seed: int | None, search_key: str, kd: bool, init: str = "subnet",
+            iters: int = scale.train_iters, charged: bool = True) -> dict:  # fmt: skip
+        """Train one arm from ``search_key``'s sub-network (its shape only with init random) and record it."""
+        search = searches[search_key]
+        evaluations = train_arm(directory, parent, data, heldout, scale, search["subnet"], init, kd, iters, out)
+        record = arm_record(name, seed, search_key if charged else None, init, kd, cost(search) if charged else 0,
+                            evaluations, counts(search["subnet"]))  # fmt: skip
+        arms.append(record)
+        return record
+
+    arm("random_init", "random_init", None, best_key, False, init="random", charged=False)
     for mode in ("first_k", "width_oneshot", "depth_oneshot"):
-        s = searches[mode]
-        ev = train_step(f"{mode}_kd", parent, data, heldout, scale, s["subnet"], "subnet", True, scale.train_iters, out)
-        arms.append(arm_record(f"{mode}_kd", None, mode, "subnet", True, cost(s), ev, counts(s["subnet"])))
+        arm(f"{mode}_kd", f"{mode}_kd", None, mode, True)
     for seed in args.seeds:
         for mode, name in (("evolution", "evolution_kd"), ("random", "random_search_kd")):
-            s = searches[f"{mode}{seed}"]
-            ev = train_step(f"{name}_seed{seed}", parent, data, heldout, scale, s["subnet"], "subnet", True,
-                            scale.train_iters, out)  # fmt: skip
-            arms.append(arm_record(name, seed, f"{mode}{seed}", "subnet", True, cost(s), ev, counts(s["subnet"])))
-    ev = train_step("evolution_ce_tokens", parent, data, heldout, scale, best["subnet"], "subnet", False,
-                    scale.train_iters, out)  # fmt: skip
-    arms.append(arm_record("evolution_ce_tokens", args.seeds[0], best_key, "subnet", False, cost(best), ev,
-                           counts(best["subnet"])))  # fmt: skip
-    kd_arm = next(a for a in arms if a["name"] == "evolution_kd" and a["seed"] == args.seeds[0])
-    kd_last = kd_arm["evaluations"][-1]
+            arm(name, f"{name}_seed{seed}", seed, f"{mode}{seed}", True)
+    kd_last = next(a for a in arms if a["name"] == "evolution_kd" and a["seed"] == args.seeds[0])["evaluations"][-1]
+    arm("evolution_ce_tokens", "evolution_ce_tokens", args.seeds[0], best_key, False)
+    # as many CE steps as cost the KD arm's student and teacher FLOPs (a multiple of 4, for the evaluations)
     per_step = kd_last["train_flops"] / scale.train_iters
     equal_flops_iters = 4 * max(1, round((kd_last["train_flops"] + kd_last["teacher_flops"]) / per_step / 4))
-    ev = train_step("evolution_ce_flops", parent, data, heldout, scale, best["subnet"], "subnet", False,
-                    equal_flops_iters, out)  # fmt: skip
-    arms.append(arm_record("evolution_ce_flops", args.seeds[0], best_key, "subnet", False, cost(best), ev,
-                           counts(best["subnet"])))  # fmt: skip
-    proxy = spearman_step(parent, data, scale, importance["path"], out, device)
+    arm("evolution_ce_flops", "evolution_ce_flops", args.seeds[0], best_key, False, iters=equal_flops_iters)
+    proxy = proxy_check(parent, data, scale, importance["path"], out, device)
     results = {
         "scale_name": args.scale,
         "scale": dataclasses.asdict(scale),
