@@ -182,3 +182,7 @@ def test_extra_valid_loss_is_the_loss_of_the_final_model_on_that_text(tmp_path):
     assert evals[-1]["extra_valid_loss"] == pytest.approx(loss, rel=1e-6)
     missing = run_job(python_cmd([*argv[:-6], "--extra-valid-data-path", f"{ws}/nowhere"]), tmp_path)
     assert_one_line_error(missing, "--extra-valid-data-path", "no such file")
+    with IndexedDatasetBuilder(ws / "other_vocab", np.uint16) as builder:
+        builder.add_document(np.array([1, 500, 3]))
+    other = run_job(python_cmd([*argv[:-6], "--extra-valid-data-path", f"{ws}/other_vocab"]), tmp_path)
+    assert_one_line_error(other, f"--extra-valid-data-path {ws}/other_vocab", "token id 500")

@@ -52,7 +52,7 @@ def check_vocab(batches: list[torch.Tensor], vocab_size: int) -> None:
         )
 
 
-def check_token_ids(data_path: Sequence[str] | str, vocab_size: int) -> None:
+def check_token_ids(data_path: Sequence[str] | str, vocab_size: int, flag: str = "--data-path") -> None:
     """ValueError naming the dataset when a token id anywhere in ``--data-path`` lies outside ``[0, vocab_size)``.
 
     One pass over each ``.bin`` (memory-mapped); none when the token dtype cannot hold a bad id.
@@ -68,6 +68,6 @@ def check_token_ids(data_path: Sequence[str] | str, vocab_size: int) -> None:
         if low < 0 or high >= vocab_size:
             bad = low if low < 0 else high
             raise ValueError(
-                f"--data-path {prefix}: token id {bad} is outside the model's vocabulary [0, {vocab_size}) "
+                f"{flag} {prefix}: token id {bad} is outside the model's vocabulary [0, {vocab_size}) "
                 "(data tokenized for another model?)"
             )

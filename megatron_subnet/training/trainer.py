@@ -272,10 +272,7 @@ def pretrain(args: argparse.Namespace) -> int:
             raise ValueError(f"the {name} cannot be split: {e}") from None
     check_token_ids(args.data_path, student_config.vocab_size)
     if args.extra_valid_data_path:
-        try:
-            check_token_ids([args.extra_valid_data_path], student_config.vocab_size)
-        except ValueError as e:
-            raise ValueError(str(e).replace("--data-path", "--extra-valid-data-path", 1)) from None
+        check_token_ids([args.extra_valid_data_path], student_config.vocab_size, "--extra-valid-data-path")
     kd = KDConfig(args.kd_alpha, args.kd_loss, args.kd_temperature, args.kd_topk)
 
     student_stage = current_stage(
