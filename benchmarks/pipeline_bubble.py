@@ -25,9 +25,13 @@ nothing: every stage's events in the order and with the durations measured, a fo
 previous stage's forward of its micro-batch and a backward for the next stage's backward. The "mean-duration
 replay" replays the same order with every event at its stage's mean F or B duration: the bubble the stages'
 average costs imply, without the jitter of single events (on a shared CPU one stage's forward of the same
-micro-batch shape ranges over 1.7x within a step, and every hand-off waits for the slower of two). Replay above
-analytical is unequal stages (the last one holds the output layer and the loss) or noisy durations;
-measured above replay is the messages: gloo over loopback TCP, and the wake-up of a process that waited.
+micro-batch shape ranges over 1.7x within a step, and every hand-off waits for the slower of two). The
+"equal-stage replay" gives every stage's forward (backward) the mean over all stages: the equal stages the
+analytical bubble assumes, so it checks the schedule's order alone (1.00x when the order is 1F1B's). The four
+columns split the measured ratio: equal-stage replay (the schedule), mean replay (+ the stages' unequal average
+costs: the last one holds the output layer and the loss), replay (+ the jitter of single events, whose size
+the "duration CV" column gives: standard deviation / mean of one stage's forward or backward durations), and
+measured (+ the messages: gloo over loopback TCP, and the wake-up of a process that waited).
 "CPU replay" replays the same way with each event's CPU time (``time.thread_time``: one thread does the
 forward, the backward and every op, ``OMP_NUM_THREADS=1``) instead of its wall time: what the schedule and
 the stages' imbalance alone imply, without the time a stage waited for a core (other jobs, or PP > cores).
@@ -315,6 +319,25 @@ def mean_durations(stage_spans: list[list[tuple]]) -> list[list[tuple]]:
     return out
 
 
+def coefficient_of_variation(durations: list[float]) -> float:
+    """Standard deviation / mean of one kind of event's durations: how much one stage's forward (or backward)
+    of the same micro-batch shape varies from event to event."""
+    if len(durations) < 2:
+        return 0.0
+    mean = sum(durations) / len(durations)
+    return (sum((d - mean) ** 2 for d in durations) / (len(durations) - 1)) ** 0.5 / mean
+
+
+def equal_durations(stage_spans: list[list[tuple]]) -> list[list[tuple]]:
+    """The same events with every stage's forward (backward) at the mean over all stages: equal stages, the
+    case the analytical bubble describes, so its replay checks the schedule's order alone."""
+    means = {}
+    for kind in ("F", "B"):
+        durations = [t1 - t0 for spans in stage_spans for k, _, t0, t1, _ in spans if k == kind]
+        means[kind] = sum(durations) / max(len(durations), 1)
+    return [[(k, i, 0.0, means[k], means[k]) for k, i, *_ in spans] for spans in stage_spans]
+
+
 def summarize(pp: int, m: int, stages: list[dict]) -> list[dict]:
     """Per stage: busy, wall, idle (all timed steps, and the step of least wall time), the replay's idle,
     analytical, ratios, per-micro-batch costs, memory."""
@@ -325,6 +348,7 @@ def summarize(pp: int, m: int, stages: list[dict]) -> list[dict]:
     ]
     replays = [replay([r["steps"][k]["spans"] for r in runs]) for k in range(n_steps)]
     mean_replays = [replay(mean_durations([r["steps"][k]["spans"] for r in runs])) for k in range(n_steps)]
+    equal_replays = [replay(equal_durations([r["steps"][k]["spans"] for r in runs])) for k in range(n_steps)]
     cpu_replays = [replay([r["steps"][k]["spans"] for r in runs], cpu=True) for k in range(n_steps)]
     busy = [[sum(t1 - t0 for _, _, t0, t1, _ in step["spans"]) for step in r["steps"]] for r in runs]
     cpu = [sum(c for step in r["steps"] for *_, c in step["spans"]) for r in runs]
@@ -335,6 +359,7 @@ def summarize(pp: int, m: int, stages: list[dict]) -> list[dict]:
         spans = [span for step in run["steps"] for span in step["spans"]]
         fwd = sum(t1 - t0 for k, _, t0, t1, _ in spans if k == "F") / (n_steps * m)
         bwd = sum(t1 - t0 for k, _, t0, t1, _ in spans if k == "B") / (n_steps * m)
+        jitter = {kind: coefficient_of_variation([t1 - t0 for k, _, t0, t1, _ in spans if k == kind]) for kind in "FB"}
         idle = 1 - sum(busy[rank]) / sum(walls)
         idle_best = 1 - busy[rank][best] / walls[best]
         one = stage["one_microbatch_bytes"]
@@ -343,11 +368,12 @@ def summarize(pp: int, m: int, stages: list[dict]) -> list[dict]:
             "pp": pp, "m": m, "stage": rank, "layers": stage["layers"], "steps": n_steps,
             "wall_s_per_step": sum(walls) / n_steps, "best_wall_s": walls[best],
             "busy_s_per_step": sum(busy[rank]) / n_steps,
-            "forward_s": fwd, "backward_s": bwd,
+            "forward_s": fwd, "backward_s": bwd, "forward_cv": jitter["F"], "backward_cv": jitter["B"],
             "idle": idle, "analytical": bubble, "ratio": idle / bubble,
             "idle_best_step": idle_best, "ratio_best_step": idle_best / bubble,
             "replay_idle": 1 - sum(busy[rank]) / sum(replays),
             "mean_replay_idle": 1 - sum(busy[rank]) / sum(mean_replays),
+            "equal_replay_idle": 1 - sum(busy[rank]) / sum(equal_replays),
             "cpu_s_per_microbatch": cpu[rank] / (n_steps * m), "cpu_replay_idle": 1 - cpu[rank] / sum(cpu_replays),
             "peak_in_flight": run["peak_in_flight"],
             "one_microbatch_bytes": one, "peak_bytes": run["peak_bytes"],
@@ -438,27 +464,32 @@ def main(argv=None) -> int:
             bubble = analytical_bubble(pp, m)
             mean = {
                 k: sum(r[k] for r in mine) / len(mine)
-                for k in ("idle", "idle_best_step", "replay_idle", "mean_replay_idle", "cpu_replay_idle")
+                for k in ("idle", "idle_best_step", "replay_idle", "mean_replay_idle", "equal_replay_idle",
+                          "cpu_replay_idle", "forward_cv", "backward_cv")
             }
             summary.append({"pp": pp, "m": m, "analytical": bubble, "mean_idle": mean["idle"],
                             "ratio_mean": mean["idle"] / bubble, "ratio_max": max(r["ratio"] for r in mine),
                             "ratio_mean_best_step": mean["idle_best_step"] / bubble,
                             "replay_ratio_mean": mean["replay_idle"] / bubble,
                             "mean_replay_ratio_mean": mean["mean_replay_idle"] / bubble,
+                            "equal_replay_ratio_mean": mean["equal_replay_idle"] / bubble,
+                            "forward_cv_mean": mean["forward_cv"], "backward_cv_mean": mean["backward_cv"],
                             "cpu_replay_ratio_mean": mean["cpu_replay_idle"] / bubble,
                             "peak_vs_pp_x_one_max": max(r["peak_vs_pp_x_one"] for r in mine),
                             "oversubscribed": pp > cores})  # fmt: skip
     print(
         "\nmean over stages\n\n| PP | m | analytical | mean idle | ratio | ratio, best step | worst stage ratio | "
-        "replay ratio | mean-duration replay ratio | CPU replay ratio | worst peak / (PP x 1 mb) |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "replay ratio | mean-duration replay ratio | equal-stage replay ratio | CPU replay ratio | F / B duration CV | "
+        "worst peak / (PP x 1 mb) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     for s in summary:
         note = " (oversubscribed)" if s["oversubscribed"] else ""
         print(f"| {s['pp']}{note} | {s['m']} | {s['analytical']:.3f} | {s['mean_idle']:.3f} | {s['ratio_mean']:.2f}x | "
               f"{s['ratio_mean_best_step']:.2f}x | {s['ratio_max']:.2f}x | {s['replay_ratio_mean']:.2f}x | "
-              f"{s['mean_replay_ratio_mean']:.2f}x | "
-              f"{s['cpu_replay_ratio_mean']:.2f}x | {s['peak_vs_pp_x_one_max']:.2f}x |")  # fmt: skip
+              f"{s['mean_replay_ratio_mean']:.2f}x | {s['equal_replay_ratio_mean']:.2f}x | "
+              f"{s['cpu_replay_ratio_mean']:.2f}x | {s['forward_cv_mean']:.2f} / {s['backward_cv_mean']:.2f} | "
+              f"{s['peak_vs_pp_x_one_max']:.2f}x |")  # fmt: skip
     load_end = os.getloadavg()
     print(
         f"load average (1 min) before the first process {load_start[0]:.1f}, at the end {load_end[0]:.1f} (with this "
