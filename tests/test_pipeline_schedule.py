@@ -5,6 +5,10 @@ micro-batches the stages' accumulated gradients equal one process running all th
 stage follow Megatron's order (warm-up forwards, 1F1B, cool-down backwards), at most ``min(PP - stage, m)``
 micro-batches are in flight, and a micro-batch's graph is gone once its backward ran.
 
+The interleaved schedule (2 model chunks a stage, one toy layer each: chunk ``c`` of stage ``r`` is virtual
+stage ``c * PP + r``) gives the same gradients, runs ``interleaved_order``, and that order idles exactly
+(PP - 1) / (chunks * m + PP - 1) when every chunk costs the same.
+
 One group of processes per PP runs every case (spawning is the slow part).
 """
 
@@ -20,6 +24,7 @@ from tests.distributed import run_distributed
 
 WIDTH, MICRO_BATCH, LAYERS_PER_STAGE = 8, 2, 2
 MICROBATCHES = (1, 3, 8)
+CHUNKS = LAYERS_PER_STAGE  # interleaved: one toy layer per model chunk
 
 
 def _toy(pp: int):
@@ -54,10 +59,43 @@ def _loss(s, t, target):
 
 
 def _stage(rank: int, pp: int):
-    """This process's pipeline stage over the toy model, every m: see ``_case``."""
+    """This process's pipeline stage over the toy model, every m: see ``_case`` and ``_interleaved_case``."""
     student, teacher, data, targets = _toy(pp)
     held = slice(rank * LAYERS_PER_STAGE, (rank + 1) * LAYERS_PER_STAGE)
-    return {m: _case(rank, pp, m, student[held], teacher[held], data, targets) for m in MICROBATCHES}
+    cases = {m: _case(rank, pp, m, student[held], teacher[held], data, targets) for m in MICROBATCHES}
+    cases["interleaved"] = {m: _interleaved_case(rank, pp, m, student, teacher, data, targets) for m in (pp, 2 * pp)}
+    return cases
+
+
+def _interleaved_case(rank, pp, m, student, teacher, data, targets) -> dict:
+    """One interleaved run over ``CHUNKS`` chunks of one layer each (chunk c: layer ``c * pp + rank``)."""
+    from megatron_subnet.parallel.pipeline import Messages, forward_backward_interleaved
+
+    layers = [rank + c * pp for c in range(CHUNKS)]
+    for i in layers:
+        student[i].zero_grad(set_to_none=True)
+    messages = Messages([((MICRO_BATCH, WIDTH), torch.float64)] * 2, with_grad=1)
+    events: list[tuple[str, int, int]] = []
+
+    def forward(chunk, i, received):
+        events.append(("F", chunk, i))
+        s_in, t_in = (data[i], data[i]) if rank == 0 and chunk == 0 else received
+        layer = layers[chunk]
+        with torch.no_grad():
+            t = _run([teacher[layer]], t_in)
+        s = _run([student[layer]], s_in)
+        return _loss(s, t, targets[i]) if layer == CHUNKS * pp - 1 else [s, t]
+
+    def backward(chunk, i, outputs, grads):
+        events.append(("B", chunk, i))
+        if grads is None:
+            outputs.backward()
+        else:
+            torch.autograd.backward(outputs[0], grads[0])
+
+    peak = forward_backward_interleaved(m, CHUNKS, forward, backward, messages)
+    grads = {i: [p.grad.clone() for p in student[i].parameters()] for i in layers}
+    return {"grads": grads, "events": events, "peak": peak}
 
 
 def _case(rank, pp, m, mine, mine_teacher, data, targets) -> dict:
@@ -206,3 +244,76 @@ def test_forward_only_gives_one_process_outputs(pipeline, m):
         torch.testing.assert_close(t, wt, rtol=0, atol=1e-12)
     for stage in stages[:-1]:
         assert stage[m]["forward_only"] == []
+
+
+@pytest.mark.parametrize("times", [1, 2], ids=["m=pp", "m=2pp"])
+def test_interleaved_gradients_and_order(pipeline, times):
+    """Interleaved 1F1B over 2 chunks a stage: each layer's accumulated gradient equals one process's, every
+    stage runs ``interleaved_order``, and the peak in flight is that order's."""
+    from megatron_subnet.parallel.pipeline import interleaved_order
+
+    pp, stages = pipeline
+    m = times * pp
+    want, _ = _reference(pp, m)
+    for rank, stage in enumerate(stages):
+        case = stage["interleaved"][m]
+        for layer, got in case["grads"].items():
+            for g, w in zip(got, want[2 * layer : 2 * layer + 2], strict=True):
+                torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+        assert case["events"] == interleaved_order(pp, rank, CHUNKS, m), f"stage {rank}"
+        running, most = 0, 0
+        for kind, _, _ in case["events"]:
+            running += 1 if kind == "F" else -1
+            most = max(most, running)
+        assert case["peak"] == most, f"stage {rank}"
+
+
+def _idle_of_order(pp: int, chunks: int, m: int, forward: float, backward: float) -> float:
+    """Every stage's idle fraction when each stage runs its ``interleaved_order`` and every chunk's forward
+    (backward) takes ``forward / chunks`` (``backward / chunks``); a forward waits for the previous virtual
+    stage's, a backward for the next one's."""
+    from megatron_subnet.parallel.pipeline import interleaved_order
+
+    orders = [interleaved_order(pp, rank, chunks, m) for rank in range(pp)]
+    done: dict[tuple[str, int, int], float] = {}
+    position, clock = [0] * pp, [0.0] * pp
+    while any(position[r] < len(orders[r]) for r in range(pp)):
+        moved = False
+        for r in range(pp):
+            while position[r] < len(orders[r]):
+                kind, chunk, i = orders[r][position[r]]
+                virtual = chunk * pp + r
+                dep = ("F", virtual - 1, i) if kind == "F" else ("B", virtual + 1, i)
+                if 0 <= dep[1] < pp * chunks and dep not in done:
+                    break
+                start = max(clock[r], done.get(dep, 0.0))
+                clock[r] = done[kind, virtual, i] = start + (forward if kind == "F" else backward) / chunks
+                position[r] += 1
+                moved = True
+        assert moved, "the orders wait on each other"
+    return 1 - m * (forward + backward) / max(clock)
+
+
+@pytest.mark.parametrize("pp, chunks, m", [(2, 2, 2), (2, 2, 8), (2, 3, 4), (4, 2, 4), (4, 2, 8), (4, 4, 16)])
+def test_interleaved_order_idles_the_analytical_bubble(pp, chunks, m):
+    """With equal chunks the order idles exactly (PP - 1) / (chunks * m + PP - 1), every (chunk, micro-batch)
+    runs one forward then one backward on every stage after Megatron's warm-up, and m not a multiple of PP is
+    one clear error."""
+    from megatron_subnet.parallel.pipeline import PipelineError, interleaved_order
+
+    assert _idle_of_order(pp, chunks, m, 1.0, 2.0) == pytest.approx((pp - 1) / (chunks * m + pp - 1), abs=1e-12)
+    for rank in range(pp):
+        order = interleaved_order(pp, rank, chunks, m)
+        pairs = [(c, i) for c in range(chunks) for i in range(m)]
+        assert sorted((c, i) for k, c, i in order if k == "F") == pairs
+        assert sorted((c, i) for k, c, i in order if k == "B") == pairs
+        assert all(order.index(("F", c, i)) < order.index(("B", c, i)) for c, i in pairs)
+        # Megatron's warm-up: 2 (PP - rank - 1) + (chunks - 1) PP forwards (all when m == PP), then 1F1B
+        warmup = chunks * m if m == pp else min(2 * (pp - rank - 1) + (chunks - 1) * pp, chunks * m)
+        kinds = "".join(k for k, _, _ in order)
+        steady = chunks * m - warmup
+        assert kinds == "F" * warmup + "FB" * steady + "B" * warmup, f"stage {rank}"
+    with pytest.raises(PipelineError, match="not a multiple of --pipeline-model-parallel-size"):
+        interleaved_order(pp, 0, chunks, m + 1)
+    with pytest.raises(PipelineError, match="at least 2"):
+        interleaved_order(pp, 0, 1, m)

@@ -1,11 +1,12 @@
 """Pipeline parallelism: which layers a stage holds, point-to-point messages between neighbouring stages, and
-the schedules (1F1B for training, forward-only for evaluation).
+the schedules (1F1B for training, interleaved 1F1B over virtual stages, forward-only for evaluation).
 
 A message between stages is a list of tensors whose shapes both sides know in advance: the student's hidden
 states and, when distilling, the teacher's, in the same message, so the last stage holds both models'
 outputs for the KD loss without an extra round trip. Tensor-parallel rank ``t`` of one stage talks to
 tensor-parallel rank ``t`` of the next. Sends and receives of one step are posted together
-(``batch_isend_irecv``), which never deadlocks on neighbours that send to each other at once.
+(``batch_isend_irecv``), which never deadlocks on neighbours that send to each other at once. The
+interleaved schedule (not yet used by the trainer) keeps receives posted ahead instead, on gloo.
 """
 
 from __future__ import annotations
@@ -209,6 +210,129 @@ def forward_backward_1f1b(
         if not first:
             communicate(send_prev=input_grads, device=device)
     return peak
+
+
+# forward(model chunk, micro-batch index, received tensors or None), backward(model chunk, micro-batch index,
+# outputs, gradients or None): as ForwardFn / BackwardFn, for the chunk's virtual stage
+ChunkForwardFn = Callable[[int, int, list[torch.Tensor] | None], list[torch.Tensor] | torch.Tensor]
+ChunkBackwardFn = Callable[[int, int, list[torch.Tensor] | torch.Tensor, list[torch.Tensor] | None], None]
+
+_ACTIVATIONS, _GRADIENTS = 0, 1  # message tags: the two streams that share a pair of ranks at PP=2
+
+
+def interleaved_order(pp: int, rank: int, chunks: int, num_microbatches: int) -> list[tuple[str, int, int]]:
+    """Megatron's interleaved 1F1B order on pipeline ``rank``: ``("F" or "B", model chunk, micro-batch)``.
+
+    Rank ``r`` holds ``chunks`` model chunks; chunk ``c`` is virtual stage ``c * pp + r`` of ``chunks * pp``.
+    Forwards go through the micro-batches in groups of ``pp``, each group through chunk 0, then 1, ...;
+    backwards in the same groups, last chunk first. ``(pp - rank - 1) * 2 + (chunks - 1) * pp`` warm-up
+    forwards (all of them when ``num_microbatches == pp``), then one forward and one backward, then the
+    cool-down backwards."""
+    if chunks < 2 or pp < 2:
+        raise PipelineError(
+            f"interleaved pipeline: {chunks} model chunks on {pp} stages; it needs at least 2 of each"
+        )
+    if num_microbatches % pp:
+        raise PipelineError(
+            f"interleaved pipeline: {num_microbatches} micro-batches is not a multiple of "
+            f"--pipeline-model-parallel-size {pp}"
+        )
+    total = num_microbatches * chunks
+    warmup = total if num_microbatches == pp else min((pp - rank - 1) * 2 + (chunks - 1) * pp, total)
+
+    def forward_of(k: int) -> tuple[int, int]:
+        group, j = divmod(k, pp * chunks)
+        return j // pp, group * pp + j % pp
+
+    def backward_of(k: int) -> tuple[int, int]:
+        chunk, i = forward_of(k)
+        return chunks - 1 - chunk, i
+
+    order = [("F", *forward_of(k)) for k in range(warmup)]
+    for k in range(total - warmup):
+        order += [("F", *forward_of(warmup + k)), ("B", *backward_of(k))]
+    return order + [("B", *backward_of(k)) for k in range(total - warmup, total)]
+
+
+def forward_backward_interleaved(
+    num_microbatches: int, chunks: int, forward: ChunkForwardFn, backward: ChunkBackwardFn, messages: Messages,
+    device: torch.device | str = "cpu",
+) -> int:  # fmt: skip
+    """Interleaved 1F1B (``interleaved_order``) over this rank's ``chunks`` model chunks: the bubble shrinks to
+    (PP - 1) / (chunks * m + PP - 1), for ``chunks`` times the messages and more micro-batches in flight on the
+    early stages. Virtual stage ``s`` receives from ``s - 1`` (the last rank's chunk ``c`` feeds the first
+    rank's chunk ``c + 1``, a ring). Activations and gradients are two tagged streams (at PP=2 both neighbours
+    are the same rank); each keeps the receive of its next message posted, and sends are not waited for until
+    the step's end, so a stage waits only for data the schedule has not produced yet. Returns the peak number
+    of (chunk, micro-batch) forwards in flight."""
+    pp, rank = state.get_pipeline_model_parallel_world_size(), state.get_pipeline_model_parallel_rank()
+    ranks = state.get_pipeline_model_parallel_ranks()
+    order = interleaved_order(pp, rank, chunks, num_microbatches)
+    backend = dist.get_backend(state.get_pipeline_model_parallel_group())
+    if backend != "gloo":  # NCCL ignores tags and serialises one pair's sends and receives on one stream
+        raise PipelineError(f"interleaved pipeline: runs on gloo only for now, not {backend}")
+    first = [rank == 0 and chunk == 0 for _, chunk, _ in order]
+    last = [rank == pp - 1 and chunk == chunks - 1 for _, chunk, _ in order]
+    # what arrives, in order: activations from the previous virtual stage, gradients from the next
+    incoming = {
+        _ACTIVATIONS: _Incoming(messages.forward, ranks[(rank - 1) % pp], _ACTIVATIONS, device,
+                                sum(k == "F" and not f for (k, _, _), f in zip(order, first))),
+        _GRADIENTS: _Incoming(messages.backward, ranks[(rank + 1) % pp], _GRADIENTS, device,
+                              sum(k == "B" and not la for (k, _, _), la in zip(order, last))),
+    }  # fmt: skip
+    in_flight: dict[tuple[int, int], tuple] = {}
+    sends: list[tuple[dist.Work, torch.Tensor]] = []
+    peak = 0
+
+    def send(tensors: list[torch.Tensor], target: int, tag: int) -> None:
+        for t in tensors:
+            t = t.detach().contiguous()
+            sends.append((dist.isend(t, target, tag=tag), t))
+
+    for (kind, chunk, i), is_first, is_last in zip(order, first, last):
+        if kind == "F":
+            inputs = None
+            if not is_first:
+                inputs = incoming[_ACTIVATIONS].take()
+                for t in inputs[: messages.with_grad]:
+                    t.requires_grad_()
+            outputs = forward(chunk, i, inputs)
+            in_flight[chunk, i] = (inputs, outputs)
+            peak = max(peak, len(in_flight))
+            if not is_last:
+                send(outputs, ranks[(rank + 1) % pp], _ACTIVATIONS)
+        else:
+            inputs, outputs = in_flight.pop((chunk, i))
+            grads = None if is_last else incoming[_GRADIENTS].take()
+            backward(chunk, i, outputs, grads)
+            if not is_first:
+                send([t.grad for t in inputs[: messages.with_grad]], ranks[(rank - 1) % pp], _GRADIENTS)
+            del inputs, outputs
+    for work, _ in sends:
+        work.wait()
+    return peak
+
+
+class _Incoming:
+    """One stream of messages from one neighbour (one tag), ``count`` of them: the receive of the next one is
+    always posted ahead, so a neighbour's send completes as soon as it is made (gloo and NCCL both hold a send
+    until its receive is posted; measured on gloo) and its transfer overlaps this stage's compute."""
+
+    def __init__(self, specs, source: int, tag: int, device, count: int):
+        self.specs, self.source, self.tag, self.device, self.left = specs, source, tag, device, count
+        self.posted = self._post() if count else None
+
+    def _post(self):
+        tensors = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in self.specs]
+        return tensors, [dist.irecv(t, self.source, tag=self.tag) for t in tensors]
+
+    def take(self) -> list[torch.Tensor]:
+        tensors, works = self.posted
+        for work in works:
+            work.wait()
+        self.left -= 1
+        self.posted = self._post() if self.left else None
+        return tensors
 
 
 def forward_only(
