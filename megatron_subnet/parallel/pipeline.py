@@ -271,42 +271,47 @@ def forward_backward_interleaved(
     backend = dist.get_backend(state.get_pipeline_model_parallel_group())
     if backend != "gloo":  # NCCL ignores tags and serialises one pair's sends and receives on one stream
         raise PipelineError(f"interleaved pipeline: runs on gloo only for now, not {backend}")
-    first = [rank == 0 and chunk == 0 for _, chunk, _ in order]
-    last = [rank == pp - 1 and chunk == chunks - 1 for _, chunk, _ in order]
+    prev, next_ = ranks[(rank - 1) % pp], ranks[(rank + 1) % pp]
+
+    def is_first(chunk: int) -> bool:  # virtual stage 0: the micro-batch starts here
+        return rank == 0 and chunk == 0
+
+    def is_last(chunk: int) -> bool:  # the last virtual stage: the loss
+        return rank == pp - 1 and chunk == chunks - 1
+
     # what arrives, in order: activations from the previous virtual stage, gradients from the next
-    incoming = {
-        _ACTIVATIONS: _Incoming(messages.forward, ranks[(rank - 1) % pp], _ACTIVATIONS, device,
-                                sum(k == "F" and not f for (k, _, _), f in zip(order, first))),
-        _GRADIENTS: _Incoming(messages.backward, ranks[(rank + 1) % pp], _GRADIENTS, device,
-                              sum(k == "B" and not la for (k, _, _), la in zip(order, last))),
-    }  # fmt: skip
+    activations = _Incoming(messages.forward, prev, _ACTIVATIONS, device,
+                            sum(k == "F" and not is_first(c) for k, c, _ in order))
+    gradients = _Incoming(messages.backward, next_, _GRADIENTS, device,
+                          sum(k == "B" and not is_last(c) for k, c, _ in order))  # fmt: skip
     in_flight: dict[tuple[int, int], tuple] = {}
-    sends: list[tuple[dist.Work, torch.Tensor]] = []
+    sends: list[tuple[dist.Work, torch.Tensor]] = []  # a send's tensor lives until the send completed
     peak = 0
 
     def send(tensors: list[torch.Tensor], target: int, tag: int) -> None:
+        sends[:] = [(work, t) for work, t in sends if not work.is_completed()]
         for t in tensors:
             t = t.detach().contiguous()
             sends.append((dist.isend(t, target, tag=tag), t))
 
-    for (kind, chunk, i), is_first, is_last in zip(order, first, last):
+    for kind, chunk, i in order:
         if kind == "F":
             inputs = None
-            if not is_first:
-                inputs = incoming[_ACTIVATIONS].take()
+            if not is_first(chunk):
+                inputs = activations.take()
                 for t in inputs[: messages.with_grad]:
                     t.requires_grad_()
             outputs = forward(chunk, i, inputs)
             in_flight[chunk, i] = (inputs, outputs)
             peak = max(peak, len(in_flight))
-            if not is_last:
-                send(outputs, ranks[(rank + 1) % pp], _ACTIVATIONS)
+            if not is_last(chunk):
+                send(outputs, next_, _ACTIVATIONS)
         else:
             inputs, outputs = in_flight.pop((chunk, i))
-            grads = None if is_last else incoming[_GRADIENTS].take()
+            grads = None if is_last(chunk) else gradients.take()
             backward(chunk, i, outputs, grads)
-            if not is_first:
-                send([t.grad for t in inputs[: messages.with_grad]], ranks[(rank - 1) % pp], _GRADIENTS)
+            if not is_first(chunk):
+                send([t.grad for t in inputs[: messages.with_grad]], prev, _GRADIENTS)
             del inputs, outputs
     for work, _ in sends:
         work.wait()
@@ -315,8 +320,8 @@ def forward_backward_interleaved(
 
 class _Incoming:
     """One stream of messages from one neighbour (one tag), ``count`` of them: the receive of the next one is
-    always posted ahead, so a neighbour's send completes as soon as it is made (gloo and NCCL both hold a send
-    until its receive is posted; measured on gloo) and its transfer overlaps this stage's compute."""
+    always posted ahead, so a neighbour's send completes as soon as it is made (gloo holds a send until its
+    receive is posted: measured) and its transfer overlaps this stage's compute."""
 
     def __init__(self, specs, source: int, tag: int, device, count: int):
         self.specs, self.source, self.tag, self.device, self.left = specs, source, tag, device, count
