@@ -424,3 +424,27 @@ def test_train_tokenizer_bad_input_gives_one_line(tmp_path, corpus_texts, extra,
     result = run_tool("train_tokenizer.py", [x for kv in args.items() for x in kv], tmp_path)
     one_error(result.returncode, result.stderr, message)
     assert snapshot(tmp_path) == before
+
+
+def _sleep_forever() -> None:
+    time.sleep(3600)
+
+
+def test_stop_pool_kills_the_workers_when_terminate_blocks():
+    """A terminate that never returns (CPython's can block on a worker mid-way through a large result) costs
+    the timeout, not the run: the worker processes are killed and stop_pool returns."""
+    import multiprocessing
+    import threading
+
+    from tools.preprocess_data import stop_pool
+
+    class BlockedPool:
+        def terminate(self) -> None:
+            threading.Event().wait()
+
+    worker = multiprocessing.get_context("fork").Process(target=_sleep_forever, daemon=True)
+    worker.start()
+    start = time.time()
+    stop_pool(BlockedPool(), timeout=0.5)
+    assert time.time() - start < 30
+    assert not worker.is_alive() and worker.exitcode == -signal.SIGKILL

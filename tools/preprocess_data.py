@@ -31,6 +31,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 import zlib
 from collections import Counter
@@ -268,6 +269,20 @@ def _encode_in_worker(batch: list[Line]) -> EncodedBatch:
     return _worker_encoder.encode(batch)
 
 
+def stop_pool(pool, timeout: float = 10.0) -> None:
+    """``pool.terminate()``, bounded. CPython's terminate can block for good when it stops the result handler
+    while a worker is still sending a large result (the worker holds the result queue's lock on a full
+    pipe, and terminate's sentinel waits for that lock); after ``timeout`` seconds the workers are killed
+    and the blocked terminate is left to its daemon thread."""
+    stopper = threading.Thread(target=pool.terminate, daemon=True)
+    stopper.start()
+    stopper.join(timeout)
+    if stopper.is_alive():
+        for child in multiprocessing.active_children():
+            child.kill()
+            child.join()
+
+
 def output_prefix(prefix: str, key: str) -> str:
     return f"{prefix}_{key}_document"
 
@@ -343,7 +358,7 @@ def _main(argv: list[str] | None = None) -> int:
             builder.finalize()
     except (ValueError, OSError, KeyboardInterrupt) as e:
         if pool is not None:
-            pool.terminate()  # before the temporaries go: no worker may still be writing
+            stop_pool(pool)  # before the temporaries go: no worker may still be running
             pool = None
         for builder in builders.values():
             builder.abort()
