@@ -110,8 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
     g.add_argument(
-        "--pipeline-layer-split", type=layer_counts, help="student layers per stage, e.g. 8,8,7,7 (default: even)"
-    )
+        "--pipeline-layer-split", type=layer_counts,
+        help="student layers per stage, e.g. 8,8,7,7 (per virtual stage with virtual stages; default: even)",
+    )  # fmt: skip
+    g.add_argument(
+        "--virtual-pipeline-model-parallel-size", type=positive_int, default=1,
+        help="model chunks per pipeline stage: the interleaved 1F1B schedule, whose bubble is 1/N of 1F1B's "
+        "(default 1: 1F1B)",
+    )  # fmt: skip
     g.add_argument("--decoder-first-pipeline-num-layers", type=positive_int, help="layers of the first stage")
     g.add_argument("--decoder-last-pipeline-num-layers", type=positive_int, help="layers of the last stage")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], help="default: nccl with CUDA, else gloo")
@@ -152,13 +158,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Checks across flags (single-flag ranges are the argparse types'); ds_config is read and checked too."""
-    pp = args.pipeline_model_parallel_size
+    pp, chunks = args.pipeline_model_parallel_size, args.virtual_pipeline_model_parallel_size
     if args.pipeline_layer_split and (args.decoder_first_pipeline_num_layers or args.decoder_last_pipeline_num_layers):
         raise ArgumentError("--pipeline-layer-split: give it or --decoder-first/last-pipeline-num-layers, not both")
-    if args.pipeline_layer_split and len(args.pipeline_layer_split) != pp:
+    if chunks > 1 and pp == 1:
+        raise ArgumentError(
+            f"--virtual-pipeline-model-parallel-size {chunks}: needs --pipeline-model-parallel-size >= 2"
+        )
+    if chunks > 1 and (args.decoder_first_pipeline_num_layers or args.decoder_last_pipeline_num_layers):
+        raise ArgumentError(
+            "--decoder-first/last-pipeline-num-layers: not supported with --virtual-pipeline-model-parallel-size; "
+            "give --pipeline-layer-split with a count per virtual stage instead"
+        )
+    if args.pipeline_layer_split and len(args.pipeline_layer_split) != pp * chunks:
+        virtual = f" x --virtual-pipeline-model-parallel-size {chunks}" if chunks > 1 else ""
         raise ArgumentError(
             f"--pipeline-layer-split {','.join(map(str, args.pipeline_layer_split))}: {len(args.pipeline_layer_split)} "
-            f"counts for --pipeline-model-parallel-size {pp}"
+            f"counts for --pipeline-model-parallel-size {pp}{virtual}"
         )
     if (args.train_iters is None) == (args.train_tokens is None):
         raise ArgumentError("give exactly one of --train-iters and --train-tokens")

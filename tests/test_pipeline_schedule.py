@@ -6,8 +6,9 @@ stage follow Megatron's order (warm-up forwards, 1F1B, cool-down backwards), at 
 micro-batches are in flight, and a micro-batch's graph is gone once its backward ran.
 
 The interleaved schedule (2 model chunks a stage, one toy layer each: chunk ``c`` of stage ``r`` is virtual
-stage ``c * PP + r``) gives the same gradients, runs ``interleaved_order``, and that order idles exactly
-(PP - 1) / (chunks * m + PP - 1) when every chunk costs the same.
+stage ``c * PP + r``) gives the same gradients and forward-only outputs, runs ``interleaved_order``, and that
+order idles exactly (PP - 1) / (chunks * m + PP - 1) when every chunk costs the same. A ``GPTModel`` stage of
+two model chunks, run chunk by chunk, gives the whole model's logits.
 
 One group of processes per PP runs every case (spawning is the slow part).
 """
@@ -69,7 +70,7 @@ def _stage(rank: int, pp: int):
 
 def _interleaved_case(rank, pp, m, student, teacher, data, targets) -> dict:
     """One interleaved run over ``CHUNKS`` chunks of one layer each (chunk c: layer ``c * pp + rank``)."""
-    from megatron_subnet.parallel.pipeline import Messages, forward_backward_interleaved
+    from megatron_subnet.parallel.pipeline import Messages, forward_backward_interleaved, forward_only_interleaved
 
     layers = [rank + c * pp for c in range(CHUNKS)]
     for i in layers:
@@ -95,7 +96,20 @@ def _interleaved_case(rank, pp, m, student, teacher, data, targets) -> dict:
 
     peak = forward_backward_interleaved(m, CHUNKS, forward, backward, messages)
     grads = {i: [p.grad.clone() for p in student[i].parameters()] for i in layers}
-    return {"grads": grads, "events": events, "peak": peak}
+
+    outputs = []
+
+    @torch.no_grad()
+    def evaluate(chunk, i, received):
+        s_in, t_in = (data[i], data[i]) if rank == 0 and chunk == 0 else received
+        layer = layers[chunk]
+        s, t = _run([student[layer]], s_in), _run([teacher[layer]], t_in)
+        if layer == CHUNKS * pp - 1:
+            outputs.append((s.clone(), t.clone()))
+        return [s, t]
+
+    forward_only_interleaved(m, CHUNKS, evaluate, messages)
+    return {"grads": grads, "events": events, "peak": peak, "forward_only": outputs}
 
 
 def _case(rank, pp, m, mine, mine_teacher, data, targets) -> dict:
@@ -266,6 +280,59 @@ def test_interleaved_gradients_and_order(pipeline, times):
             running += 1 if kind == "F" else -1
             most = max(most, running)
         assert case["peak"] == most, f"stage {rank}"
+
+
+@pytest.mark.parametrize("times", [1, 2], ids=["m=pp", "m=2pp"])
+def test_forward_only_interleaved_gives_one_process_outputs(pipeline, times):
+    """Forward only round the ring of virtual stages: the last one's outputs are one process's."""
+    pp, stages = pipeline
+    m = times * pp
+    _, want = _reference(pp, m)
+    got = stages[-1]["interleaved"][m]["forward_only"]
+    assert len(got) == m
+    for (s, t), (ws, wt) in zip(got, want, strict=True):
+        torch.testing.assert_close(s, ws, rtol=0, atol=1e-12)
+        torch.testing.assert_close(t, wt, rtol=0, atol=1e-12)
+    for stage in stages[:-1]:
+        assert stage["interleaved"][m]["forward_only"] == []
+
+
+def test_chunked_stages_run_the_whole_model():
+    """A GPTModel stage of 2 model chunks (``stage_of(..., chunks=2)``), run chunk by chunk round the ring of
+    virtual stages, gives the whole model's logits bit for bit, holds the same state-dict names, and refuses
+    a call without ``chunk``; the split of 5 layers over 2 x 2 virtual stages is 2, 1, 1, 1."""
+    from megatron_subnet.model.config import ModelConfig
+    from megatron_subnet.model.gpt import GPTModel
+    from megatron_subnet.parallel.pipeline import PipelineError, split_layers, stage_of
+
+    config = ModelConfig(arch="llama", vocab_size=64, hidden_size=32, num_layers=5, num_attention_heads=4,
+                         num_query_groups=2, head_dim=8, ffn_hidden_size=48, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    whole = GPTModel(config).eval()
+    counts = split_layers(5, 2, chunks=2)
+    assert counts == [2, 1, 1, 1]
+    stages = [stage_of(counts, r, chunks=2) for r in range(2)]
+    assert [s.chunks for s in stages] == [((0, 1), (3,)), ((2,), (4,))]
+    assert [s.layers for s in stages] == [(0, 1, 3), (2, 4)]
+    models = [GPTModel(config, stage=s).eval() for s in stages]
+    state = whole.state_dict()
+    for model in models:
+        model.load_state_dict({k: state[k] for k in model.state_dict()})
+    assert set(models[0].state_dict()) | set(models[1].state_dict()) == set(state)
+    tokens = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        x = tokens
+        for virtual in range(4):
+            x = models[virtual % 2](x, chunk=virtual // 2)
+        assert torch.equal(x, whole(tokens))
+        with pytest.raises(ValueError, match="pass chunk="):
+            models[0](tokens)
+    with pytest.raises(PipelineError, match="more stages than the 3 layers"):
+        split_layers(3, 2, chunks=2)
+    with pytest.raises(PipelineError, match="one per virtual stage"):
+        split_layers(5, 2, [3, 2], chunks=2)
+    with pytest.raises(PipelineError, match="not supported with --virtual"):
+        split_layers(5, 2, first=1, chunks=2)
 
 
 def _idle_of_order(pp: int, chunks: int, m: int, forward: float, backward: float) -> float:

@@ -1,5 +1,6 @@
 """Pipeline parallelism end to end: PP=2, PP=4, TP=2 x PP=2 and TP=2 x PP=2 x DP=2 training with a teacher
-equal one process (losses of 5 steps and the final parameters), on tied and untied llama and GPT-NeoX;
+equal one process (losses of 5 steps and the final parameters), on tied and untied llama and GPT-NeoX, and
+PP=2 with 2 virtual stages each (interleaved 1F1B, stopped after step 3 and resumed);
 the tied embedding's two copies stay bit-identical; uneven stages; every launcher (deepspeed, mpirun, and
 torchrun on two "nodes" on loopback) runs a TP=2 x PP=2 job; a resume is bit-exact, also after one
 stage's process is SIGKILLed mid-step; impossible layouts are one line each.
@@ -27,6 +28,7 @@ from tests.training_utils import (
     free_port,
     latest_tag,
     python_cmd,
+    read_jsonl,
     run,
     run_many,
     torchrun_cmd,
@@ -103,7 +105,7 @@ def runs(ws) -> dict[str, Path]:
     """Every comparison run, each saving its final model: references on one process, then the layouts."""
     out = {name: ws / f"run_{name}" for name in (
         "ref", "pp2", "pp4", "tp2pp2", "tp2pp2dp2", "untied_ref", "untied_pp2", "neox_ref", "neox_pp2",
-        "uneven_ref", "uneven_pp2")}  # fmt: skip
+        "uneven_ref", "uneven_pp2", "pp2v2")}  # fmt: skip
 
     def save(name: str) -> list[str]:
         return ["--save", str(out[name] / "ckpt"), "--log-dir", str(out[name])]
@@ -123,6 +125,11 @@ def runs(ws) -> dict[str, Path]:
     uneven = flags(ws, subnet="subnet_uneven.json") + layout(pp=2) + ["--pipeline-layer-split", "1,2"]
     ok(run(torchrun_cmd(2, uneven + save("uneven_pp2")), ws, timeout=300))
     ok(run(torchrun_cmd(4, flags(ws) + layout(pp=4) + save("pp4")), ws, timeout=400))
+    # interleaved: 4 layers over 2 x 2 virtual stages; a job stopped after the checkpoint of step 3, then resumed
+    interleaved = flags(ws) + layout(pp=2) + ["--virtual-pipeline-model-parallel-size", "2"] + save("pp2v2")
+    ok(run(torchrun_cmd(2, interleaved + ["--save-interval", "3"]), ws, hooks={"stop_after_save": 3}, timeout=300))
+    ok(run(torchrun_cmd(2, interleaved + ["--load", str(out["pp2v2"] / "ckpt")]), ws,
+           hooks={"state_dump": str(out["pp2v2"] / "state_dump")}, timeout=300))  # fmt: skip
     # the deepspeed and mpirun launchers each run a TP=2 x PP=2 job (torchrun does below, on two "nodes")
     for name, kind, nproc in (("tp2pp2", "deepspeed", 4), ("tp2pp2dp2", "mpirun", 8)):
         port = free_port()
@@ -156,15 +163,26 @@ def assert_same_run(run_dir: Path, ref_dir: Path, what: str) -> None:
 @pytest.mark.parametrize(
     "name, ref",
     [("pp2", "ref"), ("pp4", "ref"), ("tp2pp2", "ref"), ("tp2pp2dp2", "ref"), ("untied_pp2", "untied_ref"),
-     ("neox_pp2", "neox_ref"), ("uneven_pp2", "uneven_ref")],
+     ("neox_pp2", "neox_ref"), ("uneven_pp2", "uneven_ref"), ("pp2v2", "ref")],
 )  # fmt: skip
 def test_pipeline_layouts_equal_one_process(runs, name, ref):
     """PP=2 and PP=4 (torchrun), TP=2 x PP=2 (deepspeed launcher), TP=2 x PP=2 x DP=2 (8 processes, mpirun) at
-    ZeRO-1 with distillation; untied llama and GPT-NeoX at PP=2; 3 kept parent layers split 1 + 2."""
+    ZeRO-1 with distillation; untied llama and GPT-NeoX at PP=2; 3 kept parent layers split 1 + 2; PP=2 x 2
+    virtual stages (interleaved), resumed after step 3. The validation and test losses (through the
+    forward-only schedules) equal too, where the data-parallel size (and so the evaluation batches) is the
+    reference's."""
     assert_same_run(runs[name], runs[ref], name)
     meta = json.loads((runs[name] / "ckpt" / f"iter_{ITERS:07d}" / "megatron_subnet.json").read_text())
     pp = {"pp4": 4, "ref": 1}.get(name, 2)
     assert meta["layout"]["pipeline_model_parallel_size"] == pp
+    assert meta["layout"]["virtual_pipeline_model_parallel_size"] == (2 if name == "pp2v2" else 1)
+    if name == "tp2pp2dp2":
+        return
+    got, expected = ({key: [r[key] for r in read_jsonl(d / "metrics.jsonl") if key in r]
+                      for key in ("valid_loss", "test_loss")} for d in (runs[name], runs[ref]))  # fmt: skip
+    assert len(got["valid_loss"]) == 2 and len(got["test_loss"]) == 1, (name, got)  # before step 1, after step 5
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key], rel=1e-5), (name, key)
 
 
 def test_tied_embedding_copies_stay_bit_identical(runs):
@@ -179,6 +197,24 @@ def test_tied_embedding_copies_stay_bit_identical(runs):
     assert torch.equal(first["embedding.weight"], last["embedding.weight"])
     assert not set(first) - {"embedding.weight"} & set(last)  # no layer on both stages
     assert any(k.startswith("layers.") for k in first) and "final_layernorm.weight" in last
+    _, expected = load_checkpoint(runs["ref"] / "ckpt" / "final_model")
+    torch.testing.assert_close(first["embedding.weight"], expected["embedding.weight"], rtol=1e-5, atol=1e-6)
+
+
+def test_interleaved_stages_hold_their_virtual_stages_and_tied_copies_agree(runs):
+    """PP=2 x 2 virtual stages of 4 layers: rank 0 holds virtual stages 0 and 2 (layers 0 and 2) and the
+    embedding, rank 1 virtual stages 1 and 3 (layers 1 and 3), the final norm and the tied embedding's copy,
+    which is bit-identical to rank 0's after a resumed run and equals the one-process run's."""
+    from safetensors.torch import load_file
+
+    from megatron_subnet.model.weights import load_checkpoint
+
+    first = load_file(runs["pp2v2"] / "state_dump" / "rank_0.safetensors")
+    last = load_file(runs["pp2v2"] / "state_dump" / "rank_1.safetensors")
+    assert {k.split(".")[1] for k in first if k.startswith("layers.")} == {"0", "2"}
+    assert {k.split(".")[1] for k in last if k.startswith("layers.")} == {"1", "3"}
+    assert "final_layernorm.weight" in last and "final_layernorm.weight" not in first
+    assert torch.equal(first["embedding.weight"], last["embedding.weight"])
     _, expected = load_checkpoint(runs["ref"] / "ckpt" / "final_model")
     torch.testing.assert_close(first["embedding.weight"], expected["embedding.weight"], rtol=1e-5, atol=1e-6)
 
@@ -256,7 +292,8 @@ def test_two_torchrun_nodes_train_and_resume(ws, runs, tmp_path):
 
 def test_impossible_layouts_are_one_line_each(ws, tmp_path):
     """More stages than kept layers, a split that does not sum to them, a world that TP x PP does not divide,
-    ZeRO-2 with stages: every rank says so in one line, before any work."""
+    ZeRO-2 with stages, more virtual stages than layers, micro-batches that are no multiple of the stages
+    (interleaved), virtual stages without stages: every rank says so in one line, before any work."""
     one_layer = json.loads((ws / "subnet_pp_teacher.json").read_text())
     one_layer = {k: v[:1] if k != "hidden" else v for k, v in one_layer.items()}
     (tmp_path / "one_layer.json").write_text(json.dumps(one_layer))
@@ -266,6 +303,11 @@ def test_impossible_layouts_are_one_line_each(ws, tmp_path):
         (3, flags(ws) + layout(pp=2), "world size 3 is not divisible by --tensor-model-parallel-size 1 x "
                                       "--pipeline-model-parallel-size 2"),
         (2, flags(ws, stage=2) + layout(pp=2), "ZeRO stage 2"),
+        (2, flags(ws) + layout(pp=2) + ["--virtual-pipeline-model-parallel-size", "3"],
+         "--pipeline-model-parallel-size 2 x --virtual-pipeline-model-parallel-size 3: more stages than the 4 layers"),
+        (2, flags(ws) + layout(pp=2) + ["--virtual-pipeline-model-parallel-size", "2", "--global-batch-size", "3"],
+         "the 3 micro-batches of a step"),
+        (1, flags(ws) + ["--virtual-pipeline-model-parallel-size", "2"], "needs --pipeline-model-parallel-size >= 2"),
     ]
     jobs = [(torchrun_cmd(n, argv), tmp_path, None, 120, None) for n, argv, _ in cases]
     for result, (_, _, needle) in zip(run_many(jobs), cases):

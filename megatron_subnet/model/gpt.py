@@ -233,7 +233,9 @@ class GPTModel(nn.Module):
     on the first stage, the final norm and output layer on the last; with tied embeddings the last stage
     holds its own copy of the embedding (Megatron's scheme; the trainer keeps the two copies' gradients
     summed). A first stage takes tokens, later ones the previous stage's hidden states; a last stage
-    returns logits, earlier ones hidden states.
+    returns logits, earlier ones hidden states. A stage of the interleaved schedule holds several model
+    chunks (``PipelineStage.chunks``) and runs one per call (``model(x, chunk=c)``); its state-dict names are
+    the same global ``layers.{i}.`` ones, so checkpoints and converters see one naming.
 
     ``set_recompute`` turns on activation recomputation for training forwards.
     """
@@ -264,10 +266,17 @@ class GPTModel(nn.Module):
         if tied and self.stage.last and not self.stage.first:
             self.embedding.weight.ds_pipe_replicated = True  # DeepSpeed's gradient norm counts it once
 
-    def forward(self, inputs: torch.Tensor, subnet: SubnetConfig | SubnetIndices | None = None) -> torch.Tensor:
+    def forward(
+        self, inputs: torch.Tensor, subnet: SubnetConfig | SubnetIndices | None = None, chunk: int | None = None
+    ) -> torch.Tensor:
         """This rank's logits ``[batch, seq, vocab / TP]`` of the whole model, or of ``subnet`` run on these
         weights (given in parent indices; each rank computes with the part on its shard and its stage).
-        ``inputs``: tokens ``[batch, seq]`` on the first stage, hidden states ``[batch, seq, hidden]`` after."""
+        ``inputs``: tokens ``[batch, seq]`` on the first stage, hidden states ``[batch, seq, hidden]`` after.
+        ``chunk``: which of the stage's model chunks runs (interleaved schedule; needed when it holds several)."""
+        if chunk is None and self.stage.num_chunks > 1:
+            raise ValueError(f"this pipeline stage holds {self.stage.num_chunks} model chunks: pass chunk=")
+        chunk = chunk or 0
+        first, last = self.stage.holds_first(chunk), self.stage.holds_last(chunk)
         index = (
             subnet_indices(self.config, subnet, inputs.device, self.shard)
             if isinstance(subnet, SubnetConfig)
@@ -275,16 +284,16 @@ class GPTModel(nn.Module):
         )
         hidden = None if index is None else index.hidden
         cos, sin = rotary_cos_sin(self.config, inputs.shape[1], inputs.device)
-        x = self.embedding(inputs, cols=hidden) if self.stage.first else inputs
+        x = self.embedding(inputs, cols=hidden) if first else inputs
+        held = self.stage.chunk_layers(chunk)
         if index is None:
-            for layer in self.layers:
-                x = self.run_layer(layer, x, cos, sin)
+            for i in held:
+                x = self.run_layer(self.layers[i], x, cos, sin)
         else:
-            held = self.stage.layers
             for i, layer_index in zip(index.layers, index.per_layer):
-                if held[0] <= i <= held[-1]:
+                if i in held:
                     x = self.run_layer(self.layers[i], x, cos, sin, layer_index, hidden)
-        if not self.stage.last:
+        if not last:
             return x
         x = self.final_layernorm(x, hidden)
         if self.output_layer is None:

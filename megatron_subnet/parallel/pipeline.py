@@ -6,7 +6,7 @@ states and, when distilling, the teacher's, in the same message, so the last sta
 outputs for the KD loss without an extra round trip. Tensor-parallel rank ``t`` of one stage talks to
 tensor-parallel rank ``t`` of the next. Sends and receives of one step are posted together
 (``batch_isend_irecv``), which never deadlocks on neighbours that send to each other at once. The
-interleaved schedule (not yet used by the trainer) keeps receives posted ahead instead, on gloo.
+interleaved schedule keeps receives posted ahead instead, on gloo.
 """
 
 from __future__ import annotations
@@ -27,15 +27,35 @@ class PipelineError(ValueError):
 
 @dataclass(frozen=True)
 class PipelineStage:
-    """The contiguous run of GLOBAL layer indices a stage holds, and whether it is the first / last stage."""
+    """The GLOBAL layer indices a stage holds, and whether it holds the first / last (virtual) stage.
+
+    Under the interleaved schedule a stage holds several model ``chunks``, one contiguous run of layers each:
+    chunk ``c`` of pipeline rank ``r`` is virtual stage ``c * PP + r``, so ``layers`` is not contiguous then
+    (8 layers, PP=2, 2 chunks: rank 0 holds 0, 1 and 4, 5). ``chunks`` empty: one chunk, ``layers``."""
 
     layers: tuple[int, ...]
     first: bool = True
     last: bool = True
+    chunks: tuple[tuple[int, ...], ...] = ()
 
     @staticmethod
     def whole(num_layers: int) -> PipelineStage:
         return PipelineStage(tuple(range(num_layers)), True, True)
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.chunks) or 1
+
+    def chunk_layers(self, chunk: int) -> tuple[int, ...]:
+        return self.chunks[chunk] if self.chunks else self.layers
+
+    def holds_first(self, chunk: int) -> bool:
+        """Whether ``chunk`` is virtual stage 0: it embeds the tokens."""
+        return self.first and chunk == 0
+
+    def holds_last(self, chunk: int) -> bool:
+        """Whether ``chunk`` is the last virtual stage: the final norm, the output layer and the loss."""
+        return self.last and chunk == self.num_chunks - 1
 
 
 def split_layers(
@@ -44,16 +64,28 @@ def split_layers(
     split: Sequence[int] | None = None,
     first: int | None = None,
     last: int | None = None,
+    chunks: int = 1,
 ) -> list[int]:
-    """Layers per stage: ``split`` as given, or ``first``/``last`` fixed and the rest even, or all even
-    (earlier stages take one more when they do not divide: 17 over 2 stages is 9 + 8)."""
+    """Layers per stage (per virtual stage, ``stages * chunks`` of them, with ``chunks`` model chunks per stage):
+    ``split`` as given, or ``first``/``last`` fixed and the rest even, or all even (earlier stages take one
+    more when they do not divide: 17 over 2 stages is 9 + 8)."""
+    what = f"--pipeline-model-parallel-size {stages}"
+    if chunks > 1:
+        what += f" x --virtual-pipeline-model-parallel-size {chunks}"
+        if first or last:
+            raise PipelineError(
+                "--decoder-first/last-pipeline-num-layers: not supported with --virtual-pipeline-model-parallel-size;"
+                " give --pipeline-layer-split with a count per virtual stage instead"
+            )
+    stages *= chunks
     if stages > num_layers:
-        raise PipelineError(f"--pipeline-model-parallel-size {stages}: more stages than the {num_layers} layers")
+        raise PipelineError(f"{what}: more stages than the {num_layers} layers")
     if split is not None:
         if len(split) != stages or any(n < 1 for n in split) or sum(split) != num_layers:
+            per = "virtual stage" if chunks > 1 else "stage"
             raise PipelineError(
-                f"--pipeline-layer-split {','.join(map(str, split))}: needs {stages} positive counts summing to "
-                f"the {num_layers} layers"
+                f"--pipeline-layer-split {','.join(map(str, split))}: needs {stages} positive counts (one per {per}) "
+                f"summing to the {num_layers} layers"
             )
         return list(split)
     fixed = {0: first, stages - 1: last}
@@ -75,18 +107,27 @@ def split_layers(
     return counts
 
 
-def stage_of(counts: Sequence[int], rank: int, layers: Sequence[int] | None = None) -> PipelineStage:
-    """Stage ``rank``'s layers: positions from ``counts``, named by ``layers`` (default ``0..n-1``)."""
-    start = sum(counts[:rank])
+def stage_of(
+    counts: Sequence[int], rank: int, layers: Sequence[int] | None = None, chunks: int = 1
+) -> PipelineStage:
+    """Stage ``rank``'s layers: positions from ``counts`` (one per virtual stage when ``chunks`` > 1: rank ``r``
+    holds virtual stages ``r, PP + r, ...``), named by ``layers`` (default ``0..n-1``)."""
     names = list(range(sum(counts))) if layers is None else list(layers)
-    return PipelineStage(tuple(names[start : start + counts[rank]]), rank == 0, rank == len(counts) - 1)
+    pp = len(counts) // chunks
+    runs = []
+    for virtual in range(rank, len(counts), pp):
+        start = sum(counts[:virtual])
+        runs.append(tuple(names[start : start + counts[virtual]]))
+    held = tuple(i for run in runs for i in run)
+    return PipelineStage(held, rank == 0, rank == pp - 1, tuple(runs) if chunks > 1 else ())
 
 
 def current_stage(num_layers: int, split: Sequence[int] | None = None, first: int | None = None,
-                  last: int | None = None) -> PipelineStage:  # fmt: skip
-    """This rank's stage of a model with ``num_layers`` layers."""
-    counts = split_layers(num_layers, state.get_pipeline_model_parallel_world_size(), split, first, last)
-    return stage_of(counts, state.get_pipeline_model_parallel_rank())
+                  last: int | None = None, chunks: int = 1) -> PipelineStage:  # fmt: skip
+    """This rank's stage (its ``chunks`` model chunks) of a model with ``num_layers`` layers."""
+    pp = state.get_pipeline_model_parallel_world_size()
+    counts = split_layers(num_layers, pp, split, first, last, chunks)
+    return stage_of(counts, state.get_pipeline_model_parallel_rank(), chunks=chunks)
 
 
 # ----------------------------------------------------------------------------- point to point
@@ -350,6 +391,28 @@ def forward_only(
         outputs = forward(i, inputs)
         if rank < pp - 1:
             communicate(send_next=[t.detach() for t in outputs], device=device)
+
+
+def forward_only_interleaved(
+    num_microbatches: int, chunks: int, forward: ChunkForwardFn, messages: Messages,
+    device: torch.device | str = "cpu",
+) -> None:  # fmt: skip
+    """Every micro-batch through every virtual stage in turn, no backward (evaluation of a model held as
+    ``chunks`` model chunks per stage): one chain of blocking hand-offs round the ring of stages."""
+    pp, rank = state.get_pipeline_model_parallel_world_size(), state.get_pipeline_model_parallel_rank()
+    ranks = state.get_pipeline_model_parallel_ranks()
+    prev, next_ = ranks[(rank - 1) % pp], ranks[(rank + 1) % pp]
+    for i in range(num_microbatches):
+        for chunk in range(chunks):
+            inputs = None
+            if not (rank == 0 and chunk == 0):
+                inputs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in messages.forward]
+                for t in inputs:
+                    dist.recv(t, prev, tag=_ACTIVATIONS)
+            outputs = forward(chunk, i, inputs)
+            if not (rank == pp - 1 and chunk == chunks - 1):
+                for t in outputs:
+                    dist.send(t.detach().contiguous(), next_, tag=_ACTIVATIONS)
 
 
 def broadcast_from_last_stage(values: torch.Tensor) -> torch.Tensor:

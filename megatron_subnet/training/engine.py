@@ -16,7 +16,9 @@ from megatron_subnet.parallel.pipeline import (
     Messages,
     broadcast_from_last_stage,
     forward_backward_1f1b,
+    forward_backward_interleaved,
     forward_only,
+    forward_only_interleaved,
 )
 
 
@@ -111,8 +113,8 @@ class Teacher:
             self.module = model.to(device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
 
     @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.module(tokens)
+    def __call__(self, tokens: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        return self.module(tokens, chunk=chunk)
 
 
 @dataclass
@@ -206,12 +208,13 @@ def _accumulate(engine, teacher, batches, kd) -> tuple[list[float], float]:
 
 
 def _accumulate_pipelined(engine, teacher, batches, kd) -> tuple[list[float], float]:
-    """The micro-batches through the stages, 1F1B. Each stage runs its layers of the student and of the
-    teacher; both models' hidden states travel to the next stage in one message; the last stage computes
-    the loss. Gradients are reduced once, after the last backward: first the two copies of a tied embedding
-    (first and last stage), then over the data-parallel replicas (DeepSpeed's own reduction)."""
+    """The micro-batches through the stages, 1F1B (interleaved over the model chunks when a stage holds
+    several). Each stage runs its layers of the student and of the teacher; both models' hidden states travel
+    to the next stage in one message; the last stage computes the loss. Gradients are reduced once, after the
+    last backward: first the two copies of a tied embedding (first and last stage), then over the
+    data-parallel replicas (DeepSpeed's own reduction)."""
     model = engine.module
-    first, last = model.stage.first, model.stage.last
+    stage = model.stage
     totals = torch.zeros(3, dtype=torch.float64)
     b, t = batches[0].shape[0], batches[0].shape[1] - 1
     dtype = next(model.parameters()).dtype
@@ -219,25 +222,33 @@ def _accumulate_pipelined(engine, teacher, batches, kd) -> tuple[list[float], fl
     if teacher is not None:
         shapes.append(((b, t, teacher.config.hidden_size), next(teacher.module.parameters()).dtype))
 
-    def forward(i: int, received: list[torch.Tensor] | None):
+    def forward(chunk: int, i: int, received: list[torch.Tensor] | None):
+        first, last = stage.holds_first(chunk), stage.holds_last(chunk)
         tokens, labels = batches[i][:, :-1], batches[i][:, 1:]
-        teacher_out = None if teacher is None else teacher(tokens if first else received[1])
-        out = engine(tokens if first else received[0])
+        teacher_out = None if teacher is None else teacher(tokens if first else received[1], chunk=chunk)
+        out = engine(tokens if first else received[0], chunk=chunk)
         if not last:
             return [out] + ([] if teacher_out is None else [teacher_out])
         loss, ce, kl = distillation_loss(out, labels, teacher_out, kd.alpha, kd.kind, kd.temperature, kd.topk)
         totals.add_(torch.tensor([loss.item(), ce.item(), kl.item() if kl is not None else 0.0], dtype=torch.float64))
         return loss
 
-    def backward(i: int, outputs, grads: list[torch.Tensor] | None) -> None:
-        if last:
+    def backward(chunk: int, i: int, outputs, grads: list[torch.Tensor] | None) -> None:
+        if stage.holds_last(chunk):
             engine.backward(outputs)
         else:  # d(out . g)/d(out) = g: the next stage's gradient, already scaled for accumulation
             engine.backward((outputs[0] * grads[0]).sum(), scale_wrt_gas=False)
-        if i < len(batches) - 1:
-            engine.step()  # within the accumulation: DeepSpeed only counts the micro-batch
+        if chunk == 0 and i < len(batches) - 1:
+            engine.step()  # within the accumulation: DeepSpeed only counts the micro-batch (once per micro-batch)
 
-    forward_backward_1f1b(len(batches), forward, backward, Messages(shapes, with_grad=1), engine.device)
+    messages = Messages(shapes, with_grad=1)
+    if stage.num_chunks == 1:
+        forward_backward_1f1b(
+            len(batches), lambda i, received: forward(0, i, received),
+            lambda i, outputs, grads: backward(0, i, outputs, grads), messages, engine.device,
+        )  # fmt: skip
+    else:
+        forward_backward_interleaved(len(batches), stage.num_chunks, forward, backward, messages, engine.device)
     # every stage is done with the schedule (no message in flight): reduce, then the optimizer step
     sync_tied_embedding(model, gradients=True)
     if engine.zero_optimization_stage() > 0 or state.get_data_parallel_world_size() > 1:
@@ -285,20 +296,24 @@ def evaluate(engine, batches: list[torch.Tensor], device) -> float:
 @torch.no_grad()
 def _evaluate_pipelined(engine, batches: list[torch.Tensor]) -> torch.Tensor:
     model = engine.module
+    stage = model.stage
     sums = torch.zeros(2, dtype=torch.float64)
     if not batches:
         return sums
     b, t = batches[0].shape[0], batches[0].shape[1] - 1
-    shapes = [((b, t, model.config.hidden_size), next(model.parameters()).dtype)]
+    messages = Messages([((b, t, model.config.hidden_size), next(model.parameters()).dtype)])
 
-    def forward(i: int, received):
+    def forward(chunk: int, i: int, received):
         tokens, labels = batches[i][:, :-1], batches[i][:, 1:]
-        out = engine(tokens if model.stage.first else received[0])
-        if not model.stage.last:
+        out = engine(tokens if stage.holds_first(chunk) else received[0], chunk=chunk)
+        if not stage.holds_last(chunk):
             return [out]
         sums.add_(torch.tensor([float(cross_entropy(out, labels, reduction="sum")), labels.numel()],
                                dtype=torch.float64))  # fmt: skip
         return None
 
-    forward_only(len(batches), forward, Messages(shapes), engine.device)
+    if stage.num_chunks == 1:
+        forward_only(len(batches), lambda i, received: forward(0, i, received), messages, engine.device)
+    else:
+        forward_only_interleaved(len(batches), stage.num_chunks, forward, messages, engine.device)
     return broadcast_from_last_stage(sums)

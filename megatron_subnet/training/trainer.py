@@ -203,9 +203,22 @@ def pretrain(args: argparse.Namespace) -> int:
     tp = state.get_tensor_model_parallel_world_size()
     ds_config, plan = reconcile_ds_config(args, load_ds_config(args.ds_config), dp_size)
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    pp = state.get_pipeline_model_parallel_world_size()
+    pp, chunks = state.get_pipeline_model_parallel_world_size(), args.virtual_pipeline_model_parallel_size
     layout = {"world_size": dp_size, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
-              "zero_stage": zero_stage, "bf16": args.bf16}  # fmt: skip
+              "virtual_pipeline_model_parallel_size": chunks, "zero_stage": zero_stage, "bf16": args.bf16}  # fmt: skip
+    if chunks > 1:
+        backend = torch.distributed.get_backend(state.get_pipeline_model_parallel_group())
+        if backend != "gloo":
+            raise ValueError(
+                f"--virtual-pipeline-model-parallel-size {chunks}: the interleaved schedule runs on gloo only for "
+                f"now, this run's backend is {backend} (pass --distributed-backend gloo, or leave the flag out)"
+            )
+        if plan.gradient_accumulation_steps % pp:
+            raise ValueError(
+                f"--virtual-pipeline-model-parallel-size {chunks}: the {plan.gradient_accumulation_steps} "
+                f"micro-batches of a step (--global-batch-size / (--micro-batch-size x data-parallel size "
+                f"{dp_size})) are not a multiple of --pipeline-model-parallel-size {pp}"
+            )
     if args.compile and zero_stage == 3:
         raise ValueError(
             "--compile: not supported with ZeRO stage 3 (its parameter partitioning hooks run outside the "
@@ -267,7 +280,7 @@ def pretrain(args: argparse.Namespace) -> int:
             split = args.pipeline_layer_split if name == "student" else None
             split_layers(config.num_layers, pp, split, *(
                 (args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers)
-                if name == "student" else (None, None)))  # fmt: skip
+                if name == "student" else (None, None)), chunks=chunks)  # fmt: skip
         except ValueError as e:
             raise ValueError(f"the {name} cannot be split: {e}") from None
     check_token_ids(args.data_path, student_config.vocab_size)
@@ -277,15 +290,17 @@ def pretrain(args: argparse.Namespace) -> int:
 
     student_stage = current_stage(
         student_config.num_layers, args.pipeline_layer_split, args.decoder_first_pipeline_num_layers,
-        args.decoder_last_pipeline_num_layers,
+        args.decoder_last_pipeline_num_layers, chunks,
     )  # fmt: skip
     student = build_student(args, student_config, subnet, resume_meta is not None, student_stage)
     student.set_recompute(args.recompute_granularity)
     if args.compile:
         compile_model(student)
     teacher = None
-    if kd.alpha > 0:  # this rank's shard of its stage only: the teacher's layers split evenly over the stages
-        teacher = Teacher(load_model(args.teacher_load), ds_config, device, DTYPES[args.teacher_dtype])
+    if kd.alpha > 0:  # this rank's shard of its stage only: the teacher's layers split evenly over the (virtual) stages
+        teacher_stage = current_stage(teacher_config.num_layers, chunks=chunks)
+        teacher = Teacher(load_model(args.teacher_load, stage=teacher_stage), ds_config, device,
+                          DTYPES[args.teacher_dtype])  # fmt: skip
         if args.compile:
             compile_model(teacher.module)
 
@@ -338,7 +353,8 @@ def pretrain(args: argparse.Namespace) -> int:
         logger.write(
             f"student: {_parameters(student.config)}; parent: {_parameters(parent_config)}; "
             f"teacher: {_parameters(teacher_config if teacher is not None else None)}; "
-            f"tensor parallel {tp}, pipeline parallel {pp}, data parallel {dp_size}, ZeRO stage {zero_stage}, "
+            f"tensor parallel {tp}, pipeline parallel {pp}{f' x {chunks} virtual (interleaved)' * (chunks > 1)}, "
+            f"data parallel {dp_size}, ZeRO stage {zero_stage}, "
             f"global batch {global_batch} "
             f"= {args.micro_batch_size} x {accumulation} x {dp_size}"
         )
