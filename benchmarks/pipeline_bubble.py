@@ -13,11 +13,12 @@ of a random-weight llama-like ``GPTModel`` (``split_layers`` / ``stage_of``: 8 l
 the real schedule, ``parallel.pipeline.forward_backward_1f1b``, with plain autograd (no DeepSpeed, no
 optimizer step). With ``--virtual-stages v`` > 1 each process holds v model chunks instead (the layers split
 over v x PP virtual stages; chunk c of stage r is virtual stage c x PP + r: 8 layers at PP=2, v=2 put layers
-0, 1, 4, 5 on the first process) and runs ``forward_backward_interleaved``, Megatron's interleaved 1F1B, for
-the m that are multiples of PP. In both, the last stage's loss is ``parallel.losses.cross_entropy`` and
-earlier stages backward their output with the gradient the schedule received. The vocabulary is small by
-default so that the last stage's output layer does not unbalance the stages (the analytical bubble assumes
-equal stages).
+0, 1, 4, 5 on the first process), as the trainer builds them for ``--virtual-pipeline-model-parallel-size v``
+(one ``GPTModel`` over ``stage_of(..., chunks=v)``, run as ``model(x, chunk=c)``), and runs
+``forward_backward_interleaved``, Megatron's interleaved 1F1B, for the m that are multiples of PP. In both,
+the last stage's loss is ``parallel.losses.cross_entropy`` and earlier stages backward their output with the
+gradient the schedule received. The vocabulary is small by default so that the last stage's output layer
+does not unbalance the stages (the analytical bubble assumes equal stages).
 
 **Idle fraction.** The forward and backward callbacks are timed (``time.perf_counter``, CLOCK_MONOTONIC, the
 same clock in every process); the time a stage spends in ``communicate`` (waiting for a neighbour, or
@@ -178,34 +179,34 @@ def run_stage(rank: int, spec: dict) -> dict:
 
 
 def measure(rank: int, chunks: int, spec: dict) -> dict:
-    """This rank's ``chunks`` model chunks (one stage when 1): one micro-batch's saved activations alone, then
-    per m a warm-up step (memory) and ``steps`` timed steps of the 1F1B schedule (interleaved when chunks > 1:
-    chunk c is virtual stage ``c * PP + rank`` of ``chunks * PP``)."""
+    """This rank's stage of ``chunks`` model chunks (the trainer's ``GPTModel(x, chunk=c)``): one micro-batch's
+    saved activations alone, then per m a warm-up step (memory) and ``steps`` timed steps of the 1F1B schedule
+    (interleaved when chunks > 1: chunk c is virtual stage ``c * PP + rank`` of ``chunks * PP``)."""
     pp = state.get_pipeline_model_parallel_world_size()
     config = ModelConfig(**spec["config"])
     counts = split_layers(config.num_layers, pp * chunks)
-    stages = [stage_of(counts, c * pp + rank) for c in range(chunks)]
+    stage = stage_of(counts, rank, chunks=chunks)
     torch.manual_seed(spec["seed"] + rank)
-    models = [GPTModel(config, stage=stage).train() for stage in stages]
+    model = GPTModel(config, stage=stage).train()
     b, s, h = spec["batch"], spec["seq"], config.hidden_size
     g = torch.Generator().manual_seed(spec["seed"])
     batches = torch.randint(config.vocab_size, (max(spec["microbatches"]), b, s + 1), generator=g)
     hidden = torch.randn(b, s, h, generator=g)
     messages = Messages([((b, s, h), torch.float32)], with_grad=1)
-    tracker = SavedActivations([p for model in models for p in model.parameters()])
+    tracker = SavedActivations(list(model.parameters()))
 
     def chunk_forward(c: int, i: int, x: torch.Tensor):
-        out = models[c](x)
-        return cross_entropy(out, batches[i][:, 1:]) if stages[c].last else out
+        out = model(x, chunk=c)
+        return cross_entropy(out, batches[i][:, 1:]) if stage.holds_last(c) else out
 
     # one micro-batch through this rank's layers (its chunks one after the other), no pipeline
     for _ in range(2):
-        x = batches[0][:, :-1] if stages[0].first else hidden.clone().requires_grad_()
+        x = batches[0][:, :-1] if stage.first else hidden.clone().requires_grad_()
         with tracker:
             tracker.reset()
             for c in range(chunks):
                 x = chunk_forward(c, 0, x)
-            x.backward() if stages[-1].last else x.backward(torch.ones_like(x))
+            x.backward() if stage.last else x.backward(torch.ones_like(x))
     one = tracker.peak
     assert tracker.live == 0, tracker.refs
 
@@ -214,13 +215,13 @@ def measure(rank: int, chunks: int, spec: dict) -> dict:
 
     def forward(c, i, received):
         t0, c0 = time.perf_counter(), time.thread_time()
-        result = chunk_forward(c, i, batches[i][:, :-1] if stages[c].first else received[0])
+        result = chunk_forward(c, i, batches[i][:, :-1] if stage.holds_first(c) else received[0])
         spans.append(("F", (c, i), t0, time.perf_counter(), time.thread_time() - c0))
-        return result if stages[c].last else [result]
+        return result if stage.holds_last(c) else [result]
 
     def backward(c, i, outputs, grads):
         t0, c0 = time.perf_counter(), time.thread_time()
-        if stages[c].last:
+        if stage.holds_last(c):
             outputs.backward()
         else:
             torch.autograd.backward(outputs[0], grads[0])
@@ -233,15 +234,13 @@ def measure(rank: int, chunks: int, spec: dict) -> dict:
             )
         return forward_backward_interleaved(m, chunks, forward, backward, messages)
 
-    layers = [layer for stage in stages for layer in stage.layers]
-    results = {"layers": layers, "one_microbatch_bytes": one, "runs": {}}
+    results = {"layers": list(stage.layers), "one_microbatch_bytes": one, "runs": {}}
     for m in spec["microbatches"]:
         if chunks > 1 and m % pp:
             continue
         steps = []
         for step in range(1 + spec["steps"]):
-            for model in models:
-                model.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
             spans.clear()
             dist.barrier()
             with tracker if step == 0 else contextlib.nullcontext():

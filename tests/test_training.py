@@ -224,8 +224,8 @@ def test_launcher_runs_a_job_end_to_end(launcher, ws, refs, tmp_path):
     meta = json.loads((save / f"iter_{ITERS:07d}" / "megatron_subnet.json").read_text())
     assert meta["iteration"] == ITERS and meta["consumed_samples"] == ITERS * GLOBAL
     assert meta["layout"] == {
-        "world_size": 2, "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "zero_stage": 1,
-        "bf16": False,
+        "world_size": 2, "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
+        "virtual_pipeline_model_parallel_size": 1, "zero_stage": 1, "bf16": False,
     }  # fmt: skip
     assert (save / "final_model" / "model.safetensors").is_file()
     assert (save / "loss_curve.png").is_file()
