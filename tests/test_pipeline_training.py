@@ -314,3 +314,15 @@ def test_impossible_layouts_are_one_line_each(ws, tmp_path):
         lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
         assert result.returncode != 0 and "megatron_subnet/" not in result.stderr, result.tail()
         assert lines and all(needle in line for line in lines), result.tail()
+
+
+def test_resume_at_another_virtual_size_is_refused(ws, runs, tmp_path):
+    """The interleaved run's checkpoint (2 virtual stages) resumed as plain 1F1B: one line naming both sizes,
+    before any work."""
+    argv = flags(ws) + layout(pp=2) + ["--load", str(runs["pp2v2"] / "ckpt"), "--save", str(tmp_path / "ckpt"),
+                                       "--log-dir", str(tmp_path)]  # fmt: skip
+    result = run(torchrun_cmd(2, argv), tmp_path, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    needle = "virtual_pipeline_model_parallel_size=2, this launch has virtual_pipeline_model_parallel_size=1"
+    assert result.returncode != 0 and lines and all(needle in line for line in lines), result.tail()
+    assert not (tmp_path / "ckpt").exists()
