@@ -5,7 +5,9 @@ the tied embedding's two copies stay bit-identical; uneven stages; every launche
 torchrun on two "nodes" on loopback) runs a TP=2 x PP=2 job; a resume is bit-exact, also after one
 stage's process is SIGKILLed mid-step; impossible layouts are one line each.
 
-Every run is a subprocess with a hard timeout (tests/training_utils.py). The runs are made once per module.
+Every run is a subprocess with a hard timeout (tests/training_utils.py). The runs are made once per module;
+the comparison runs start their processes with ``tests/spawn.py`` (torchrun's environment, not its start-up),
+the launcher tests with the deepspeed launcher, mpirun and torchrun.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tests.training_utils import (
     read_jsonl,
     run,
     run_many,
+    spawn_cmd,
     torchrun_cmd,
     train_records,
 )
@@ -110,25 +113,25 @@ def runs(ws) -> dict[str, Path]:
     def save(name: str) -> list[str]:
         return ["--save", str(out[name] / "ckpt"), "--log-dir", str(out[name])]
 
-    single = [
+    uneven = flags(ws, subnet="subnet_uneven.json") + layout(pp=2) + ["--pipeline-layer-split", "1,2"]
+    # interleaved: 4 layers over 2 x 2 virtual stages; a job stopped after the checkpoint of step 3, then resumed
+    interleaved = flags(ws) + layout(pp=2) + ["--virtual-pipeline-model-parallel-size", "2"] + save("pp2v2")
+    dump = {"state_dump": str(out["pp2"] / "state_dump")}
+    jobs = [  # independent: two at a time (a job's start-up leaves the cores idle in places)
+        (spawn_cmd(4, flags(ws) + layout(pp=4) + save("pp4")), ws, None, 400, None),
+        (spawn_cmd(2, interleaved + ["--save-interval", "3"]), ws, None, 300, {"stop_after_save": 3}),
+        (spawn_cmd(2, flags(ws) + layout(pp=2) + save("pp2")), ws, None, 300, dump),
+        (spawn_cmd(2, flags(ws, "teacher_untied") + layout(pp=2) + save("untied_pp2")), ws, None, 300, None),
+        (spawn_cmd(2, flags(ws, "teacher_neox") + layout(pp=2) + save("neox_pp2")), ws, None, 300, None),
+        (spawn_cmd(2, uneven + save("uneven_pp2")), ws, None, 300, None),
         (python_cmd(flags(ws) + save("ref")), ws, None, 300, None),
         (python_cmd(flags(ws, "teacher_untied") + save("untied_ref")), ws, None, 300, None),
         (python_cmd(flags(ws, "teacher_neox") + save("neox_ref")), ws, None, 300, None),
         (python_cmd(flags(ws, subnet="subnet_uneven.json") + save("uneven_ref")), ws, None, 300, None),
     ]
-    for result in run_many(single):
+    for result in run_many(jobs):
         ok(result)
-    dump = {"state_dump": str(out["pp2"] / "state_dump")}
-    ok(run(torchrun_cmd(2, flags(ws) + layout(pp=2) + save("pp2")), ws, hooks=dump, timeout=300))
-    ok(run(torchrun_cmd(2, flags(ws, "teacher_untied") + layout(pp=2) + save("untied_pp2")), ws, timeout=300))
-    ok(run(torchrun_cmd(2, flags(ws, "teacher_neox") + layout(pp=2) + save("neox_pp2")), ws, timeout=300))
-    uneven = flags(ws, subnet="subnet_uneven.json") + layout(pp=2) + ["--pipeline-layer-split", "1,2"]
-    ok(run(torchrun_cmd(2, uneven + save("uneven_pp2")), ws, timeout=300))
-    ok(run(torchrun_cmd(4, flags(ws) + layout(pp=4) + save("pp4")), ws, timeout=400))
-    # interleaved: 4 layers over 2 x 2 virtual stages; a job stopped after the checkpoint of step 3, then resumed
-    interleaved = flags(ws) + layout(pp=2) + ["--virtual-pipeline-model-parallel-size", "2"] + save("pp2v2")
-    ok(run(torchrun_cmd(2, interleaved + ["--save-interval", "3"]), ws, hooks={"stop_after_save": 3}, timeout=300))
-    ok(run(torchrun_cmd(2, interleaved + ["--load", str(out["pp2v2"] / "ckpt")]), ws,
+    ok(run(spawn_cmd(2, interleaved + ["--load", str(out["pp2v2"] / "ckpt")]), ws,
            hooks={"state_dump": str(out["pp2v2"] / "state_dump")}, timeout=300))  # fmt: skip
     # the deepspeed and mpirun launchers each run a TP=2 x PP=2 job (torchrun does below, on two "nodes")
     for name, kind, nproc in (("tp2pp2", "deepspeed", 4), ("tp2pp2dp2", "mpirun", 8)):
@@ -166,7 +169,7 @@ def assert_same_run(run_dir: Path, ref_dir: Path, what: str) -> None:
      ("neox_pp2", "neox_ref"), ("uneven_pp2", "uneven_ref"), ("pp2v2", "ref")],
 )  # fmt: skip
 def test_pipeline_layouts_equal_one_process(runs, name, ref):
-    """PP=2 and PP=4 (torchrun), TP=2 x PP=2 (deepspeed launcher), TP=2 x PP=2 x DP=2 (8 processes, mpirun) at
+    """PP=2 and PP=4, TP=2 x PP=2 (deepspeed launcher), TP=2 x PP=2 x DP=2 (8 processes, mpirun) at
     ZeRO-1 with distillation; untied llama and GPT-NeoX at PP=2; 3 kept parent layers split 1 + 2; PP=2 x 2
     virtual stages (interleaved), resumed after step 3. The validation and test losses (through the
     forward-only schedules) equal too, where the data-parallel size (and so the evaluation batches) is the
@@ -309,7 +312,7 @@ def test_impossible_layouts_are_one_line_each(ws, tmp_path):
          "the 3 micro-batches of a step"),
         (1, flags(ws) + ["--virtual-pipeline-model-parallel-size", "2"], "needs --pipeline-model-parallel-size >= 2"),
     ]
-    jobs = [(torchrun_cmd(n, argv), tmp_path, None, 120, None) for n, argv, _ in cases]
+    jobs = [(spawn_cmd(n, argv), tmp_path, None, 120, None) for n, argv, _ in cases]
     for result, (_, _, needle) in zip(run_many(jobs), cases):
         lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
         assert result.returncode != 0 and "megatron_subnet/" not in result.stderr, result.tail()
@@ -321,7 +324,7 @@ def test_resume_at_another_virtual_size_is_refused(ws, runs, tmp_path):
     before any work."""
     argv = flags(ws) + layout(pp=2) + ["--load", str(runs["pp2v2"] / "ckpt"), "--save", str(tmp_path / "ckpt"),
                                        "--log-dir", str(tmp_path)]  # fmt: skip
-    result = run(torchrun_cmd(2, argv), tmp_path, timeout=120)
+    result = run(spawn_cmd(2, argv), tmp_path, timeout=120)
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     needle = "virtual_pipeline_model_parallel_size=2, this launch has virtual_pipeline_model_parallel_size=1"
     assert result.returncode != 0 and lines and all(needle in line for line in lines), result.tail()

@@ -28,7 +28,8 @@ from tests.training_utils import (
     ok,
     python_cmd,
     run,
-    torchrun_cmd,
+    run_many,
+    spawn_cmd,
     train_records,
 )
 
@@ -66,12 +67,11 @@ def runs(ws) -> dict[str, dict[int, dict]]:
         "recompute_full": ("zero1.json", "--recompute-granularity", "full"),
         "recompute_selective": ("zero0.json", "--recompute-activations"),
     }
-    out = {}
-    for name, (ds_config, *extra) in jobs.items():
-        log_dir = ws / f"run_{name}"
-        ok(run(torchrun_cmd(2, flags(ws, ds_config, log_dir, *extra)), ws, timeout=300))
-        out[name] = train_records(log_dir)
-    return out
+    commands = [(spawn_cmd(2, flags(ws, ds_config, ws / f"run_{name}", *extra)), ws, None, 300, None)
+                for name, (ds_config, *extra) in jobs.items()]  # fmt: skip
+    for result in run_many(commands):  # two at a time
+        ok(result)
+    return {name: train_records(ws / f"run_{name}") for name in jobs}
 
 
 def relative_gaps(records: dict[int, dict], reference: dict[int, dict], key: str = "loss") -> list[float]:

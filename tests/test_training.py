@@ -38,6 +38,7 @@ from tests.training_utils import (
     read_jsonl,
     run,
     run_many,
+    spawn_cmd,
     torchrun_cmd,
     train_records,
 )
@@ -567,7 +568,7 @@ def tp_runs(ws) -> dict[str, Path]:
     for name, stage, tp in (("tp1_z1", 1, 1), ("tp2_z0", 0, 2), ("tp2_z1", 1, 2), ("tp2_z2", 2, 2), ("tp2_z3", 3, 2)):
         root = ws / f"tp_{name}"
         flags = tp_flags(ws, stage, tp) + ["--save", str(root / "ckpt"), "--save-interval", str(SAVE_INTERVAL)]
-        result = run(torchrun_cmd(2 * tp, flags + ["--log-dir", str(root)]), ws, hooks={}, timeout=300)
+        result = run(spawn_cmd(2 * tp, flags + ["--log-dir", str(root)]), ws, hooks={}, timeout=300)
         assert result.returncode == 0, result.tail()
         out[name] = root
     return out
@@ -600,9 +601,9 @@ def test_tensor_parallel_resume_is_bit_exact(ws, tp_runs, tmp_path):
     uninterrupted TP=2 run's exactly."""
     save = tmp_path / "ckpt"
     flags = tp_flags(ws, 1, 2) + ["--save", str(save), "--save-interval", str(SAVE_INTERVAL)]
-    ok(run(torchrun_cmd(4, flags + ["--log-dir", str(tmp_path / "a")]), tmp_path, hooks={"stop_after_save": 3},
+    ok(run(spawn_cmd(4, flags + ["--log-dir", str(tmp_path / "a")]), tmp_path, hooks={"stop_after_save": 3},
            timeout=300))  # fmt: skip
-    ok(run(torchrun_cmd(4, flags + ["--load", str(save), "--log-dir", str(tmp_path / "b")]), tmp_path, timeout=300))
+    ok(run(spawn_cmd(4, flags + ["--load", str(save), "--log-dir", str(tmp_path / "b")]), tmp_path, timeout=300))
     resumed = train_records(tmp_path / "b")
     assert sorted(resumed) == [4, 5, 6]
     reference = train_records(tp_runs["tp2_z1"])
@@ -612,11 +613,10 @@ def test_tensor_parallel_resume_is_bit_exact(ws, tp_runs, tmp_path):
 
 def test_layouts_that_do_not_fit_are_refused(ws, tmp_path):
     """The 1-query-group student at TP=2, and 3 processes at TP=2: each rank prints one line naming the
-    dimension (or the world) and the sizes, before any work, and no traceback of ours (torchrun adds its
-    own report of the failed workers)."""
+    dimension (or the world) and the sizes, before any work, and no traceback of ours."""
     jobs = [
-        (torchrun_cmd(2, common_flags(ws, 0) + ["--tensor-model-parallel-size", "2"]), tmp_path, None, 120, None),
-        (torchrun_cmd(3, tp_flags(ws, 0, 2)), tmp_path, None, 120, None),
+        (spawn_cmd(2, common_flags(ws, 0) + ["--tensor-model-parallel-size", "2"]), tmp_path, None, 120, None),
+        (spawn_cmd(3, tp_flags(ws, 0, 2)), tmp_path, None, 120, None),
     ]
     needles = (
         "num_query_groups 1 is not divisible by --tensor-model-parallel-size 2",

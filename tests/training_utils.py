@@ -227,8 +227,14 @@ def torchrun_cmd(nproc: int, args: list[str], script: Path = WRAPPER) -> list[st
     return [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(nproc), str(script), *args]
 
 
+def spawn_cmd(nproc: int, args: list[str], script: Path = WRAPPER) -> list[str]:
+    """``nproc`` workers started by ``tests/spawn.py`` (torchrun's environment without torchrun's start-up):
+    for the runs whose point is the numbers, not the launcher."""
+    return [sys.executable, str(Path(__file__).with_name("spawn.py")), str(nproc), str(script), *args]
+
+
 def launch_cmd(nproc: int, args: list[str], script: Path = WRAPPER) -> list[str]:
-    return python_cmd(args, script) if nproc == 1 else torchrun_cmd(nproc, args, script)
+    return python_cmd(args, script) if nproc == 1 else spawn_cmd(nproc, args, script)
 
 
 # ----------------------------------------------------------------------------- reading results
