@@ -165,11 +165,6 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ArgumentError(
             f"--virtual-pipeline-model-parallel-size {chunks}: needs --pipeline-model-parallel-size >= 2"
         )
-    if chunks > 1 and (args.decoder_first_pipeline_num_layers or args.decoder_last_pipeline_num_layers):
-        raise ArgumentError(
-            "--decoder-first/last-pipeline-num-layers: not supported with --virtual-pipeline-model-parallel-size; "
-            "give --pipeline-layer-split with a count per virtual stage instead"
-        )
     if args.pipeline_layer_split and len(args.pipeline_layer_split) != pp * chunks:
         virtual = f" x --virtual-pipeline-model-parallel-size {chunks}" if chunks > 1 else ""
         raise ArgumentError(
