@@ -32,7 +32,7 @@ from megatron_subnet.model.weights import (
 from megatron_subnet.parallel.layers import TPShard
 from megatron_subnet.search.evolution import read_results
 from tests.distributed import run_distributed
-from tests.training_utils import REPO, run, torchrun_cmd
+from tests.training_utils import REPO, run, spawn_cmd, torchrun_cmd
 from tools.compute_importance import main as importance_main
 from tools.convert_checkpoint import main as convert_main
 from tools.evaluate import main as evaluate_main
@@ -75,8 +75,9 @@ def ws(tmp_path_factory) -> SimpleNamespace:
                            ckpt_tp2=str(root / "ckpt_tp2"), data=str(root / "data"))  # fmt: skip
 
 
-def torchrun(nproc: int, tool: str, args: list[str], cwd: Path, timeout: float = 150):
-    result = run(torchrun_cmd(nproc, [str(a) for a in args], script=REPO / "tools" / tool), cwd=cwd, timeout=timeout)
+def torchrun(nproc: int, tool: str, args: list[str], cwd: Path, timeout: float = 150, launcher=spawn_cmd):
+    """``tool`` on ``nproc`` processes (``launcher``: ``torchrun_cmd`` for the user's command line itself)."""
+    result = run(launcher(nproc, [str(a) for a in args], script=REPO / "tools" / tool), cwd=cwd, timeout=timeout)
     assert result.returncode == 0, result.tail()
     return result
 
@@ -222,8 +223,8 @@ def test_evaluate_at_tp2_equals_one_process(ws, tmp_path):
     assert evaluate_main(["--load", ws.ckpt_tp2, *common, "--output", str(tmp_path / "tp1.jsonl")]) == 0
     tp1, tp1_from_shards = [json.loads(line) for line in (tmp_path / "tp1.jsonl").read_text().splitlines()]
     assert tp1_from_shards["loss"] == tp1["loss"]  # one process reading the TP=2 files: the same weights
-    result = torchrun(2, "evaluate.py", ["--load", ws.ckpt_tp2, *common, "--tensor-model-parallel-size", "2",
-                                         "--output", tmp_path / "tp2.jsonl"], tmp_path)  # fmt: skip
+    tp2_args = ["--load", ws.ckpt_tp2, *common, "--tensor-model-parallel-size", "2", "--output", tmp_path / "tp2.jsonl"]
+    result = torchrun(2, "evaluate.py", tp2_args, tmp_path, launcher=torchrun_cmd)  # the user's command line
     lines = (tmp_path / "tp2.jsonl").read_text().splitlines()
     assert len(lines) == 1, lines  # rank 0 alone appends
     tp2 = json.loads(lines[0])
