@@ -11,18 +11,17 @@ deepspeed, mpirun) keep their own tests.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
+
+from training_utils import free_port  # this script's own directory is first on sys.path
 
 
 def main(argv: list[str]) -> int:
     count, script, *args = argv
     world = int(count)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     workers = []
     for rank in range(world):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),

@@ -163,6 +163,13 @@ def communicate(
     return from_prev, from_next
 
 
+def _ring_neighbours() -> tuple[int, int]:
+    """(previous, next) global ranks of this stage on the ring of virtual stages (the last wraps to the first)."""
+    ranks = state.get_pipeline_model_parallel_ranks()
+    rank = state.get_pipeline_model_parallel_rank()
+    return ranks[(rank - 1) % len(ranks)], ranks[(rank + 1) % len(ranks)]
+
+
 # ----------------------------------------------------------------------------- schedules
 
 # forward(micro-batch index, received tensors or None) -> (tensors to send on, or the loss on the last stage)
@@ -307,12 +314,11 @@ def forward_backward_interleaved(
     the step's end, so a stage waits only for data the schedule has not produced yet. Returns the peak number
     of (chunk, micro-batch) forwards in flight."""
     pp, rank = state.get_pipeline_model_parallel_world_size(), state.get_pipeline_model_parallel_rank()
-    ranks = state.get_pipeline_model_parallel_ranks()
     order = interleaved_order(pp, rank, chunks, num_microbatches)
     backend = dist.get_backend(state.get_pipeline_model_parallel_group())
     if backend != "gloo":  # NCCL ignores tags and serialises one pair's sends and receives on one stream
         raise PipelineError(f"interleaved pipeline: runs on gloo only for now, not {backend}")
-    prev, next_ = ranks[(rank - 1) % pp], ranks[(rank + 1) % pp]
+    prev, next_ = _ring_neighbours()
 
     def is_first(chunk: int) -> bool:  # virtual stage 0: the micro-batch starts here
         return rank == 0 and chunk == 0
@@ -400,8 +406,7 @@ def forward_only_interleaved(
     """Every micro-batch through every virtual stage in turn, no backward (evaluation of a model held as
     ``chunks`` model chunks per stage): one chain of blocking hand-offs round the ring of stages."""
     pp, rank = state.get_pipeline_model_parallel_world_size(), state.get_pipeline_model_parallel_rank()
-    ranks = state.get_pipeline_model_parallel_ranks()
-    prev, next_ = ranks[(rank - 1) % pp], ranks[(rank + 1) % pp]
+    prev, next_ = _ring_neighbours()
     for i in range(num_microbatches):
         for chunk in range(chunks):
             inputs = None
