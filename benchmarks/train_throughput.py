@@ -80,12 +80,34 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- the arms
 
 
+def run_device() -> str:
+    """Where every arm runs: the GPU when there is one (as pretrain_slm.py does), else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def synthetic_batches(vocab: int, args, seed: int = 0):
     import torch
 
     g = torch.Generator().manual_seed(seed)
     shape = (args.micro_batch_size, args.seq_length + 1)
-    return [torch.randint(0, vocab, shape, generator=g) for _ in range(args.warmup + args.steps)]
+    return [torch.randint(0, vocab, shape, generator=g).to(run_device()) for _ in range(args.warmup + args.steps)]
+
+
+def timed_tokens_per_s(step, batches: list, warmup: int) -> float:
+    """Tokens/s of ``step(batch)`` over the batches after the first ``warmup``, the device's work included."""
+    import torch
+
+    sync = torch.cuda.synchronize if run_device() == "cuda" else (lambda: None)
+    start = None
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            sync()
+            start = time.perf_counter()
+        step(batch)
+    sync()
+    return (len(batches) - warmup) * batches[0][:, :-1].numel() / (time.perf_counter() - start)
 
 
 def hf_arm(args) -> dict:
@@ -100,19 +122,17 @@ def hf_arm(args) -> dict:
     hf_config = config_to_hf(config)
     hf_config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(hf_config).float().train()
+    model = AutoModelForCausalLM.from_config(hf_config).float().train().to(run_device())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-    batches = synthetic_batches(config.vocab_size, args)
-    start = None
-    for i, batch in enumerate(batches):
-        if i == args.warmup:
-            start = time.perf_counter()
+
+    def step(batch):
         loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return {"tokens_per_s": args.steps * batches[0][:, :-1].numel() / (time.perf_counter() - start)}
+
+    return {"tokens_per_s": timed_tokens_per_s(step, synthetic_batches(config.vocab_size, args), args.warmup)}
 
 
 def teacher_arm(args, dtype_name: str) -> dict:
@@ -121,15 +141,10 @@ def teacher_arm(args, dtype_name: str) -> dict:
     from megatron_subnet.model.weights import load_model
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    model = load_model(args.teacher).to(dtype).eval()
+    model = load_model(args.teacher).to(run_device(), dtype).eval()
     batches = synthetic_batches(model.config.vocab_size, args)
-    start = None
     with torch.no_grad():
-        for i, batch in enumerate(batches):
-            if i == args.warmup:
-                start = time.perf_counter()
-            model(batch[:, :-1])
-    return {"tokens_per_s": args.steps * batches[0][:, :-1].numel() / (time.perf_counter() - start)}
+        return {"tokens_per_s": timed_tokens_per_s(lambda b: model(b[:, :-1]), batches, args.warmup)}
 
 
 def pretrain_arm(args, name: str, work: Path) -> dict:
@@ -262,9 +277,10 @@ def main(argv=None) -> int:
 
     from megatron_subnet.training.peak import peak_flops
 
-    peaks = {name: peak_flops("cpu", dtype)[0] for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    print(f"peak per process (best 2048x2048 matmul seen, {threads} threads): fp32 {peaks['fp32'] / 1e9:.0f}, bf16 "
-          f"{peaks['bf16'] / 1e9:.0f} GFLOP/s\n")  # fmt: skip
+    dtypes = (("fp32", torch.float32), ("bf16", torch.bfloat16))
+    peaks = {name: peak_flops(run_device(), dtype)[0] for name, dtype in dtypes}
+    where = "the GPU table" if run_device() == "cuda" else f"best 2048x2048 matmul seen, {threads} threads"
+    print(f"peak per process ({where}): fp32 {peaks['fp32'] / 1e9:.0f}, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s\n")
     print("| arm | tokens/s (median) | model TFLOP/s (median) | MFU (median) |\n|---|---:|---:|---:|")
     for arm in args.arms:
         rates = [m["tokens_per_s"] for m in measured[arm]]

@@ -42,6 +42,7 @@ def initialize_distributed(
     """
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     backend = backend or ("nccl" if use_cuda else "gloo")
+    device = _device(use_cuda)  # before the process group: NCCL binds each rank's communicator to its device
     if not dist.is_initialized():
         if not _launched() and not _in_mpi():
             if tensor_parallel * pipeline_parallel > 1:
@@ -51,30 +52,53 @@ def initialize_distributed(
                     f"{tensor_parallel * pipeline_parallel} (or deepspeed / mpirun)"
                 )
             if not deepspeed_comm:
-                return _device(use_cuda)  # one process, no group needed
+                return device  # one process, no group needed
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         if deepspeed_comm or _in_mpi():
-            import deepspeed
-
-            # Under mpirun DeepSpeed's MPI discovery sets MASTER_PORT to its argument (default 29500, torchrun's
-            # default too): honour a MASTER_PORT the user exported (mpirun -x MASTER_PORT) so jobs can share a node.
-            port = int(os.environ.get("MASTER_PORT", 29500))
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, distributed_port=port,
-                                       verbose=False)  # fmt: skip
+            _init_deepspeed_comm(backend, use_cuda)
+            if use_cuda and f"cuda:{_local_rank()}" != device:  # a local rank only MPI discovery could tell
+                device = _device(use_cuda)
         else:
             dist.init_process_group(backend)
     state.initialize_model_parallel(tensor_parallel, pipeline_parallel)
-    return _device(use_cuda)
+    return device
+
+
+def _init_deepspeed_comm(backend: str, use_cuda: bool) -> None:
+    import importlib
+
+    import deepspeed
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # not `import ... as`: deepspeed.comm.torch is torch
+    if not use_cuda and os.environ.get("WORLD_SIZE") == "1" and hasattr(ds_torch, "build_shm_op"):
+        # DeepSpeed compiles a shared-memory all-reduce for CPU ranks at start (20-80 s on a fresh machine);
+        # one process reduces with nobody: skip the build
+        ds_torch.build_shm_op = lambda: None
+    # Under mpirun DeepSpeed's MPI discovery sets MASTER_PORT to its argument (default 29500, torchrun's
+    # default too): honour a MASTER_PORT the user exported (mpirun -x MASTER_PORT) so jobs can share a node.
+    port = int(os.environ.get("MASTER_PORT", 29500))
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, distributed_port=port, verbose=False)
+
+
+# The rank on this node as each launcher names it: torchrun and deepspeed, Open MPI, MVAPICH, MPICH / Intel MPI,
+# Slurm's srun.
+_LOCAL_RANK_ENV = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID",
+                   "SLURM_LOCALID")  # fmt: skip
 
 
 def _device(use_cuda: bool) -> str:
+    """``cpu``, or this rank's GPU (its rank on the node), made the current CUDA device."""
     if not use_cuda:
         return "cpu"
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = _local_rank()
     torch.cuda.set_device(local_rank)
     return f"cuda:{local_rank}"
+
+
+def _local_rank() -> int:
+    return int(next((os.environ[k] for k in _LOCAL_RANK_ENV if k in os.environ), 0))
 
 
 def _free_port() -> int:

@@ -68,3 +68,25 @@ def test_cross_entropy_sum_is_token_weighted_mean():
     torch.testing.assert_close(grad, ref_grad)
     with pytest.raises(ValueError, match="reduction"):
         cross_entropy(logits, labels, reduction="none")
+
+
+def test_chunk_size_follows_the_device(monkeypatch):
+    """A CPU chunk fits its cache (42 tokens of SmolLM2's 49,152 ids); an accelerator's is 32x larger. The
+    fused loss is the same whatever the chunking: one chunk (the accelerator's size) or one token each."""
+    from megatron_subnet.parallel import losses
+
+    assert losses._chunk_rows(49152, torch.device("cpu")) == 42
+    assert losses._chunk_rows(49152, torch.device("cuda")) == 1365
+    assert losses._chunk_rows(10**9, torch.device("cuda")) == 1
+    g = torch.Generator().manual_seed(1)
+    student = 3 * torch.randn(2, 9, 37, generator=g)
+    teacher, labels = 3 * torch.randn(2, 9, 37, generator=g), torch.randint(0, 37, (2, 9), generator=g)
+    results = []
+    for elements in ({}, {"cpu": 37}):  # the accelerator's size on the CPU: all 18 tokens at once; one per chunk
+        monkeypatch.setattr(losses, "_CHUNK_ELEMENTS_BY_DEVICE", elements)
+        s = student.clone().requires_grad_()
+        loss, ce, kl = distillation_loss(s, labels, teacher, 0.5, "forward_kl", 2.0)
+        loss.backward()
+        results.append([loss, ce, kl, s.grad])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

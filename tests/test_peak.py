@@ -110,6 +110,8 @@ def test_keys_separate_dtypes_and_threads(cache, monkeypatch):
         ("NVIDIA H100 PCIe", "bf16", ("H100 PCIe", 756.0)),  # the longest match, not "H100"
         ("NVIDIA H100 PCIe", "fp32", ("H100 PCIe", 51.2)),
         ("NVIDIA H200", "bf16", ("H200", 989.4)),
+        ("NVIDIA H200 NVL", "bf16", ("H200 NVL", 835.5)),  # not the SXM part's 989.4
+        ("NVIDIA H100 NVL", "tf32", ("H100 NVL", 417.5)),
         ("NVIDIA A100-SXM4-80GB", "bf16", ("A100", 312.0)),
         ("NVIDIA A100 80GB PCIe", "fp32", ("A100", 19.5)),
         ("NVIDIA A100-SXM4-40GB", "tf32", ("A100", 156.0)),

@@ -116,7 +116,7 @@ def runs(ws) -> dict[str, Path]:
     uneven = flags(ws, subnet="subnet_uneven.json") + layout(pp=2) + ["--pipeline-layer-split", "1,2"]
     # interleaved: 4 layers over 2 x 2 virtual stages; a job stopped after the checkpoint of step 3, then resumed
     interleaved = flags(ws) + layout(pp=2) + ["--virtual-pipeline-model-parallel-size", "2"] + save("pp2v2")
-    dump = {"state_dump": str(out["pp2"] / "state_dump")}
+    dump = {"state_dump": str(out["pp2"] / "state_dump"), "device_trace": str(out["pp2"] / "device_trace")}
     jobs = [  # independent: two at a time (a job's start-up leaves the cores idle in places)
         (spawn_cmd(4, flags(ws) + layout(pp=4) + save("pp4")), ws, None, 400, None),
         (spawn_cmd(2, interleaved + ["--save-interval", "3"]), ws, None, 300, {"stop_after_save": 3}),
@@ -202,6 +202,19 @@ def test_tied_embedding_copies_stay_bit_identical(runs):
     assert any(k.startswith("layers.") for k in first) and "final_layernorm.weight" in last
     _, expected = load_checkpoint(runs["ref"] / "ckpt" / "final_model")
     torch.testing.assert_close(first["embedding.weight"], expected["embedding.weight"], rtol=1e-5, atol=1e-6)
+
+
+def test_tied_embedding_sync_runs_on_the_students_device(runs):
+    """At PP=2 the first broadcast of the tied embedding (first stage -> last) comes after the student was moved
+    to the run's device (``cpu:0`` in the trace), and every tensor broadcast before training lies on the
+    engine's device: NCCL moves accelerator tensors only. (On a CPU the device check cannot fail; the order
+    check is the one that catches a sync before the move.)"""
+    for rank in (0, 1):
+        events = json.loads((runs["pp2"] / "device_trace" / f"rank_{rank}.json").read_text())
+        assert events[-1][0] == "engine" and ["to", "cpu:0"] in events, events
+        broadcasts = [i for i, (kind, _) in enumerate(events) if kind == "broadcast"]
+        assert broadcasts and events.index(["to", "cpu:0"]) < broadcasts[0], events
+        assert all(events[i][1] == events[-1][1] for i in broadcasts), events
 
 
 def test_interleaved_stages_hold_their_virtual_stages_and_tied_copies_agree(runs):

@@ -61,7 +61,7 @@ def _worker(rank: int, world: int, port: int, cases: list[dict], out: str) -> No
     try:
         state.initialize_model_parallel(tensor_model_parallel_size=world)
         local = VOCAB // world
-        losses._CHUNK_ELEMENTS = CHUNK_TOKENS * local  # several token chunks per call
+        losses._CHUNK_ELEMENTS_BY_DEVICE = {"cpu": CHUNK_TOKENS * local}  # several token chunks per call
         results = []
         for case in cases:
             student, labels, teacher = _inputs(case)

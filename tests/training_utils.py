@@ -14,6 +14,9 @@ file is ``pretrain_slm.py`` plus test hooks chosen by the JSON in ``$MEGATRON_SU
                     micro-batch's forward), the other ranks left waiting on it
 ``state_dump``      after training, every rank saves its student module's tensors (its TP shard of its pipeline
                     stage) to ``state_dump/rank_R.safetensors``
+``device_trace``    each rank writes, in order, where the student was moved (``to``; the run's device, on a
+                    CPU, is spelled ``cpu:0``), the device of every tensor broadcast before training and the
+                    engine's device, to ``device_trace/rank_R.json``
 ``teacher_report``  after training: the teacher's tensors vs its safetensors file, and that none of them is
                     a student parameter, in the optimizer, trainable, or has a gradient
 """
@@ -380,7 +383,9 @@ def _install_hooks(hooks: dict) -> dict:
 
         checkpoint.save_checkpoint = save_hook
 
-    if hooks.get("teacher_report") or hooks.get("state_dump"):
+    if hooks.get("device_trace"):
+        _trace_devices(captured)
+    if hooks.get("teacher_report") or hooks.get("state_dump") or hooks.get("device_trace"):
         teacher_cls, init_student = trainer.Teacher, trainer.initialize_student
 
         class RecordingTeacher(teacher_cls):
@@ -393,10 +398,40 @@ def _install_hooks(hooks: dict) -> dict:
             captured["student"], captured["optimizer"] = model, optimizer
             engine = init_student(model, optimizer, ds_config)
             captured["engine"] = engine
+            captured.setdefault("events", []).append(["engine", str(engine.device)])
             return engine
 
         trainer.Teacher, trainer.initialize_student = RecordingTeacher, init_hook
     return captured
+
+
+def _trace_devices(captured: dict) -> None:
+    """Record in ``captured["events"]`` where the student is moved to (a model in training mode: the teacher is
+    in eval mode before it moves) and every broadcast until the engine exists. On a CPU the run's device is
+    renamed ``cpu:0`` (the same device), so that a move to it is told apart from a move to the default."""
+    import torch.distributed as dist
+
+    from megatron_subnet.model.gpt import GPTModel
+    from megatron_subnet.training import trainer
+
+    events = captured.setdefault("events", [])
+    move, broadcast, initialize = GPTModel.to, dist.broadcast, trainer.initialize_distributed
+
+    def initialize_hook(*args, **kwargs):
+        device = initialize(*args, **kwargs)
+        return "cpu:0" if device == "cpu" else device
+
+    def to_hook(self, *args, **kwargs):
+        if self.training:
+            events.append(["to", str(args[0] if args else kwargs.get("device"))])
+        return move(self, *args, **kwargs)
+
+    def broadcast_hook(tensor, *args, **kwargs):
+        if "engine" not in captured:
+            events.append(["broadcast", str(tensor.device)])
+        return broadcast(tensor, *args, **kwargs)
+
+    trainer.initialize_distributed, GPTModel.to, dist.broadcast = initialize_hook, to_hook, broadcast_hook
 
 
 def _teacher_report(captured: dict, hooks: dict, teacher_dir: str) -> None:
@@ -448,6 +483,13 @@ def _main(argv: list[str]) -> int:
     if code == 0 and hooks.get("teacher_report"):
         teacher_dir = argv[argv.index("--teacher-load") + 1]
         _teacher_report(captured, hooks, teacher_dir)
+    if code == 0 and hooks.get("device_trace"):
+        import torch.distributed as dist
+
+        out = Path(hooks["device_trace"])
+        out.mkdir(parents=True, exist_ok=True)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        (out / f"rank_{rank}.json").write_text(json.dumps(captured["events"]))
     if code == 0 and hooks.get("state_dump"):
         import torch.distributed as dist
         from safetensors.torch import save_file

@@ -52,11 +52,12 @@ def divide(total: int, parts: int, what: str) -> int:
 
 
 def select(weight: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
-    """``weight[rows][:, cols]`` where a ``None`` index keeps everything along that dimension."""
+    """``weight[rows][:, cols]`` where a ``None`` index keeps everything along that dimension; the indices may
+    lie on another device than ``weight`` (they move to it: an accelerator selects with its own indices)."""
     if rows is not None:
-        weight = weight.index_select(0, rows)
+        weight = weight.index_select(0, rows.to(weight.device))
     if cols is not None:
-        weight = weight.index_select(1, cols)
+        weight = weight.index_select(1, cols.to(weight.device))
     return weight
 
 

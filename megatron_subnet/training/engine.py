@@ -36,25 +36,38 @@ class GuardedAdamW(torch.optim.AdamW):
     """AdamW that skips its update when any rank holds a NaN/Inf gradient: every rank (every tensor- and
     data-parallel shard) takes the same decision, so the shards of one model never drift apart.
 
-    DeepSpeed calls ``step`` on every rank's partition; ZeRO-1/2 already skip on a non-finite norm and
-    never call it then.
+    The decision stays on the device: the fused kernel skips the update (and its step count) where
+    ``found_inf`` is set, as under torch.amp's GradScaler, so no rank waits on the host; ``skipped`` keeps it
+    for the step's report. DeepSpeed calls ``step`` on every rank's partition; ZeRO-1/2 already skip on a
+    non-finite norm and never call it then.
     """
 
-    skipped_last = False
+    skipped: torch.Tensor | None = None  # 1.0 where any call since the last reset (to None) skipped
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self.defaults.get("fused"):
+            raise ValueError("GuardedAdamW: needs fused=True (only the fused kernel honours found_inf)")
 
     @torch.no_grad()
     def step(self, closure=None):
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        finite = not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
-        # NCCL reduces accelerator tensors only; a ZeRO-3 partition may hold no parameter at all
-        device = next((p.device for group in self.param_groups for p in group["params"]), torch.device("cpu"))
-        flag = torch.tensor([0.0 if finite else 1.0], device=device)
+        params = [p for group in self.param_groups for p in group["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        flag = torch.zeros((), device=params[0].device if params else _collective_device())
+        if grads:
+            flag = torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()).logical_not().float()
         if state.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0:
-            self.skipped_last = True
-            return None
+        self.found_inf = flag
+        self.skipped = flag if self.skipped is None else torch.maximum(self.skipped, flag)  # ZeRO-3: per sub-group
         return super().step(closure)
+
+
+def _collective_device() -> torch.device:
+    """Where a tensor for a collective must live: NCCL reduces accelerator tensors only."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def build_optimizer(
@@ -126,17 +139,18 @@ class StepResult:
     skipped: bool
 
 
-def _sum_over_data_parallel(values: list[float], device: torch.device | str = "cpu") -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def _sum_over_data_parallel(values: torch.Tensor) -> torch.Tensor:
+    """``values`` summed over the data-parallel replicas (in place)."""
     if state.get_data_parallel_world_size() > 1:
-        dist.all_reduce(t, group=state.get_data_parallel_group())
-    return t.tolist()
+        dist.all_reduce(values, group=state.get_data_parallel_group())
+    return values
 
 
-def _grad_norm(engine) -> float:
+def _grad_norm(engine) -> torch.Tensor:
+    """The global gradient norm, a float64 scalar on the engine's device (no host sync of our own)."""
     norm = engine.get_global_grad_norm()
     if norm is not None:
-        return float(norm)
+        return torch.as_tensor(norm, dtype=torch.float64, device=engine.device)
     # Plain data parallelism in fp32: gradients are already averaged across replicas after the last backward.
     # Squares are summed over the model-parallel (TP x PP) group; a tensor replicated over TP is counted on TP
     # rank 0 only, and the last stage's copy of a tied embedding not at all (as DeepSpeed counts them).
@@ -151,7 +165,12 @@ def _grad_norm(engine) -> float:
         squares[0] = torch.stack(torch._foreach_norm(grads)).double().pow(2).sum()
     if state.DeepSpeedMPU.get_model_parallel_world_size() > 1:
         dist.all_reduce(squares, group=state.mpu.get_model_parallel_group())
-    return float(squares.sqrt())
+    return squares.sqrt()[0]
+
+
+def _loss_parts(loss: torch.Tensor, ce: torch.Tensor, kl: torch.Tensor | None) -> torch.Tensor:
+    """``[loss, CE, KL or 0]`` of one micro-batch, float64, on the loss's device."""
+    return torch.stack([loss.detach(), ce.detach(), kl.detach() if kl is not None else torch.zeros_like(ce)]).double()
 
 
 def forward_step(
@@ -169,12 +188,13 @@ def train_step(
     engine, teacher: Teacher | None, micro_batches: list[torch.Tensor], lr: float, kd: KDConfig
 ) -> StepResult:
     """One optimizer step over this rank's micro-batches (gradient accumulation; through the pipeline's
-    1F1B schedule when there are stages); losses are global means."""
+    1F1B schedule when there are stages); losses are global means. The losses, the gradient norm and the
+    skip decision stay on the device until the step's one host sync, at its end."""
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
     optimizer = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
     if isinstance(optimizer, GuardedAdamW):
-        optimizer.skipped_last = False
+        optimizer.skipped = None
     batches = [b.to(engine.device) for b in micro_batches]
     if state.get_pipeline_model_parallel_world_size() == 1:
         totals, grad_norm = _accumulate(engine, teacher, batches, kd)
@@ -182,32 +202,32 @@ def train_step(
         totals, grad_norm = _accumulate_pipelined(engine, teacher, batches, kd)
     if engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled():
         grad_norm = _grad_norm(engine)
-    dp = state.get_data_parallel_world_size()
-    loss, ce, kl = (t / dp for t in _sum_over_data_parallel([t / len(batches) for t in totals], engine.device))
-    skipped = bool(getattr(optimizer, "skipped_last", False)) or not math.isfinite(grad_norm) or not math.isfinite(loss)
-    return StepResult(loss, ce, kl if teacher is not None else None, grad_norm, skipped)
+    means = _sum_over_data_parallel(totals / len(batches)) / state.get_data_parallel_world_size()
+    skip = getattr(optimizer, "skipped", None)
+    skip = torch.zeros((), dtype=torch.float64, device=means.device) if skip is None else skip.to(means)
+    loss, ce, kl, norm, skipped = torch.cat([means, grad_norm.to(means).view(1), skip.view(1)]).tolist()
+    skipped = skipped > 0 or not math.isfinite(norm) or not math.isfinite(loss)
+    return StepResult(loss, ce, kl if teacher is not None else None, norm, skipped)
 
 
 def _plain_fp32(engine) -> bool:
     return engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
 
 
-def _accumulate(engine, teacher, batches, kd) -> tuple[list[float], float]:
-    totals = [0.0, 0.0, 0.0]
-    grad_norm = 0.0
+def _accumulate(engine, teacher, batches, kd) -> tuple[torch.Tensor, torch.Tensor]:
+    totals = torch.zeros(3, dtype=torch.float64, device=engine.device)
+    grad_norm = torch.zeros((), dtype=torch.float64, device=engine.device)
     for i, batch in enumerate(batches):
         loss, ce, kl = forward_step(engine, teacher, batch, kd)
         engine.backward(loss)
-        totals[0] += loss.item()
-        totals[1] += ce.item()
-        totals[2] += kl.item() if kl is not None else 0.0
+        totals += _loss_parts(loss, ce, kl)
         if i == len(batches) - 1 and _plain_fp32(engine):
             grad_norm = _grad_norm(engine)  # before step() clears the gradients
         engine.step()
     return totals, grad_norm
 
 
-def _accumulate_pipelined(engine, teacher, batches, kd) -> tuple[list[float], float]:
+def _accumulate_pipelined(engine, teacher, batches, kd) -> tuple[torch.Tensor, torch.Tensor]:
     """The micro-batches through the stages, 1F1B (interleaved over the model chunks when a stage holds
     several). Each stage runs its layers of the student and of the teacher; both models' hidden states travel
     to the next stage in one message; the last stage computes the loss. Gradients are reduced once, after the
@@ -215,7 +235,7 @@ def _accumulate_pipelined(engine, teacher, batches, kd) -> tuple[list[float], fl
     data-parallel replicas (DeepSpeed's own reduction)."""
     model = engine.module
     stage = model.stage
-    totals = torch.zeros(3, dtype=torch.float64)
+    totals = torch.zeros(3, dtype=torch.float64, device=engine.device)
     b, t = batches[0].shape[0], batches[0].shape[1] - 1
     dtype = next(model.parameters()).dtype
     shapes = [((b, t, model.config.hidden_size), dtype)]
@@ -230,7 +250,7 @@ def _accumulate_pipelined(engine, teacher, batches, kd) -> tuple[list[float], fl
         if not last:
             return [out] + ([] if teacher_out is None else [teacher_out])
         loss, ce, kl = distillation_loss(out, labels, teacher_out, kd.alpha, kd.kind, kd.temperature, kd.topk)
-        totals.add_(torch.tensor([loss.item(), ce.item(), kl.item() if kl is not None else 0.0], dtype=torch.float64))
+        totals.add_(_loss_parts(loss, ce, kl))
         return loss
 
     def backward(chunk: int, i: int, outputs, grads: list[torch.Tensor] | None) -> None:
@@ -253,10 +273,10 @@ def _accumulate_pipelined(engine, teacher, batches, kd) -> tuple[list[float], fl
     sync_tied_embedding(model, gradients=True)
     if engine.zero_optimization_stage() > 0 or state.get_data_parallel_world_size() > 1:
         engine.allreduce_gradients()
-    grad_norm = _grad_norm(engine) if _plain_fp32(engine) else 0.0
+    no_norm = torch.zeros((), dtype=torch.float64, device=engine.device)  # ZeRO / bf16: train_step asks DeepSpeed
+    grad_norm = _grad_norm(engine) if _plain_fp32(engine) else no_norm
     engine.step()
-    broadcast_from_last_stage(totals)
-    return totals.tolist(), grad_norm
+    return broadcast_from_last_stage(totals), grad_norm
 
 
 def sync_tied_embedding(model: GPTModel, gradients: bool = False) -> None:
@@ -286,10 +306,11 @@ def evaluate(engine, batches: list[torch.Tensor], device) -> float:
     if state.get_pipeline_model_parallel_world_size() == 1:
         result = evaluate_lm(engine, batches, device, progress=False) if batches else None
         sums = [result.loss * result.tokens, result.tokens] if result else [0.0, 0.0]
+        sums = torch.tensor(sums, dtype=torch.float64, device=engine.device)
     else:
-        sums = _evaluate_pipelined(engine, [b.to(device) for b in batches]).tolist()
+        sums = _evaluate_pipelined(engine, [b.to(device) for b in batches])
     engine.module.train(was_training)
-    total, tokens = _sum_over_data_parallel(sums, engine.device)
+    total, tokens = _sum_over_data_parallel(sums).tolist()
     return total / max(tokens, 1.0)
 
 
@@ -297,7 +318,7 @@ def evaluate(engine, batches: list[torch.Tensor], device) -> float:
 def _evaluate_pipelined(engine, batches: list[torch.Tensor]) -> torch.Tensor:
     model = engine.module
     stage = model.stage
-    sums = torch.zeros(2, dtype=torch.float64)
+    sums = torch.zeros(2, dtype=torch.float64, device=engine.device)
     if not batches:
         return sums
     b, t = batches[0].shape[0], batches[0].shape[1] - 1
@@ -308,8 +329,8 @@ def _evaluate_pipelined(engine, batches: list[torch.Tensor]) -> torch.Tensor:
         out = engine(tokens if stage.holds_first(chunk) else received[0], chunk=chunk)
         if not stage.holds_last(chunk):
             return [out]
-        sums.add_(torch.tensor([float(cross_entropy(out, labels, reduction="sum")), labels.numel()],
-                               dtype=torch.float64))  # fmt: skip
+        sums[0] += cross_entropy(out, labels, reduction="sum").double()
+        sums[1] += labels.numel()
         return None
 
     if stage.num_chunks == 1:

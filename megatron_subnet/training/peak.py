@@ -22,11 +22,14 @@ from megatron_subnet.cache import cache_dir
 from megatron_subnet.outputs import write_text_atomically
 
 _H100_SXM = {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}
+_H100_NVL = {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}  # the NVL parts (H100 and H200) run at 400 W
 # Dense peaks in TFLOP/s by a substring of torch.cuda.get_device_name(); the longest matching name wins.
 GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "H100 SXM": _H100_SXM,
     "H100": _H100_SXM,  # "NVIDIA H100 80GB HBM3" is the SXM part
-    "H200": _H100_SXM,
+    "H200": _H100_SXM,  # "NVIDIA H200" is the SXM part
+    "H100 NVL": _H100_NVL,
+    "H200 NVL": _H100_NVL,
     "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.2},
     "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
 }

@@ -109,11 +109,16 @@ def plan_student(
 
 
 def build_student(
-    args: argparse.Namespace, config: ModelConfig, subnet: SubnetConfig | None, resuming: bool, stage: PipelineStage
+    args: argparse.Namespace,
+    config: ModelConfig,
+    subnet: SubnetConfig | None,
+    resuming: bool,
+    stage: PipelineStage,
+    device: str,
 ) -> GPTModel:
-    """This rank's tensor-parallel shard of its pipeline stage of the student: cut from the parent's checkpoint
-    (only the rows and columns of the shard are read), Megatron's random init, or (resuming) to be
-    overwritten by --load."""
+    """This rank's tensor-parallel shard of its pipeline stage of the student, on ``device``: cut from the
+    parent's checkpoint (only the rows and columns of the shard are read), Megatron's random init, or
+    (resuming) to be overwritten by --load."""
     shard = TPShard.current()
     if args.init == "subnet" and not resuming:
         with CheckpointReader(args.parent_load) as reader:
@@ -121,6 +126,7 @@ def build_student(
         model = model_from_state(config, weights, shard=shard, stage=stage).train().requires_grad_(True)
     else:
         model = GPTModel(config, shard, stage)
+    model.to(device)  # before the sync: NCCL moves accelerator tensors only
     sync_tied_embedding(model)  # the last stage's copy of a tied embedding starts as the first stage's
     return model
 
@@ -292,7 +298,7 @@ def pretrain(args: argparse.Namespace) -> int:
         student_config.num_layers, args.pipeline_layer_split, args.decoder_first_pipeline_num_layers,
         args.decoder_last_pipeline_num_layers, chunks,
     )  # fmt: skip
-    student = build_student(args, student_config, subnet, resume_meta is not None, student_stage)
+    student = build_student(args, student_config, subnet, resume_meta is not None, student_stage, device)
     student.set_recompute(args.recompute_granularity)
     if args.compile:
         compile_model(student)
