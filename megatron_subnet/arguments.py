@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 
 from megatron_subnet.cli import ArgumentParser, finite_float, fraction, nonnegative_int, positive_float, positive_int
+from megatron_subnet.parallel.losses import KD_TEMPERATURE_RANGE
 
 
 class ArgumentError(ValueError):
@@ -52,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--kd-alpha", type=fraction, default=0.5, help="loss = (1-alpha)*CE + alpha*T^2*KL; 0 loads no teacher"
     )
-    g.add_argument("--kd-temperature", type=finite_float, default=1.0)
+    g.add_argument(
+        "--kd-temperature", type=finite_float, default=1.0,
+        help=f"softmax temperature T of the KL term, in [{KD_TEMPERATURE_RANGE[0]}, {KD_TEMPERATURE_RANGE[1]}] (beyond "
+        "it T^2 and the tempered logits leave the range where fp32 computes the loss stably)",
+    )  # fmt: skip
     g.add_argument("--kd-loss", choices=["forward_kl", "reverse_kl", "topk_kl"], default="forward_kl")
     g.add_argument("--kd-topk", type=positive_int, default=64, help="teacher tokens kept by topk_kl")
     g = p.add_argument_group("data")
@@ -173,8 +178,12 @@ def validate_args(args: argparse.Namespace) -> None:
         )
     if (args.train_iters is None) == (args.train_tokens is None):
         raise ArgumentError("give exactly one of --train-iters and --train-tokens")
-    if args.kd_temperature <= 0:
-        raise ArgumentError(f"--kd-temperature {args.kd_temperature}: must be positive")
+    low, high = KD_TEMPERATURE_RANGE
+    if not low <= args.kd_temperature <= high:
+        raise ArgumentError(
+            f"--kd-temperature {args.kd_temperature}: must lie in [{low}, {high}] (the paper's recipe uses 10; beyond "
+            "the range the loss overflows or distillation contributes nothing)"
+        )
     if args.lr < 0 or args.min_lr < 0 or args.min_lr > args.lr:
         raise ArgumentError(f"--lr {args.lr} / --min-lr {args.min_lr}: need 0 <= min-lr <= lr")
     for flag, value in (("--adam-beta1", args.adam_beta1), ("--adam-beta2", args.adam_beta2)):

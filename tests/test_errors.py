@@ -121,6 +121,11 @@ def cases(ws: Path) -> dict[str, Case]:
     return {
         # pretrain_slm.py: flags
         "pretrain nan temperature": Case(pt, pretrain(ws, "--kd-temperature", "nan"), ("--kd-temperature", "nan")),
+        # T^2 overflows fp32 (a NaN loss), or distillation contributes nothing: outside the stable range
+        "pretrain huge temperature": Case(pt, pretrain(ws, "--kd-temperature", "1e30"),
+                                          ("--kd-temperature 1e+30", "[0.1, 100.0]")),
+        "pretrain tiny temperature": Case(pt, pretrain(ws, "--kd-temperature", "1e-30"),
+                                          ("--kd-temperature 1e-30", "[0.1, 100.0]")),
         "pretrain zero iters": Case(pt, pretrain(ws, "--train-iters", "0"), ("--train-iters",)),
         "pretrain negative global batch": Case(pt, pretrain(ws, "--global-batch-size", "-4"), ("--global-batch-size",)),
         "pretrain infinite lr": Case(pt, pretrain(ws, "--lr", "inf"), ("--lr", "inf")),

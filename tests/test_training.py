@@ -341,6 +341,28 @@ def test_nan_step_is_skipped_and_training_continues(name, ws, refs, tmp_path):
     assert valid and all(math.isfinite(r.get("valid_loss", r.get("test_loss"))) for r in valid)
 
 
+@pytest.mark.parametrize("name", ["single", "z1-rank1-only", "pp2"])
+def test_a_step_reported_skipped_changes_no_weight(name, ws, tmp_path):
+    """A NaN loss value whose gradients are finite (as an overflowing T^2 gave): one decision for the optimizer
+    and the report. Step 3 is reported skipped and leaves parameters and Adam state bit-identical (at ZeRO-1
+    on rank 0 too, whose own loss was finite; at PP=2 on the first stage, which computes no loss); the steps
+    around it train."""
+    stage, nproc, nan_ranks, extra = {
+        "single": (0, 1, None, []),
+        "z1-rank1-only": (1, 2, [1], []),
+        "pp2": (1, 2, None, ["--pipeline-model-parallel-size", "2"]),
+    }[name]
+    trace = tmp_path / "trace.jsonl"
+    flags = common_flags(ws, stage) + extra + ["--log-dir", str(tmp_path)]
+    hooks = {"nan_loss_steps": [3], "nan_ranks": nan_ranks, "param_trace": str(trace)}
+    ok(run(launch_cmd(nproc, flags), tmp_path, hooks=hooks))
+    records = train_records(tmp_path)
+    assert [r["skipped"] for r in records.values()] == [False, False, True, False, False, False]
+    steps = {r["iteration"]: r for r in read_jsonl(trace)}
+    assert not steps[3]["params_changed"] and steps[3]["adam_steps_after"] == steps[3]["adam_steps_before"]
+    assert all(steps[i]["params_changed"] for i in (1, 2, 4, 5, 6))
+
+
 def test_nan_forever_aborts_and_keeps_the_last_good_checkpoint(ws, refs, tmp_path):
     """NaN from step 3 on with --max-skipped-steps 2: exit 2 with a one-line error naming the flag and the last
     good checkpoint (iter_0000002), which latest still names; resuming from it reproduces the clean run."""

@@ -7,6 +7,7 @@ file is ``pretrain_slm.py`` plus test hooks chosen by the JSON in ``$MEGATRON_SU
 ``record_dir``      each rank appends ``{"iteration", "batch"}`` (a hash of its micro-batches) per step
 ``nan_steps``       iterations whose student forward returns NaN logits (``nan_from``: that one and all later;
                     ``nan_ranks``: only on these ranks)
+``nan_loss_steps``  iterations whose loss value is NaN while its gradient stays finite (``nan_ranks`` applies)
 ``param_trace``     per step: did the student's parameters / Adam step count change (bit-exact), are they finite
 ``stop_after_save`` the job ends (exit 0) right after the checkpoint of that iteration is complete
 ``kill_before_rename`` rank 0 is SIGKILLed after every rank wrote that iteration's checkpoint, before its rename
@@ -300,6 +301,20 @@ def _install_hooks(hooks: dict) -> dict:
             return logits * float("nan") if self.training and nan_now() else logits
 
         GPTModel.forward = nan_forward
+
+    nan_loss_steps = set(hooks.get("nan_loss_steps", []))
+    if nan_loss_steps:
+        from megatron_subnet.training import engine as engine_module
+
+        loss_fn = engine_module.distillation_loss
+
+        def nan_valued_loss(*args, **kwargs):
+            loss, ce, kl = loss_fn(*args, **kwargs)
+            if captured["iteration"] in nan_loss_steps and (nan_ranks is None or rank() in nan_ranks):
+                loss = loss + torch.tensor(float("nan"), device=loss.device)  # a constant: no gradient
+            return loss, ce, kl
+
+        engine_module.distillation_loss = nan_valued_loss
 
     load = checkpoint.load_checkpoint
 

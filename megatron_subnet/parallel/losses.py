@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from megatron_subnet.parallel import mappings, state
 
 KD_LOSSES = ("forward_kl", "reverse_kl", "topk_kl")
+# Temperatures at which the fp32 loss stays finite and meaningful: T^2 <= 1e4, logits / T at most 10x the logits.
+KD_TEMPERATURE_RANGE = (0.1, 100.0)
 
 # Logits per token chunk of the fused losses, by device type: on a CPU about 8 MB of fp32, so a chunk's
 # temporaries stay in cache; on an accelerator 256 MB (1,365 tokens of a 49,152-token vocabulary), a few large

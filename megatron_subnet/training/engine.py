@@ -43,6 +43,7 @@ class GuardedAdamW(torch.optim.AdamW):
     """
 
     skipped: torch.Tensor | None = None  # 1.0 where any call since the last reset (to None) skipped
+    veto: torch.Tensor | None = None  # 1.0: skip whatever the gradients (the step's loss was not finite)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -56,6 +57,8 @@ class GuardedAdamW(torch.optim.AdamW):
         flag = torch.zeros((), device=params[0].device if params else _collective_device())
         if grads:
             flag = torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()).logical_not().float()
+        if self.veto is not None:
+            flag = torch.maximum(flag, self.veto.to(flag))
         if state.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self.found_inf = flag
@@ -192,9 +195,9 @@ def train_step(
     skip decision stay on the device until the step's one host sync, at its end."""
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
-    optimizer = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
-    if isinstance(optimizer, GuardedAdamW):
-        optimizer.skipped = None
+    optimizer = _guard(engine)
+    if optimizer is not None:
+        optimizer.skipped = optimizer.veto = None
     batches = [b.to(engine.device) for b in micro_batches]
     if state.get_pipeline_model_parallel_world_size() == 1:
         totals, grad_norm = _accumulate(engine, teacher, batches, kd)
@@ -203,11 +206,26 @@ def train_step(
     if engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled():
         grad_norm = _grad_norm(engine)
     means = _sum_over_data_parallel(totals / len(batches)) / state.get_data_parallel_world_size()
-    skip = getattr(optimizer, "skipped", None)
+    skip = optimizer.skipped if optimizer is not None else None
     skip = torch.zeros((), dtype=torch.float64, device=means.device) if skip is None else skip.to(means)
     loss, ce, kl, norm, skipped = torch.cat([means, grad_norm.to(means).view(1), skip.view(1)]).tolist()
-    skipped = skipped > 0 or not math.isfinite(norm) or not math.isfinite(loss)
+    # the guard skipped (gradients or losses not finite), or DeepSpeed did (its own overflow check of the norm)
+    skipped = skipped > 0 or not all(map(math.isfinite, (loss, ce, kl, norm)))
     return StepResult(loss, ce, kl if teacher is not None else None, norm, skipped)
+
+
+def _guard(engine) -> GuardedAdamW | None:
+    """The engine's GuardedAdamW (DeepSpeed may wrap it), or None."""
+    optimizer = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
+    return optimizer if isinstance(optimizer, GuardedAdamW) else None
+
+
+def _veto_nonfinite_losses(engine, totals: torch.Tensor) -> None:
+    """One skip decision for the optimizer and the report: a step whose loss (or its CE or KL part) is not
+    finite is skipped even where every gradient is finite, so a step reported skipped changes no weight."""
+    optimizer = _guard(engine)
+    if optimizer is not None:
+        optimizer.veto = totals.isfinite().all().logical_not().float()
 
 
 def _plain_fp32(engine) -> bool:
@@ -221,8 +239,10 @@ def _accumulate(engine, teacher, batches, kd) -> tuple[torch.Tensor, torch.Tenso
         loss, ce, kl = forward_step(engine, teacher, batch, kd)
         engine.backward(loss)
         totals += _loss_parts(loss, ce, kl)
-        if i == len(batches) - 1 and _plain_fp32(engine):
-            grad_norm = _grad_norm(engine)  # before step() clears the gradients
+        if i == len(batches) - 1:
+            _veto_nonfinite_losses(engine, totals)
+            if _plain_fp32(engine):
+                grad_norm = _grad_norm(engine)  # before step() clears the gradients
         engine.step()
     return totals, grad_norm
 
@@ -275,6 +295,7 @@ def _accumulate_pipelined(engine, teacher, batches, kd) -> tuple[torch.Tensor, t
         engine.allreduce_gradients()
     no_norm = torch.zeros((), dtype=torch.float64, device=engine.device)  # ZeRO / bf16: train_step asks DeepSpeed
     grad_norm = _grad_norm(engine) if _plain_fp32(engine) else no_norm
+    _veto_nonfinite_losses(engine, totals)  # the last stage's losses; the guard's all-reduce tells every stage
     engine.step()
     return broadcast_from_last_stage(totals), grad_norm
 
