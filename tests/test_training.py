@@ -513,14 +513,45 @@ def test_inputs_inside_what_the_run_rewrites_are_refused(ws, refs, tmp_path):
 
 
 def test_a_run_whose_every_step_is_skipped_fails_and_writes_no_final_model(ws, tmp_path):
-    """NaN logits on every step (fewer than --max-skipped-steps): exit 2 with one line saying nothing was
-    trained; no final model is written."""
+    """NaN logits on every step (fewer than --max-skipped-steps), a checkpoint after each: exit 2 with one line
+    saying nothing was trained and naming no checkpoint as good; the checkpoints record 0 applied steps; no
+    final model is written. Resuming from them (now at the last iteration, no step left to run) fails the same
+    way, on every later resume too, instead of writing the untrained student as the final model."""
     save = tmp_path / "ckpt"
-    flags = common_flags(ws, 0, iters=3) + ["--save", str(save), "--log-dir", str(tmp_path)]
-    result = run(python_cmd(flags), tmp_path, hooks={"nan_from": 1})
-    assert_one_line_error(result, "every one of this run's 3 steps was skipped")
+    flags = common_flags(ws, 0, iters=3) + ["--save", str(save), "--save-interval", "1"]
+    result = run(python_cmd(flags + ["--log-dir", str(tmp_path)]), tmp_path, hooks={"nan_from": 1})
+    assert_one_line_error(result, "every one of this run's 3 steps was skipped", "last good checkpoint: none")
     assert not (save / "final_model").exists()
     assert [r["skipped"] for r in train_records(tmp_path).values()] == [True, True, True]
+    meta = json.loads((save / latest_tag(save) / "megatron_subnet.json").read_text())
+    assert meta["iteration"] == 3 and meta["steps_applied"] == 0
+    for attempt in ("a", "b"):
+        resumed = run(python_cmd(flags + ["--load", str(save), "--log-dir", str(tmp_path / attempt)]), tmp_path)
+        assert_one_line_error(resumed, f"--load {save}", "every step of the run it continues was skipped")
+        assert not (save / "final_model").exists()
+
+
+def test_a_teacher_or_parent_with_a_non_finite_weight_is_refused_naming_it(ws, tmp_path):
+    """One NaN in the teacher (or in a tensor of the parent the student is cut from): one line naming the flag,
+    the checkpoint and the tensor, exit 2, nothing saved."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "teacher_nan"
+    shutil.copytree(ws / "teacher", broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["layers.0.mlp.linear_fc2.weight"][0, 0] = float("nan")
+    save_file(weights, broken / "model.safetensors")
+    # (teacher, parent, the flag the error names): the teacher as the parent; the parent alone; the teacher alone
+    cases = [(broken, None, "--teacher-load"), (ws / "teacher", broken, "--parent-load"),
+             (broken, ws / "teacher", "--teacher-load")]  # fmt: skip
+    for i, (teacher, parent, flag) in enumerate(cases):
+        out = tmp_path / f"case{i}"
+        flags = common_flags(ws, 0, iters=2) + ["--save", str(out), "--log-dir", str(out)]
+        flags[flags.index("--teacher-load") + 1] = str(teacher)
+        flags += ["--parent-load", str(parent)] if parent else []
+        result = run(python_cmd(flags), tmp_path)
+        assert_one_line_error(result, f"{flag} {broken}", "tensor layers.0.mlp.linear_fc2.weight", "non-finite")
+        assert not (out / "final_model").exists() and not list(out.glob("iter_*"))
 
 
 def test_resume_with_changed_data_or_objective_is_refused_unless_overridden(ws, refs, tmp_path):

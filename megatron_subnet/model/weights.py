@@ -124,6 +124,14 @@ def check_state_dict(
         raise CheckpointError(f"{source}: weights do not fit the config: " + "; ".join(problems))
 
 
+def check_finite(name: str, tensor: torch.Tensor, where: str) -> torch.Tensor:
+    """``tensor``, or CheckpointError naming ``where`` (the flag and checkpoint) and the tensor when any of its
+    values is NaN or infinite: a teacher or parent with one such weight would make every step non-finite."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise CheckpointError(f"{where}: tensor {name} holds non-finite values (NaN or Inf)")
+    return tensor
+
+
 def _names(names: list[str]) -> str:
     return ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
 

@@ -21,7 +21,14 @@ from megatron_subnet.model.compile import compile_model
 from megatron_subnet.model.config import ModelConfig
 from megatron_subnet.model.gpt import GPTModel
 from megatron_subnet.model.subnet import SubnetConfig, extract_shard
-from megatron_subnet.model.weights import CheckpointReader, check_divisible, load_config, load_model, model_from_state
+from megatron_subnet.model.weights import (
+    CheckpointReader,
+    check_divisible,
+    check_finite,
+    load_config,
+    load_model,
+    model_from_state,
+)
 from megatron_subnet.model.weights import save_checkpoint as save_model_checkpoint
 from megatron_subnet.parallel import state
 from megatron_subnet.parallel.layers import TPShard
@@ -121,8 +128,14 @@ def build_student(
     (resuming) to be overwritten by --load."""
     shard = TPShard.current()
     if args.init == "subnet" and not resuming:
+        # the flag that named the parent: --teacher-load when the parent is the teacher (the default)
+        flag = "--teacher-load" if _same_path(args.parent_load, args.teacher_load) else "--parent-load"
         with CheckpointReader(args.parent_load) as reader:
-            _, weights = extract_shard(reader.config, reader.read, subnet, shard, stage)
+
+            def read(name: str, rows, cols) -> torch.Tensor:
+                return check_finite(name, reader.read(name, rows, cols), f"{flag} {args.parent_load}")
+
+            _, weights = extract_shard(reader.config, read, subnet, shard, stage)
         model = model_from_state(config, weights, shard=shard, stage=stage).train().requires_grad_(True)
     else:
         model = GPTModel(config, shard, stage)
@@ -305,8 +318,10 @@ def pretrain(args: argparse.Namespace) -> int:
     teacher = None
     if kd.alpha > 0:  # this rank's shard of its stage only: the teacher's layers split evenly over the (virtual) stages
         teacher_stage = current_stage(teacher_config.num_layers, chunks=chunks)
-        teacher = Teacher(load_model(args.teacher_load, stage=teacher_stage), ds_config, device,
-                          DTYPES[args.teacher_dtype])  # fmt: skip
+        teacher_model = load_model(args.teacher_load, stage=teacher_stage)
+        for name, tensor in teacher_model.state_dict().items():
+            check_finite(name, tensor, f"--teacher-load {args.teacher_load}")
+        teacher = Teacher(teacher_model, ds_config, device, DTYPES[args.teacher_dtype])
         if args.compile:
             compile_model(teacher.module)
 
@@ -336,10 +351,12 @@ def pretrain(args: argparse.Namespace) -> int:
 
     optimizer = build_optimizer(student, args.lr, args.weight_decay, (args.adam_beta1, args.adam_beta2), args.adam_eps)
     engine = initialize_student(student, optimizer, ds_config)
-    iteration, consumed = 0, 0
+    iteration, consumed, applied_before = 0, 0, 0
     if args.load:
         meta = checkpoint.load_checkpoint(engine, args.load)
         iteration, consumed = meta["iteration"], meta["consumed_samples"]
+        # the steps whose update was applied, over the run's whole history (older checkpoints: every step)
+        applied_before = meta.get("steps_applied", iteration)
 
     schedule = LRSchedule(
         args.lr, args.min_lr, args.lr_warmup_iters, train_iters, args.lr_decay_style, args.lr_wsd_decay_iters or 0
@@ -409,7 +426,18 @@ def pretrain(args: argparse.Namespace) -> int:
         skipped_in_a_row = steps_run = steps_applied = 0
         last_saved = None
         last_valid = None
-        resumed_from = checkpoint.latest_checkpoint(args.load) if args.load else None
+        # the last checkpoint that holds a trained model: one of a run that applied no step is never "good"
+        last_good = checkpoint.latest_checkpoint(args.load) if args.load and applied_before else None
+
+        def save(iteration: int) -> Path:
+            applied = applied_before + steps_applied
+            path = checkpoint.save_checkpoint(
+                engine, args.save, iteration, {**meta, "consumed_samples": consumed, "steps_applied": applied},
+                args.keep_last,
+            )  # fmt: skip
+            nonlocal last_good
+            last_good = path if applied else last_good
+            return path
 
         def abort(message: str) -> TrainingAborted:
             logger.close()  # with the plot of what was trained
@@ -453,7 +481,7 @@ def pretrain(args: argparse.Namespace) -> int:
                 )
                 window_start, window_steps = time.perf_counter(), 0
             if skipped_in_a_row >= args.max_skipped_steps:  # after the step's record is in metrics.jsonl
-                good = last_saved or resumed_from or "none"
+                good = last_good or "none"
                 raise abort(
                     f"--max-skipped-steps {args.max_skipped_steps}: {skipped_in_a_row} non-finite "
                     f"steps in a row at iteration {iteration}; last good checkpoint: {good}"
@@ -462,18 +490,19 @@ def pretrain(args: argparse.Namespace) -> int:
             if valid_batches and (iteration % args.eval_interval == 0 or iteration == train_iters):
                 last_valid = evaluation(iteration, consumed * args.seq_length)
             if args.save and args.save_interval and iteration % args.save_interval == 0:
-                last_saved = checkpoint.save_checkpoint(
-                    engine, args.save, iteration, {**meta, "consumed_samples": consumed}, args.keep_last
-                )
+                last_saved = save(iteration)
         if steps_run and not steps_applied:
             raise abort(
                 f"every one of this run's {steps_run} steps was skipped (non-finite loss or gradient); nothing was "
-                f"trained, no final model written; last good checkpoint: {last_saved or resumed_from or 'none'}"
+                f"trained, no final model written; last good checkpoint: {last_good or 'none'}"
+            )
+        if iteration and not applied_before + steps_applied:  # resumed at the end of a run that trained nothing
+            raise abort(
+                f"--load {args.load}: every step of the run it continues was skipped (non-finite loss or gradient); "
+                "nothing was trained, no final model written"
             )
         if args.save and (last_saved is None or last_saved.name != checkpoint.tag_for(iteration)):
-            last_saved = checkpoint.save_checkpoint(
-                engine, args.save, iteration, {**meta, "consumed_samples": consumed}, args.keep_last
-            )
+            last_saved = save(iteration)
         test_batches = fixed_batches(test_ds, args.eval_iters, args.micro_batch_size, dp_rank, dp_size)
         if test_batches:
             final["test"] = evaluate(engine, test_batches, engine.device)
