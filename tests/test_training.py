@@ -576,6 +576,27 @@ def test_resume_with_changed_data_or_objective_is_refused_unless_overridden(ws, 
     assert sorted(train_records(tmp_path / "y")) == [4, 5, 6]
 
 
+def test_resume_with_another_student_is_refused_and_the_same_one_elsewhere_is_not(ws, refs, tmp_path):
+    """Resuming with another --subnet or with --init random would train the checkpoint's student while the
+    launch asks for another: refused like another --parent-load, naming the flag. The same sub-network at
+    another path is the same student (compared by content) and resumes."""
+    save = tmp_path / "ckpt"
+    shutil.copytree(refs("single") / "ckpt", save)
+    (save / "latest").write_text("iter_0000003")
+    base = common_flags(ws, 0) + ["--save", str(save), "--load", str(save)]
+    another = list(base)
+    another[another.index("--subnet") + 1] = str(ws / "full_subnet.json")
+    refused = run_many([(python_cmd(argv + ["--log-dir", str(tmp_path / name)]), tmp_path, None, 120, None)
+                        for name, argv in (("a", another), ("b", base + ["--init", "random"]))])  # fmt: skip
+    assert_one_line_error(refused[0], "--subnet", "full_subnet.json", "another sub-network", "--override-checkpoint")
+    assert_one_line_error(refused[1], "--init: subnet -> random")
+    assert latest_tag(save) == "iter_0000003"
+    moved = list(base)
+    moved[moved.index("--subnet") + 1] = str(shutil.copy(ws / "subnet.json", tmp_path / "same_subnet.json"))
+    ok(run(python_cmd(moved + ["--log-dir", str(tmp_path / "c")]), tmp_path))
+    assert sorted(train_records(tmp_path / "c")) == [4, 5, 6]
+
+
 def test_ctrl_c_is_one_line_and_exit_130(ws, tmp_path):
     """SIGINT while training: exit 130, one 'error:' line, no traceback, no final model."""
     import signal

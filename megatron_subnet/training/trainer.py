@@ -98,6 +98,25 @@ def teacher_change(args: argparse.Namespace, resume_meta: dict | None) -> str | 
     return f"--teacher-load: {old} -> {args.teacher_load}"
 
 
+def student_changes(args: argparse.Namespace, resume_meta: dict) -> list[str]:
+    """Resuming: the flags that define the student (``--init``, ``--subnet``, ``--model-config``) where this
+    launch's differ from the checkpoint's student, as ``"--flag: old -> new"`` (sub-networks and configs
+    compared by content, not by path). The checkpoint's student is what a resume trains."""
+    saved = resume_meta.get("args", {})
+    changes = []
+    if "init" in saved and saved["init"] != args.init:
+        changes.append(f"--init: {saved['init']} -> {args.init}")
+    if args.subnet and args.parent_load:
+        subnet = SubnetConfig.load(args.subnet, load_config(args.parent_load), _load_importance(args.importance))
+        old = resume_meta.get("subnet")
+        if old is None or SubnetConfig(**old).to_dict() != subnet.to_dict():
+            changes.append(f"--subnet: {saved.get('subnet')} -> {args.subnet} (another sub-network)")
+    elif args.model_config and resume_meta.get("subnet") is None:
+        if ModelConfig.load(args.model_config).to_dict() != resume_meta["model_config"]:
+            changes.append(f"--model-config: {saved.get('model_config')} -> {args.model_config} (another student)")
+    return changes
+
+
 def plan_student(
     args: argparse.Namespace, parent_config: ModelConfig | None, resume_meta: dict | None
 ) -> tuple[ModelConfig, SubnetConfig | None]:
@@ -257,7 +276,7 @@ def pretrain(args: argparse.Namespace) -> int:
     changes = []
     if resume_meta is not None:
         checkpoint.check_layout(resume_meta, layout, None, args.load)
-        changes = checkpoint.changed_args(resume_meta, settings) + [
+        changes = checkpoint.changed_args(resume_meta, settings) + student_changes(args, resume_meta) + [
             change for change in (parent_change, teacher_change(args, resume_meta)) if change
         ]
         if changes and not args.override_checkpoint_args:
