@@ -42,6 +42,8 @@ def initialize_distributed(
     """
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     backend = backend or ("nccl" if use_cuda else "gloo")
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("--distributed-backend nccl: needs CUDA GPUs, and this machine has none; use gloo")
     device = _device(use_cuda)  # before the process group: NCCL binds each rank's communicator to its device
     if not dist.is_initialized():
         if not _launched() and not _in_mpi():

@@ -121,6 +121,13 @@ def cases(ws: Path) -> dict[str, Case]:
     return {
         # pretrain_slm.py: flags
         "pretrain nan temperature": Case(pt, pretrain(ws, "--kd-temperature", "nan"), ("--kd-temperature", "nan")),
+        "pretrain nccl without cuda": Case(pt, pretrain(ws, "--distributed-backend", "nccl"),
+                                           ("--distributed-backend nccl", "CUDA")),
+        "pretrain corrupt checkpoint metadata": Case(
+            pt, pretrain(ws, "--load", "{out}/ckpt"), ("--load", "megatron_subnet.json", "corrupt"), ["ckpt"],
+            lambda d: ((d / "ckpt" / "iter_0000001").mkdir(parents=True), (d / "ckpt" / "latest").write_text(
+                "iter_0000001"), (d / "ckpt" / "iter_0000001" / "megatron_subnet.json").write_text('{"iteration": 1,')),
+        ),  # fmt: skip
         # T^2 overflows fp32 (a NaN loss), or distillation contributes nothing: outside the stable range
         "pretrain huge temperature": Case(pt, pretrain(ws, "--kd-temperature", "1e30"),
                                           ("--kd-temperature 1e+30", "[0.1, 100.0]")),

@@ -342,3 +342,17 @@ def test_resume_at_another_virtual_size_is_refused(ws, runs, tmp_path):
     needle = "virtual_pipeline_model_parallel_size=2, this launch has virtual_pipeline_model_parallel_size=1"
     assert result.returncode != 0 and lines and all(needle in line for line in lines), result.tail()
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_resume_with_another_layer_split_is_refused_naming_the_flag(ws, runs, tmp_path):
+    """The 1 + 2 split's checkpoint resumed with the even split (2 + 1), or with another given one: one line
+    saying which split the checkpoint holds and which flag resumes it, before any work (not DeepSpeed's state
+    dict errors)."""
+    load = ["--load", str(runs["uneven_pp2"] / "ckpt"), "--save", str(tmp_path / "ckpt"), "--log-dir", str(tmp_path)]
+    base = flags(ws, subnet="subnet_uneven.json") + layout(pp=2) + load
+    for extra in ([], ["--pipeline-layer-split", "2,1"]):
+        result = run(spawn_cmd(2, base + extra), tmp_path, timeout=120)
+        lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        needle = "stages hold 1,2 layers, this launch splits them 2,1; resume with --pipeline-layer-split 1,2"
+        assert result.returncode != 0 and lines and all(needle in line for line in lines), result.tail()
+        assert "Traceback" not in result.stderr and not (tmp_path / "ckpt").exists()

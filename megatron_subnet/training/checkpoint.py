@@ -187,7 +187,14 @@ def latest_checkpoint(load_dir: str) -> Path:
 
 
 def read_meta(load_dir: str) -> dict:
-    return json.loads((latest_checkpoint(load_dir) / META_NAME).read_text())
+    path = latest_checkpoint(load_dir) / META_NAME
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ResumeError(f"--load {load_dir}: {path} is corrupt ({e})") from None
+    if not isinstance(meta, dict) or not {"iteration", "layout", "model_config"} <= meta.keys():
+        raise ResumeError(f"--load {load_dir}: {path} is not a checkpoint's metadata")
+    return meta
 
 
 def check_layout(meta: dict, layout: dict, model_config: ModelConfig | None, load_dir: str) -> None:
@@ -203,10 +210,22 @@ def check_layout(meta: dict, layout: dict, model_config: ModelConfig | None, loa
         raise ResumeError(f"--load {load_dir}: the checkpoint's model config differs from this launch's student")
 
 
+def check_layer_split(meta: dict, counts: list[int], load_dir: str) -> None:
+    """ResumeError naming the flag when this launch splits the student's layers over its pipeline stages
+    otherwise than the checkpoint did (each stage's files hold its own layers). Older checkpoints recorded
+    no split: DeepSpeed's own shape check stands for them."""
+    saved = meta["layout"].get("pipeline_layer_split")
+    if saved is not None and saved != counts:
+        split = ",".join(map(str, saved))
+        raise ResumeError(
+            f"--load {load_dir}: its pipeline stages hold {split} layers, this launch splits them "
+            f"{','.join(map(str, counts))}; resume with --pipeline-layer-split {split}"
+        )
+
+
 def load_checkpoint(engine, load_dir: str) -> dict:
     """Restore engine, optimizer and this rank's RNG; returns our metadata (iteration, consumed samples...)."""
-    path = latest_checkpoint(load_dir)
-    meta = json.loads((path / META_NAME).read_text())
+    path, meta = latest_checkpoint(load_dir), read_meta(load_dir)
     loaded, _ = engine.load_checkpoint(
         load_dir, tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
     )

@@ -316,11 +316,15 @@ def pretrain(args: argparse.Namespace) -> int:
         try:
             check_divisible(config, tp)
             split = args.pipeline_layer_split if name == "student" else None
-            split_layers(config.num_layers, pp, split, *(
+            counts = split_layers(config.num_layers, pp, split, *(
                 (args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers)
                 if name == "student" else (None, None)), chunks=chunks)  # fmt: skip
         except ValueError as e:
             raise ValueError(f"the {name} cannot be split: {e}") from None
+        if name == "student":
+            layout["pipeline_layer_split"] = counts  # the student's layers per (virtual) stage
+    if resume_meta is not None:
+        checkpoint.check_layer_split(resume_meta, layout["pipeline_layer_split"], args.load)
     check_token_ids(args.data_path, student_config.vocab_size)
     if args.extra_valid_data_path:
         check_token_ids([args.extra_valid_data_path], student_config.vocab_size, "--extra-valid-data-path")
