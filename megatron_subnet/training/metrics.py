@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from megatron_subnet.outputs import write_file_atomically
+from megatron_subnet.outputs import write_file_atomically, write_text_atomically
 
 
 def peak_memory_mb() -> float:
@@ -20,9 +20,26 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def drop_records_after(path: Path, iteration: int) -> None:
+    """Keep the records of ``path`` written up to the checkpoint of ``iteration``: those of earlier iterations
+    and that iteration's own step and evaluation (a test loss comes after the checkpoint); a line cut short by
+    a crash goes too. Rewritten atomically."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        at = record.get("iteration", 0) if isinstance(record, dict) else iteration + 1
+        if at < iteration or (at == iteration and "test_loss" not in record):
+            kept.append(line)
+    write_text_atomically(path, "".join(f"{line}\n" for line in kept))
+
+
 class MetricsLogger:
-    """Appends one JSON object per record to ``log_dir/metrics.jsonl`` (resumed runs append; ``fresh``
-    starts the file anew)."""
+    """Appends one JSON object per record to ``log_dir/metrics.jsonl`` (``fresh`` starts the file anew). A run
+    resumed at iteration ``start_iter`` first drops the records the interrupted run wrote after that
+    checkpoint, which it is about to write again: one record per iteration, the resumed run's."""
 
     def __init__(
         self, log_dir: str | Path, enabled: bool, total_iters: int, start_iter: int = 0, fresh: bool = False
@@ -35,6 +52,8 @@ class MetricsLogger:
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.log_dir / "metrics.jsonl"
+        if start_iter and not fresh and self.path.exists():
+            drop_records_after(self.path, start_iter)
         self.file = open(self.path, "w" if fresh else "a", buffering=1)
         self.bar = tqdm(total=total_iters, initial=start_iter, desc="training", unit="it", dynamic_ncols=True)
         try:
