@@ -95,6 +95,26 @@ def pretrain(ws: Path, *extra: str, drop: tuple[str, ...] = ()) -> list[str]:
     return argv + list(extra)
 
 
+def bad_shards(ws: Path):
+    """A setup writing three broken sharded copies of the teacher into a case's directory: ``mixed`` (its TP
+    rank 1 file from another save of the same shape), ``tp_missing`` (TP=2, rank 1's file gone) and
+    ``pp_missing`` (PP=2, the last stage's file gone)."""
+
+    def setup(d: Path) -> None:
+        from megatron_subnet.model.weights import load_checkpoint, save_checkpoint
+
+        config, state = load_checkpoint(ws / "teacher")
+        save_checkpoint(d / "mixed", config, state, tensor_parallel_size=2)
+        save_checkpoint(d / "other", config, {k: v * 2 for k, v in state.items()}, tensor_parallel_size=2)
+        shutil.copy(d / "other" / "mp_rank_01.safetensors", d / "mixed" / "mp_rank_01.safetensors")
+        save_checkpoint(d / "tp_missing", config, state, tensor_parallel_size=2)
+        (d / "tp_missing" / "mp_rank_01.safetensors").unlink()
+        save_checkpoint(d / "pp_missing", config, state, pipeline_parallel_size=2)
+        (d / "pp_missing" / "mp_rank_00_001.safetensors").unlink()
+
+    return setup
+
+
 def cases(ws: Path) -> dict[str, Case]:
     W = str(ws)
     pt = "pretrain_slm.py"
@@ -105,6 +125,12 @@ def cases(ws: Path) -> dict[str, Case]:
     srch = "tools/search_subnet.py"
     tok = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", f"{W}/tokenizer"]
     eval_data = ["--data-path", f"{W}/data", "--split", "80,10,10", "--seq-length", "16", "--micro-batch-size", "1"]
+    shard_readers = [  # (name, script, argv of the broken copy's kind, outputs)
+        ("reshard", conv, lambda k: ["reshard", "--input", f"{{out}}/{k}", "--output", "{out}/res",
+                                     "--tensor-model-parallel-size", "1"], ["res"]),
+        ("evaluate", ev, lambda k: ["--load", f"{{out}}/{k}", *eval_data], []),
+        ("pretrain teacher", pt, lambda k: pretrain(ws, "--teacher-load", f"{{out}}/{k}", "--save", "{out}/s"), ["s"]),
+    ]
     search_base = ["--load", f"{W}/teacher", "--data-path", f"{W}/data", "--split", "80,10,10", "--seq-length", "16",
                    "--target-params", "0.5"]  # fmt: skip
 
@@ -121,6 +147,12 @@ def cases(ws: Path) -> dict[str, Case]:
     return {
         # pretrain_slm.py: flags
         "pretrain nan temperature": Case(pt, pretrain(ws, "--kd-temperature", "nan"), ("--kd-temperature", "nan")),
+        # shards that do not belong together: refused by every reader, naming the file
+        **{f"{tool} {kind}": Case(script, argv(kind), needles, outputs, bad_shards(ws))
+           for tool, script, argv, outputs in shard_readers
+           for kind, needles in (("mixed", ("mp_rank_01.safetensors", "another checkpoint")),
+                                 ("tp_missing", ("missing mp_rank_01.safetensors",)),
+                                 ("pp_missing", ("missing mp_rank_00_001.safetensors",)))},  # fmt: skip
         "pretrain nccl without cuda": Case(pt, pretrain(ws, "--distributed-backend", "nccl"),
                                            ("--distributed-backend nccl", "CUDA")),
         "pretrain corrupt checkpoint metadata": Case(

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -175,9 +176,37 @@ def _weight_files(directory: Path) -> tuple[dict[tuple[int, int], Path], int, in
     if not shards:
         raise CheckpointError(f"{directory / WEIGHTS_NAME}: no such file (nor mp_rank_XX.safetensors shards)")
     tp, pp = max(t for t, _ in shards) + 1, max(p for _, p in shards) + 1
-    if set(shards) != {(t, p) for t in range(tp) for p in range(pp)}:
-        raise CheckpointError(f"{directory}: shards {sorted(shards)} do not fill a {tp} x {pp} (TP x PP) layout")
+    missing = [shard_file(t, p if pp > 1 else None) for t in range(tp) for p in range(pp) if (t, p) not in shards]
+    if missing:
+        raise CheckpointError(f"{directory}: shards of a {tp} x {pp} (TP x PP) layout; missing {', '.join(missing)}")
     return shards, tp, pp
+
+
+def check_shards_belong_together(
+    directory: Path, paths: dict[tuple[int, int], Path], metadata: dict[tuple[int, int], dict[str, str]]
+) -> None:
+    """CheckpointError unless every weight file's own record (written by ``save_checkpoint``) agrees: one
+    checkpoint id, one TP x PP layout, and each file's ranks those its name gives; a layout recorded larger than
+    the files present names the missing ones. Files without a record (older checkpoints) are taken as named."""
+    first: tuple[Path, str] | None = None
+    for (t, p), meta in sorted(metadata.items()):
+        if "tensor_model_parallel_size" not in meta:
+            continue
+        tp, pp = int(meta["tensor_model_parallel_size"]), int(meta["pipeline_model_parallel_size"])
+        missing = [shard_file(a, b if pp > 1 else None) for a in range(tp) for b in range(pp) if (a, b) not in paths]
+        if missing:
+            raise CheckpointError(f"{directory}: its weights were saved as {tp} x {pp} (TP x PP) files; missing "
+                                  f"{', '.join(missing)}")  # fmt: skip
+        ranks = (int(meta["tensor_model_parallel_rank"]), int(meta["pipeline_model_parallel_rank"]))
+        if len(paths) != tp * pp or ranks != (t, p):
+            raise CheckpointError(f"{paths[(t, p)]}: holds TP rank {ranks[0]}, PP rank {ranks[1]} of a {tp} x {pp} "
+                                  "layout, not what its name and the files beside it say")  # fmt: skip
+        identity = meta.get("checkpoint_id")
+        if identity is not None and first is not None and identity != first[1]:
+            raise CheckpointError(f"{paths[(t, p)]}: belongs to another checkpoint than {first[0].name} (saved "
+                                  "separately); the shards of one model must come from one save")  # fmt: skip
+        if identity is not None and first is None:
+            first = (paths[(t, p)], identity)
 
 
 class CheckpointReader:
@@ -194,6 +223,7 @@ class CheckpointReader:
                 self._files[key] = safe_open(str(path), framework="pt")
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path}: corrupt or truncated safetensors ({str(e).splitlines()[0]})") from None
+        check_shards_belong_together(self.directory, paths, {key: f.metadata() or {} for key, f in self._files.items()})
         try:
             self.dims = partition_dims(self.config)
             check_divisible(self.config, self.tp_size)
@@ -353,12 +383,15 @@ def save_checkpoint(
     except ValueError as e:
         raise CheckpointError(f"{directory}: {e}") from None
 
+    identity = uuid.uuid4().hex  # every file of this save says so: a reader refuses shards of two checkpoints
+
     def fill(tmp: Path) -> None:
         config.save(tmp / CONFIG_NAME)
         for (t, p), tensors in files.items():
             name = WEIGHTS_NAME if tp == pp == 1 else shard_file(t, p if pp > 1 else None)
             meta = {"format": "pt", "tensor_model_parallel_size": str(tp), "tensor_model_parallel_rank": str(t),
-                    "pipeline_model_parallel_size": str(pp), "pipeline_model_parallel_rank": str(p)}  # fmt: skip
+                    "pipeline_model_parallel_size": str(pp), "pipeline_model_parallel_rank": str(p),
+                    "checkpoint_id": identity}  # fmt: skip
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / name, metadata=meta)
         copy_tokenizer_files(tokenizer_from, tmp)
         if subnet is not None:
