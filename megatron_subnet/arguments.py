@@ -15,6 +15,8 @@ from megatron_subnet.parallel.losses import KD_TEMPERATURE_RANGE
 class ArgumentError(ValueError):
     """A flag (or ds_config key) with a bad value; the message names it."""
 
+    same_on_every_rank = True  # a check of flags and shared files: under a launcher rank 0 reports it
+
 
 def layer_counts(text: str) -> list[int]:
     """``8,8,7,7``: a positive layer count per pipeline stage."""

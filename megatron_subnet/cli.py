@@ -5,6 +5,8 @@
   through argparse's own message (NaN and infinity are never a valid value);
 - ``run_main`` calls a tool's ``main`` and turns the errors users cause (``ValueError``, ``OSError``), Ctrl-C
   (exit 130) and a closed output pipe into one line each. ``MEGATRON_SUBNET_TRACEBACK=1`` shows the traceback.
+  Under a launcher an error every rank finds alike (``same_on_every_rank``) is printed once, by rank 0; every
+  rank still exits with its code.
 """
 
 from __future__ import annotations
@@ -14,17 +16,48 @@ import atexit
 import math
 import os
 import sys
+import time
 from collections.abc import Callable
 
 TRACEBACK_ENV = "MEGATRON_SUBNET_TRACEBACK"
 EXIT_INTERRUPTED = 130
 
 
+def launched_rank() -> int:
+    """This process's rank under a launcher (torchrun or deepspeed, Open MPI, MPICH / PMIx), else 0."""
+    for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+# How long a rank other than 0 holds back an error every rank finds alike: the launcher ends the job (and this
+# rank) once rank 0 has reported it; a rank still running after that says it itself.
+HOLD_BACK_S = 5.0
+
+
+def same_on_every_rank(error: BaseException) -> BaseException:
+    """Mark ``error`` as one every rank of a job finds alike (a check of flags and shared files)."""
+    error.same_on_every_rank = True
+    return error
+
+
+def report(error: BaseException) -> None:
+    """Print ``error: ...`` on stderr. An error every rank finds alike (its class or the instance says
+    ``same_on_every_rank``) is printed by rank 0; the other ranks wait for the launcher to end the job and
+    print it only if it does not (rank 0 did not stop the same way)."""
+    if getattr(error, "same_on_every_rank", False) and launched_rank() != 0:
+        time.sleep(HOLD_BACK_S)
+    print(f"error: {one_line(error)}", file=sys.stderr)
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error (``error: argument --lr: ...``) and exit code 2."""
+    """argparse with a one-line error (``error: argument --lr: ...``) and exit code 2 (printed by rank 0 alone
+    under a launcher: every rank parses the same flags)."""
 
     def error(self, message: str) -> None:  # noqa: D102 - argparse's hook
-        print(f"error: {message}", file=sys.stderr)
+        if launched_rank() == 0:
+            print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -119,7 +152,7 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     except (ValueError, OSError) as e:
         if os.environ.get(TRACEBACK_ENV):
             raise
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        report(e)
         return error_code
 
 

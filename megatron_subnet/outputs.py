@@ -31,6 +31,8 @@ _MARKERS = ("tmp", "old")
 class OutputError(ValueError):
     """An output location that cannot or may not be written; the message names the flag."""
 
+    same_on_every_rank = True  # a check of flags and shared files: under a launcher rank 0 reports it
+
 
 # ----------------------------------------------------------------------------- temporaries
 

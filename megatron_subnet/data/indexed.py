@@ -50,6 +50,8 @@ _CHUNK = 16 << 20  # elements per vectorised pass over large arrays (bounds the 
 class IndexedDatasetError(ValueError):
     """A .bin/.idx pair that is missing, malformed or inconsistent."""
 
+    same_on_every_rank = True  # a check of flags and shared files: under a launcher rank 0 reports it
+
 
 def token_dtype(vocab_size: int | None) -> type[np.number]:
     """The token dtype Megatron picks: uint16 below 65500 tokens, else int32."""

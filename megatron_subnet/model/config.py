@@ -28,6 +28,8 @@ FILE_DEFAULTS = {"extra": {}, "bos_token_id": None, "eos_token_id": None, "init_
 class ConfigError(ValueError):
     """A configuration that is inconsistent or cannot describe the given weights."""
 
+    same_on_every_rank = True  # a check of flags and shared files: under a launcher rank 0 reports it
+
 
 def is_int(value) -> bool:
     """An int that is not a bool (JSON ``true`` is no layer index)."""

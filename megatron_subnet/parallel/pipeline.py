@@ -24,6 +24,8 @@ from megatron_subnet.parallel import state
 class PipelineError(ValueError):
     """A pipeline layout that cannot be built (names the flag and the sizes)."""
 
+    same_on_every_rank = True  # a check of flags and shared files: under a launcher rank 0 reports it
+
 
 @dataclass(frozen=True)
 class PipelineStage:

@@ -24,6 +24,8 @@ import torch.distributed as dist
 class ParallelStateError(ValueError):
     """A parallel layout that does not fit the world (names the flag and the sizes)."""
 
+    same_on_every_rank = True  # a check of flags and shared files: under a launcher rank 0 reports it
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -205,6 +207,15 @@ def get_world_size() -> int:
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in global rank order, on every rank."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj):

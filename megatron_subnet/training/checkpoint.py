@@ -40,6 +40,8 @@ _TAG = re.compile(r"iter_(\d+)")
 class ResumeError(ValueError):
     """A checkpoint that does not fit the launch (layout, model) or is incomplete."""
 
+    same_on_every_rank = True  # a check of flags and shared files: under a launcher rank 0 reports it
+
 
 def tag_for(iteration: int) -> str:
     return f"iter_{iteration:07d}"
@@ -223,9 +225,26 @@ def check_layer_split(meta: dict, counts: list[int], load_dir: str) -> None:
         )
 
 
+def _rank_files(engine, load_dir: str, tag: str) -> list[str]:
+    """The files of checkpoint ``tag`` that DeepSpeed will read for this rank (its model states and, under ZeRO,
+    its optimizer partition), by DeepSpeed's own naming; [] where this DeepSpeed does not tell."""
+    names = []
+    if hasattr(engine, "_get_ckpt_name"):
+        names.append(engine._get_ckpt_name(load_dir, tag))
+    if engine.zero_optimization() and hasattr(engine, "_get_zero_ckpt_name"):
+        names.append(engine._get_zero_ckpt_name(load_dir, tag))
+    return names
+
+
 def load_checkpoint(engine, load_dir: str) -> dict:
     """Restore engine, optimizer and this rank's RNG; returns our metadata (iteration, consumed samples...)."""
     path, meta = latest_checkpoint(load_dir), read_meta(load_dir)
+    # every rank learns of any rank's missing file, so that all stop alike (none waits in a collective)
+    missing = sorted({n for names in state.all_gather_object(_rank_files(engine, load_dir, path.name))
+                      for n in names if not os.path.isfile(n)})  # fmt: skip
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ResumeError(f"--load {load_dir}: {missing[0]} is missing{more}")
     loaded, _ = engine.load_checkpoint(
         load_dir, tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
     )

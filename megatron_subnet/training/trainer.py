@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 
 from megatron_subnet.arguments import load_ds_config, reconcile_ds_config
+from megatron_subnet.cli import same_on_every_rank
 from megatron_subnet.data.batches import check_token_ids
 from megatron_subnet.data.gpt_dataset import PretrainingSampler, build_train_valid_test_datasets
 from megatron_subnet.initialize import initialize_distributed, set_seed
@@ -52,6 +52,8 @@ from megatron_subnet.training.schedules import LRSchedule
 class TrainingAborted(RuntimeError):
     """A run that cannot produce anything useful: too many non-finite steps in a row, every step skipped, or a
     non-finite final evaluation."""
+
+    same_on_every_rank = True  # skip decisions and evaluations are taken collectively
 
 
 def _load_importance(path: str | None):
@@ -247,27 +249,27 @@ def pretrain(args: argparse.Namespace) -> int:
     if chunks > 1:
         backend = torch.distributed.get_backend(state.get_pipeline_model_parallel_group())
         if backend != "gloo":
-            raise ValueError(
+            raise same_on_every_rank(ValueError(
                 f"--virtual-pipeline-model-parallel-size {chunks}: the interleaved schedule runs on gloo only for "
                 f"now, this run's backend is {backend} (pass --distributed-backend gloo, or leave the flag out)"
-            )
+            ))
         if plan.gradient_accumulation_steps % pp:
-            raise ValueError(
+            raise same_on_every_rank(ValueError(
                 f"--virtual-pipeline-model-parallel-size {chunks}: the {plan.gradient_accumulation_steps} "
                 f"micro-batches of a step (--global-batch-size / (--micro-batch-size x data-parallel size "
                 f"{dp_size})) are not a multiple of --pipeline-model-parallel-size {pp}"
-            )
+            ))
     if args.compile and zero_stage == 3:
-        raise ValueError(
+        raise same_on_every_rank(ValueError(
             "--compile: not supported with ZeRO stage 3 (its parameter partitioning hooks run outside the "
             "compiled graph); use ZeRO stage 0-2, or leave out --compile"
-        )
+        ))
     if pp > 1 and (zero_stage > 1 or args.bf16):
-        raise ValueError(
+        raise same_on_every_rank(ValueError(
             f"--pipeline-model-parallel-size {pp}: supported with ZeRO stage 0 or 1 in fp32 (ZeRO-2/3 reduce "
             f"gradients during the backward pass, before the pipeline's tied-embedding sum; bf16 keeps them in "
             f"its own buffer); this run has ZeRO stage {zero_stage}{' and --bf16' if args.bf16 else ''}"
-        )
+        ))
     # Everything that can be checked from flags and JSON is checked before any weights or data are read.
     resume_meta = checkpoint.read_meta(args.load) if args.load else None
     args.parent_load, parent_change = resolve_parent(args, resume_meta)
@@ -320,7 +322,7 @@ def pretrain(args: argparse.Namespace) -> int:
                 (args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers)
                 if name == "student" else (None, None)), chunks=chunks)  # fmt: skip
         except ValueError as e:
-            raise ValueError(f"the {name} cannot be split: {e}") from None
+            raise same_on_every_rank(ValueError(f"the {name} cannot be split: {e}")) from None
         if name == "student":
             layout["pipeline_layer_split"] = counts  # the student's layers per (virtual) stage
     if resume_meta is not None:
@@ -370,7 +372,7 @@ def pretrain(args: argparse.Namespace) -> int:
     train_ds, valid_ds, test_ds = build_train_valid_test_datasets(*data_args)
     extra_valid_ds = build_train_valid_test_datasets(*extra_args)[1] if extra_args else None
     if train_ds is None:
-        raise ValueError(f"--split {args.split}: the train split is empty")
+        raise same_on_every_rank(ValueError(f"--split {args.split}: the train split is empty"))
 
     optimizer = build_optimizer(student, args.lr, args.weight_decay, (args.adam_beta1, args.adam_beta2), args.adam_eps)
     engine = initialize_student(student, optimizer, ds_config)
@@ -563,7 +565,9 @@ def _main(argv: list[str] | None) -> int:
     try:
         return pretrain(args)
     except TrainingAborted as e:
-        print(f"error: {e}", file=sys.stderr)
+        from megatron_subnet.cli import report
+
+        report(e)
         return 2
 
 
