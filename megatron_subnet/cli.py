@@ -15,6 +15,7 @@ import argparse
 import atexit
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -42,11 +43,13 @@ def same_on_every_rank(error: BaseException) -> BaseException:
     return error
 
 
-def report(error: BaseException) -> None:
-    """Print ``error: ...`` on stderr. An error every rank finds alike (its class or the instance says
-    ``same_on_every_rank``) is printed by rank 0; the other ranks wait for the launcher to end the job and
-    print it only if it does not (rank 0 did not stop the same way)."""
+def report(error: BaseException, code: int) -> None:
+    """Print ``error: ...`` on stderr for a process about to exit with ``code``. An error every rank finds alike
+    (its class or the instance says ``same_on_every_rank``) is printed by rank 0; the other ranks wait for the
+    launcher to end the job (and then exit with ``code`` too), and print it only if it does not (rank 0 did
+    not stop the same way)."""
     if getattr(error, "same_on_every_rank", False) and launched_rank() != 0:
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
         time.sleep(HOLD_BACK_S)
     print(f"error: {one_line(error)}", file=sys.stderr)
 
@@ -56,8 +59,7 @@ class ArgumentParser(argparse.ArgumentParser):
     under a launcher: every rank parses the same flags)."""
 
     def error(self, message: str) -> None:  # noqa: D102 - argparse's hook
-        if launched_rank() == 0:
-            print(f"error: {message}", file=sys.stderr)
+        report(same_on_every_rank(ValueError(message)), 2)
         sys.exit(2)
 
 
@@ -152,7 +154,7 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     except (ValueError, OSError) as e:
         if os.environ.get(TRACEBACK_ENV):
             raise
-        report(e)
+        report(e, error_code)
         return error_code
 
 

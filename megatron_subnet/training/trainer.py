@@ -567,7 +567,7 @@ def _main(argv: list[str] | None) -> int:
     except TrainingAborted as e:
         from megatron_subnet.cli import report
 
-        report(e)
+        report(e, 2)
         return 2
 
 
