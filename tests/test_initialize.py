@@ -30,6 +30,7 @@ def test_cuda_device_is_set_before_the_process_group(monkeypatch, launcher_env, 
     monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("init", backend)))
     monkeypatch.setattr(deepspeed, "init_distributed", lambda dist_backend, **_: calls.append(("init", dist_backend)))
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node
     monkeypatch.setattr(state, "initialize_model_parallel", lambda *_: calls.append(("groups",)))
     device = initialize.initialize_distributed(device="cuda", deepspeed_comm=deepspeed_comm)
     assert device == "cuda:1"
@@ -53,6 +54,7 @@ def test_a_local_rank_only_mpi_discovery_tells_moves_the_rank_to_its_gpu(monkeyp
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(deepspeed, "init_distributed", discovery)
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node
     monkeypatch.setattr(state, "initialize_model_parallel", lambda *_: None)
     assert initialize.initialize_distributed(device="cuda") == "cuda:1"
     assert calls == [("set_device", 0), ("init", "nccl"), ("set_device", 1)]

@@ -227,6 +227,7 @@ def test_launcher_runs_a_job_end_to_end(launcher, ws, refs, tmp_path):
     assert meta["layout"] == {
         "world_size": 2, "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
         "virtual_pipeline_model_parallel_size": 1, "zero_stage": 1, "bf16": False,
+        "pipeline_layer_split": [2],  # the student's 2 layers on its one stage
     }  # fmt: skip
     assert (save / "final_model" / "model.safetensors").is_file()
     assert (save / "loss_curve.png").is_file()

@@ -150,7 +150,8 @@ def build_student(
     shard = TPShard.current()
     if args.init == "subnet" and not resuming:
         # the flag that named the parent: --teacher-load when the parent is the teacher (the default)
-        flag = "--teacher-load" if _same_path(args.parent_load, args.teacher_load) else "--parent-load"
+        same = args.teacher_load is not None and _same_path(args.parent_load, args.teacher_load)
+        flag = "--teacher-load" if same else "--parent-load"
         with CheckpointReader(args.parent_load) as reader:
 
             def read(name: str, rows, cols) -> torch.Tensor:
