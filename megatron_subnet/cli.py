@@ -142,6 +142,8 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
         code = main(argv)
         if code == 0:  # at interpreter exit, after whatever the caller still does with the group
             atexit.register(_leave_process_group)
+        else:
+            _exit_if_in_process_group(code)
         return code
     except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C); finished outputs are intact, unfinished ones were not written",
@@ -155,7 +157,23 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
         if os.environ.get(TRACEBACK_ENV):
             raise
         report(e, error_code)
+        _exit_if_in_process_group(error_code)
         return error_code
+
+
+def _exit_if_in_process_group(code: int) -> None:
+    """Exit with ``code`` at once when this process is in a process group. A failed rank cannot wait for its
+    peers, and the interpreter's own teardown with the group's threads still running aborts now and then
+    (``terminate called without an active exception``, exit 134 in place of ``code``). The ``finally`` blocks
+    of ``main`` have run; only the standard streams still hold output."""
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _leave_process_group() -> None:
