@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--max-skipped-steps", type=positive_int, default=10, help="abort after this many NaN/Inf steps in a row"
     )
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--seed", type=nonnegative_int, default=1234)
     g = p.add_argument_group("precision and speed")
     g.add_argument(
         "--bf16", action="store_true",

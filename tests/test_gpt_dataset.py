@@ -17,6 +17,7 @@ from megatron_subnet.data.gpt_dataset import (
     get_split_indices,
     parse_data_path,
     parse_split,
+    samples_per_epoch,
 )
 from megatron_subnet.data.indexed import IndexedDataset, IndexedDatasetBuilder
 
@@ -75,8 +76,14 @@ def test_samples_are_slices_of_the_epoch_stream(corpus, ids):
         assert sample.dtype == np.int64 and sample.shape == (SEQ + 1,)
         np.testing.assert_array_equal(sample, stream[k * SEQ : k * SEQ + SEQ + 1], err_msg=f"sample {k}")
 
-    np.testing.assert_array_equal(np.sort(ds.shuffle_index), np.arange(num_samples))
-    assert not np.array_equal(ds.shuffle_index, np.arange(num_samples))
+    # The shuffle permutes blocks of one epoch's samples; ds takes the first num_samples of the whole blocks.
+    per_block = samples_per_epoch(tokens_per_epoch, SEQ)
+    whole = GPTDataset(indexed, doc_ids, -(-num_samples // per_block) * per_block, SEQ, seed=1234)
+    np.testing.assert_array_equal(ds.shuffle_index, whole.shuffle_index[:num_samples])
+    for start in range(0, len(whole), per_block):
+        block = whole.shuffle_index[start : start + per_block]
+        np.testing.assert_array_equal(np.sort(block), np.arange(start, start + per_block))
+        assert not np.array_equal(block, np.arange(start, start + per_block))
     for i in (0, 1, num_samples // 2, num_samples - 1, -1):
         np.testing.assert_array_equal(ds[i]["tokens"], ds.sample(int(ds.shuffle_index[i]))["tokens"])
     with pytest.raises(IndexError):
@@ -308,6 +315,23 @@ def test_same_seed_same_order_other_seed_other_order(corpus):
     assert not np.array_equal(a.document_index, c.document_index)
     assert not np.array_equal(a.shuffle_index, c.shuffle_index)
     assert [a[i]["tokens"].tolist() for i in range(50)] != [c[i]["tokens"].tolist() for i in range(50)]
+
+
+def test_a_longer_run_sees_the_shorter_runs_samples_first(tmp_path):
+    """The order depends on the seed alone, not on num_samples: the first n samples of a run are the same for
+    every length >= n, for one dataset (across epochs) and for a blend (across its components)."""
+    prefixes = [make_prefix(tmp_path / f"p{i}", num_docs=20, seed=i)[0] for i in range(2)]
+    build = lambda n: build_train_valid_test_datasets(  # noqa: E731
+        ["0.3", prefixes[0], "0.7", prefixes[1]], "1,0,0", SEQ, seed=3, num_samples=(n, 0, 0)
+    )[0]
+    indexed = IndexedDataset(prefixes[0])
+    per_block = samples_per_epoch(int(indexed.sequence_lengths.sum()), SEQ)
+    for short, long in ((40, 96), (per_block + 3, 3 * per_block + 1)):
+        one = [GPTDataset(indexed, np.arange(len(indexed)), n, SEQ, seed=5) for n in (short, long)]
+        blend = [build(n) for n in (short, long)]
+        for a, b in (one, blend):
+            assert [a[i]["tokens"].tolist() for i in range(short)] == [b[i]["tokens"].tolist() for i in range(short)]
+        assert one[0].shuffle_index.tolist() != sorted(one[0].shuffle_index.tolist())
 
 
 # ----------------------------------------------------------------------------- 6. sampler

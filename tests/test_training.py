@@ -287,6 +287,28 @@ def test_resume_is_bit_exact(name, ws, refs, tmp_path):
     assert meta["consumed_samples"] == ITERS * GLOBAL
 
 
+def test_a_longer_run_starts_like_a_shorter_one_and_a_finished_run_can_be_extended(ws, refs, tmp_path):
+    """Constant schedule after warm-up: a 4-step and an 8-step run log identical losses for steps 1-4 (the
+    data order does not depend on the run's length); the finished 4-step run resumed with --train-iters 8
+    equals the 8-step run bit for bit. The cosine run's rates depend on its length: extending it is refused."""
+    def flags(iters: int, name: str) -> list[str]:
+        argv = common_flags(ws, 0, iters) + ["--lr-decay-style", "constant", "--eval-interval", "2"]
+        return argv + ["--save", str(tmp_path / name), "--save-interval", "4", "--log-dir", str(tmp_path / name)]
+
+    short, long = run_many([(python_cmd(flags(n, f"run{n}")), tmp_path, None, 300, None) for n in (4, 8)])
+    ok(short)
+    ok(long)
+    extended = ok(run(python_cmd(flags(8, "run4") + ["--load", str(tmp_path / "run4")]), tmp_path))
+    reference = train_records(tmp_path / "run8")
+    for key in ("loss", "ce", "kd", "grad_norm", "lr"):  # steps 1-4 of the short run, 5-8 of its extension
+        assert losses(train_records(tmp_path / "run4"), key) == losses(reference, key), key
+    assert "--train-iters" not in extended.stderr
+    save = tmp_path / "cosine"
+    shutil.copytree(refs("single") / "ckpt", save)
+    longer = common_flags(ws, 0, 2 * ITERS) + ["--save", str(save), "--load", str(save), "--log-dir", str(save)]
+    assert_one_line_error(run(python_cmd(longer), tmp_path), f"--train-iters: {ITERS} -> {2 * ITERS}")
+
+
 # ----------------------------------------------------------------------------- 5. SIGKILL mid-checkpoint
 
 

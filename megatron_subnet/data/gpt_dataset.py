@@ -7,17 +7,23 @@ is the first input of the next), and samples run across document boundaries. Thr
 describe this and are cached as ``.npy`` files keyed by a hash of everything that shapes them:
 
 - ``document_index``: document ids, epoch after epoch, each epoch a fresh permutation;
-- ``sample_index`` (``num_samples + 1`` rows): ``(position in document_index, token offset)`` of the
-  token where each sample starts; sample ``k`` ends with the token row ``k + 1`` points at;
-- ``shuffle_index``: a permutation of the samples; ``ds[i]`` is sample ``shuffle_index[i]``.
+- ``sample_index``: ``(position in document_index, token offset)`` of the token where each sample starts;
+  sample ``k`` ends with the token row ``k + 1`` points at. It covers whole blocks of
+  ``samples_per_epoch`` samples, enough for ``num_samples``;
+- ``shuffle_index`` (``num_samples`` entries): the samples in training order, each block permuted within
+  itself; ``ds[i]`` is sample ``shuffle_index[i]``.
+
+Each epoch's document order and each block's permutation come from the seed and their own number alone, so
+the first ``n`` samples do not depend on ``num_samples``: a 40-step run sees the 24-step run's data first
+(runs of different lengths are paired), and a finished run can be extended.
 
 ``BlendedDataset`` mixes several datasets by weight with Megatron's greedy "most behind its share"
 rule, ``build_train_valid_test_datasets`` is Megatron's builder for ``--data-path``/``--split``, and
 ``PretrainingSampler`` is Megatron's resumable sequential batch sampler.
 
-Differences from Megatron-LM, on purpose: the document order is shuffled per epoch (Megatron shuffles
-all epochs together, with a special case for the last one), and only the ``num_samples`` samples
-that are used are shuffled (so no separate-final-epoch rule is needed); ``--split`` divides
+Differences from Megatron-LM, on purpose: the document order is shuffled per epoch and the samples per
+epoch-sized block (Megatron shuffles all epochs together, with a special case for the last one, so its
+order depends on the run's length); ``--split`` divides
 ``.idx`` documents rather than sequences (the same thing for GPT data, one sequence per document),
 and where Megatron's rounding breaks on tiny datasets (a negative boundary, documents for a 0% split)
 the rounded cumulative fractions are used instead.
@@ -40,7 +46,7 @@ import numpy as np
 from megatron_subnet.data.indexed import IndexedDataset, idx_path
 from megatron_subnet.outputs import write_file_atomically
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 SPLIT_NAMES = ("train", "valid", "test")
 OVERSAMPLE = 1.005  # Megatron's margin on each blended component so the blend never runs short
 
@@ -172,24 +178,38 @@ def _load_or_build(
 # ----------------------------------------------------------------------------- GPT dataset
 
 
+def samples_per_epoch(tokens_per_epoch: int, seq_length: int) -> int:
+    """The samples one epoch's tokens hold (at least 1): the size of each block the shuffle permutes."""
+    return max((tokens_per_epoch - 1) // seq_length, 1)
+
+
 def build_gpt_indices(
     sequence_lengths: np.ndarray, document_ids: np.ndarray, num_samples: int, seq_length: int, seed: int
 ) -> dict[str, np.ndarray]:
-    """The document, sample and shuffle indices (see the module docstring), all int64."""
+    """The document, sample and shuffle indices (see the module docstring), all int64.
+
+    Epoch ``e``'s document order and block ``b``'s sample permutation are drawn from ``(seed, e)`` and
+    ``(seed, b)`` alone, and the shuffle permutes whole blocks, so the first ``n`` samples are the same for
+    every ``num_samples >= n``: runs of different lengths see the same data first."""
     lengths = np.asarray(sequence_lengths, dtype=np.int64)
     tokens_per_epoch = int(lengths[document_ids].sum())
+    per_block = samples_per_epoch(tokens_per_epoch, seq_length)
+    num_blocks = -(-num_samples // per_block)
+    stream_samples = num_blocks * per_block
     # Sample k needs tokens up to position (k + 1) * seq_length inclusive.
-    num_epochs = -(-(num_samples * seq_length + 1) // tokens_per_epoch)
-    rng = np.random.default_rng(seed)
-    document_index = rng.permuted(np.tile(document_ids, (num_epochs, 1)), axis=1).reshape(-1)
+    num_epochs = -(-(stream_samples * seq_length + 1) // tokens_per_epoch)
+    document_index = np.concatenate(
+        [np.random.default_rng([seed, 0, e]).permutation(document_ids) for e in range(num_epochs)]
+    ).astype(np.int64)
     ends = np.cumsum(lengths[document_index])
-    starts = np.arange(num_samples + 1, dtype=np.int64) * seq_length
+    starts = np.arange(stream_samples + 1, dtype=np.int64) * seq_length
     position = np.searchsorted(ends, starts, side="right")  # skips empty documents
     offset = starts - (ends[position] - lengths[document_index[position]])
+    blocks = [b * per_block + np.random.default_rng([seed, 1, b]).permutation(per_block) for b in range(num_blocks)]
     return {
         "document_index": document_index,
         "sample_index": np.stack([position, offset], axis=1),
-        "shuffle_index": rng.permutation(num_samples).astype(np.int64),
+        "shuffle_index": np.concatenate(blocks)[:num_samples].astype(np.int64),
     }
 
 
@@ -254,7 +274,9 @@ class GPTDataset:
         }
 
         def check(a: dict[str, np.ndarray]) -> bool:
-            return a["sample_index"].shape == (self.num_samples + 1, 2) and a["shuffle_index"].shape == (
+            per_block = samples_per_epoch(tokens_per_epoch, self.seq_length)
+            stream_samples = -(-self.num_samples // per_block) * per_block
+            return a["sample_index"].shape == (stream_samples + 1, 2) and a["shuffle_index"].shape == (
                 self.num_samples,
             )
 

@@ -30,6 +30,7 @@ import torch
 from megatron_subnet.model.config import ModelConfig
 from megatron_subnet.outputs import temp_sibling, write_text_atomically
 from megatron_subnet.parallel import state
+from megatron_subnet.training.schedules import schedule_from_args
 
 META_NAME = "megatron_subnet.json"
 LATEST = "latest"
@@ -164,14 +165,31 @@ RESUME_ARGS = (
 )  # fmt: skip
 
 
+# The run's length: a resume may change it when the learning rate of every step already taken stays the same
+# (a constant or WSD schedule, resumed before its decay), since the data order does not depend on it.
+LENGTH_ARGS = ("train_iters", "train_tokens")
+
+
 def changed_args(meta: dict, args: dict) -> list[str]:
     """``"name: old -> new"`` for every RESUME_ARGS setting where this launch differs from the checkpoint."""
     saved = meta.get("args", {})
+    extends = _same_schedule_so_far(meta, args)
     changes = []
     for name in RESUME_ARGS:
-        if name in saved and saved[name] != args.get(name):
+        if name in saved and saved[name] != args.get(name) and not (name in LENGTH_ARGS and extends):
             changes.append(f"--{name.replace('_', '-')}: {saved[name]} -> {args.get(name)}")
     return changes
+
+
+def _same_schedule_so_far(meta: dict, args: dict) -> bool:
+    """Whether this launch's learning-rate schedule gives the steps the checkpoint took the rates they had."""
+    saved = meta.get("args", {})
+    try:
+        before = schedule_from_args(saved, saved["train_iters"])
+        after = schedule_from_args(args, args["train_iters"])
+    except KeyError:  # a checkpoint that did not record its schedule
+        return False
+    return before == after or all(before(i) == after(i) for i in range(int(meta["iteration"])))
 
 
 def latest_checkpoint(load_dir: str) -> Path:

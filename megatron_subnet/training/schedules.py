@@ -35,3 +35,11 @@ class LRSchedule:
         if self.style == "cosine":
             return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
         raise ValueError(f"unknown lr decay style {self.style!r}")
+
+
+def schedule_from_args(args: dict, train_iters: int) -> LRSchedule:
+    """The schedule the flags in ``args`` (``vars(args)`` or a checkpoint's saved copy) give ``train_iters``."""
+    return LRSchedule(
+        args["lr"], args["min_lr"], args["lr_warmup_iters"], train_iters, args["lr_decay_style"],
+        args.get("lr_wsd_decay_iters") or 0,
+    )  # fmt: skip
