@@ -347,7 +347,8 @@ def test_bins_report_best_per_bin_and_keep_population_spread():
 
 def test_search_is_deterministic_and_writes_outputs(workdir, tmp_path):
     for name in ("a", "b"):
-        assert search_main(cli_args(workdir, tmp_path / name, "--generations", "2", "--space", "per_layer")) == 0
+        flags = ("--generations", "2", "--space", "per_layer", "--select-by", "selection")
+        assert search_main(cli_args(workdir, tmp_path / name, *flags)) == 0
     assert losses_and_configs(tmp_path / "a") == losses_and_configs(tmp_path / "b")
     records = read_results(tmp_path / "a" / "results.jsonl")
     assert len(records) == 6 + 5 and all(np.isfinite(r["loss"]) for r in records)
@@ -809,7 +810,9 @@ def test_rescoring_reports_both_losses_on_the_heldout_samples(workdir, tmp_path,
     assert report["rescore_flops"] == sum(r["flops"] for r in rows)
     assert "held-out re-scoring on the valid split (6 samples, 96 tokens" in printed
     assert printed.count("held-out loss") == 3
-    assert json.loads((out / "summary.json").read_text())["best"]["heldout_loss"] == rows[0]["heldout_loss"]
+    # the default --select-by heldout: the winner is the re-scored candidate with the lowest held-out loss
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best"]["heldout_loss"] == min(r["heldout_loss"] for r in rows)
     # a rerun resumes: nothing is evaluated or re-scored again, the files stay the same
     before = {name: (out / name).read_text() for name in ("results.jsonl", "rescored.json", "state.json")}
     assert search_main(args) == 0
@@ -828,6 +831,56 @@ def test_rescoring_reports_both_losses_on_the_heldout_samples(workdir, tmp_path,
     assert search_main(cli_args(workdir, out3, "--generations", "1", "--rescore-top", "0")) == 0
     assert not (out3 / "rescored.json").exists()
     assert not [p.name for d in (out, out2, out3) for p in d.iterdir() if p.name.startswith(".")]
+
+
+def test_select_by_heldout_picks_the_best_rescored_candidate_on_samples_the_selection_never_saw(
+    workdir, tmp_path, capsys
+):
+    """Same search, winner picked two ways: --select-by heldout writes the re-scored candidate with the lowest
+    held-out loss (here not the search's own best), --select-by selection the search's own best; the held-out
+    batches share no sample with the selection's."""
+    extra = ("--generations", "3", "--space", "per_layer", "--rescore-top", "4", "--rescore-batches", "3",
+             "--seed", "2", "--no-seed-oneshot")  # fmt: skip
+    config = ModelConfig(**PARENTS["llama"])
+    picked = {}
+    for how in ("heldout", "selection"):
+        out = tmp_path / how
+        assert search_main(cli_args(workdir, out, *extra, "--select-by", how)) == 0
+        rows = json.loads((out / "rescored.json").read_text())["candidates"]
+        best = min(rows, key=lambda r: (r["heldout_loss"] if how == "heldout" else r["selection_loss"], r["key"]))
+        records = {r["key"]: r for r in read_results(out / "results.jsonl")}
+        assert SubnetConfig.load(out / "best_subnet.json", config) == _student_of(records[best["key"]], config)
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["selected_by"] == how and summary["best"]["key"] == best["key"]
+        picked[how] = best["key"]
+    assert picked["heldout"] != picked["selection"]
+    capsys.readouterr()
+    selection = torch.cat(load_batches(workdir.data, "80,20,0", "valid", 16, 2, 2, 1234))
+    from megatron_subnet.search.fitness import load_heldout_batches
+
+    heldout = torch.cat(load_heldout_batches(workdir.data, "80,20,0", 16, 2, 3, 1234, 4)[0])
+    assert not {tuple(row) for row in selection.tolist()} & {tuple(row) for row in heldout.tolist()}
+    assert len({tuple(row) for row in heldout.tolist()}) == len(heldout)
+
+
+def test_evolution_opens_with_the_oneshot_shapes(workdir, tmp_path):
+    """Generation 0 of --mode evolution holds the first-k, width-only and depth-only shapes that fit the
+    budget (marked seeded_from), first-k's being exactly what --mode first_k picks; --no-seed-oneshot and
+    --mode random draw all of it at random."""
+    out = tmp_path / "seeded"
+    assert search_main(cli_args(workdir, out, "--generations", "1", "--space", "per_layer")) == 0
+    rows = read_results(out / "results.jsonl")
+    seeded = {r["seeded_from"]: r for r in rows if "seeded_from" in r}
+    assert "first_k" in seeded and set(seeded) <= {"first_k", "width_oneshot", "depth_oneshot"}
+    assert all(r["bin"] == 0 for r in seeded.values())  # inside the budget
+    assert [r.get("seeded_from") for r in rows[: len(seeded)]] == list(seeded)  # they open the generation
+    assert search_main(cli_args(workdir, tmp_path / "first_k", "--mode", "first_k")) == 0
+    (oneshot,) = read_results(tmp_path / "first_k" / "results.jsonl")
+    assert seeded["first_k"]["config"] == oneshot["config"]
+    for name, extra in (("unseeded", ("--no-seed-oneshot",)), ("random", ("--mode", "random"))):
+        flags = ("--generations", "1", "--space", "per_layer", *extra)
+        assert search_main(cli_args(workdir, tmp_path / name, *flags)) == 0
+        assert not [r for r in read_results(tmp_path / name / "results.jsonl") if "seeded_from" in r]
 
 
 def test_a_split_too_small_for_heldout_samples_is_one_line_before_the_search(workdir, tmp_path, capsys):

@@ -34,9 +34,18 @@ summary.json and the last line, and ``rescore_flops`` for the re-scoring.
 Held-out re-scoring: at the end each bin's ``--rescore-top K`` best candidates (default 5, 0: none) are scored
 again, the same way, on ``--rescore-batches`` batches (default ``--fitness-batches``) that the selection never
 saw: the test split's (``--data-seed``), or, when the test split has no documents, the valid split's samples
-that follow the selection's in its token stream (token windows disjoint from the selection's; refused when the
-valid split cannot hold both, or is a blend). ``rescored.json`` and the printed summary give both losses, the
+that follow the selection's in its shuffled order (other samples of the same epoch; refused when one epoch of
+the valid split cannot hold both, or it is a blend). ``rescored.json`` and the printed summary give both losses, the
 split and the number of samples and tokens; a killed re-scoring resumes with what it had not scored.
+``--select-by heldout`` (the default) then picks each bin's winner, the one written to ``best_subnet.json``, by
+its held-out loss among those K: the search's own loss, on the samples it ranked thousands of candidates by,
+is biased towards whoever fit those samples best. ``--select-by selection`` keeps the search's pick. A
+candidate costs ``--fitness-batches`` x ``--micro-batch-size`` x ``--seq-length`` tokens of forward passes
+(4 x 4 x 256 by default); more batches rank more reliably at a proportional cost.
+
+Seeding: ``--mode evolution`` opens generation 0 with the one-shot shapes below (first-k, width-only,
+depth-only) sized into each bin, in place of as many random samples (``--no-seed-oneshot``: all random;
+the index space has no seeds); results.jsonl marks them ``seeded_from``.
 
 One-shot baselines (``--mode``, one evaluation, no evolution; megatron_subnet/search/oneshot.py):
 ``width_oneshot`` (Minitron width-only: all layers, full hidden, query groups with their heads and MLP
@@ -95,6 +104,7 @@ from megatron_subnet.search.evolution import (  # noqa: E402
     MODES,
     ONESHOT_MODES,
     OUTPUT_NAMES,
+    SELECT_BY,
     STATE_NAME,
     EvolutionConfig,
     Search,
@@ -105,7 +115,7 @@ from megatron_subnet.search.fitness import (  # noqa: E402
     load_heldout_batches,
     load_parent,
 )
-from megatron_subnet.search.oneshot import oneshot_genome  # noqa: E402
+from megatron_subnet.search.oneshot import oneshot_genome, seed_genomes  # noqa: E402
 from megatron_subnet.search.space import SPACES, SearchSpace, SpaceConfig, check_budget, make_budget  # noqa: E402
 from tools.evaluate import add_parallel_args, check_data_inputs, start_model_parallel  # noqa: E402
 
@@ -166,6 +176,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--elite", type=nonnegative_int, default=2, help="best candidates kept per bin each generation")
     g.add_argument("--max-tries", type=positive_int, default=100, help="tries to make a new in-budget candidate")
     g.add_argument("--seed", type=nonnegative_int, default=0)
+    g.add_argument("--seed-oneshot", action=argparse.BooleanOptionalAction, default=None,
+                   help="open generation 0 with the one-shot shapes (first-k, width-only, depth-only) sized into "
+                   "each bin (default: on for --mode evolution, off for random)")
     g.add_argument("--output", required=True, help="directory for results, best sub-network(s), plot and state")
     g.add_argument("--overwrite", action="store_true",
                    help="start a new search in --output, replacing the search results (and state) there")
@@ -179,7 +192,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="re-score each bin's K best candidates on held-out samples at the end (0: none)")
     g.add_argument("--rescore-batches", type=positive_int, default=None,
                    help="held-out batches each re-scored candidate is scored on (default: --fitness-batches)")
+    g.add_argument("--select-by", choices=SELECT_BY, default=None,
+                   help="pick each bin's winner by its held-out loss among the re-scored (the default), or by the "
+                   "loss the search ranked on (the default with --rescore-top 0)")
     args = p.parse_args(argv)
+    if args.select_by is None:
+        args.select_by = "heldout" if args.rescore_top else "selection"
+    if args.select_by == "heldout" and not args.rescore_top:
+        p.error("--rescore-top 0: --select-by heldout picks the winner among the re-scored candidates; give "
+                "--rescore-top >= 1, or --select-by selection")
+    if args.seed_oneshot and args.mode in ONESHOT_MODES:
+        p.error(f"--seed-oneshot: --mode {args.mode} evaluates its own one shape")
+    if args.seed_oneshot is None:
+        args.seed_oneshot = args.mode == "evolution"
     if args.rescore_batches is None:
         args.rescore_batches = args.fitness_batches
     if args.layer_metric and not args.importance:
@@ -316,11 +341,13 @@ def _main(argv: list[str] | None) -> int:
         ],
         "fitness": [args.fitness_train_steps, args.fitness_lr, args.fitness_kd_alpha],
         "rescore": [args.rescore_top, args.rescore_batches if args.rescore_top else None],
+        "seed_oneshot": args.seed_oneshot,
     }
     # a saved state of another search is refused here, before the data and the weights are read
     search = Search(
         space, budget, evolution, None, args.output, settings, restart=args.overwrite, fixed=fixed,
-        rescore_top=args.rescore_top,
+        rescore_top=args.rescore_top, select_by=args.select_by,
+        seeds=seed_genomes(space, budget) if args.seed_oneshot else None,
     )
     data = (args.data_path, args.split)
     valid = load_batches(*data, "valid", args.seq_length, args.micro_batch_size, args.fitness_batches, args.data_seed)
@@ -390,12 +417,13 @@ def _main(argv: list[str] | None) -> int:
                     f"  bin {row['bin']} #{row['rank'] + 1}: selection loss {row['selection_loss']:.4f}, "
                     f"held-out loss {row['heldout_loss']:.4f}, {_params(row)}, key {row['key']}"
                 )
-        best = search.overall_best()
+        best = search.overall_winner()
         heldout_text = ""
         if best["key"] in search.rescored:
             heldout_text = f" (held-out {search.rescored[best['key']]['loss']:.4f})"
         print(
-            f"best loss {best['loss']:.4f}{heldout_text} at {_params(search.summary()['best'])} -> "
+            f"best loss {best['loss']:.4f}{heldout_text}, picked by the {search.selected_by()} loss, "
+            f"at {_params(search.summary()['best'])} -> "
             f"{args.output}/best_subnet.json ({search.evaluations} evaluations, {search.search_flops:.3e} "
             f"search FLOPs, {time.time() - start:.1f} s)"
         )

@@ -65,6 +65,7 @@ OUTPUT_NAMES = (  # beside state.json
     "rescored.json",
 )
 
+SELECT_BY = ("heldout", "selection")
 # candidates -> [(validation loss, seconds)] or [(validation loss, seconds, FLOPs)] in the same order
 Fitness = Callable[[list[SubnetConfig]], list[tuple]]
 
@@ -144,11 +145,15 @@ class Search:
         restart: bool = False,
         fixed: list[dict] | None = None,
         rescore_top: int = 0,
+        select_by: str = "selection",
+        seeds: list[tuple[str, dict]] | None = None,
     ):
         """``fitness`` may be set later (before ``run``): constructing checks a saved state against the
         settings without it. ``restart``: ignore and replace a saved state (``--overwrite``). ``fixed``: the
         genomes of a one-shot mode (its only generation evaluates exactly them). ``rescore_top``: keep each
-        bin's that many best candidates for ``rescore``."""
+        bin's that many best candidates for ``rescore``. ``select_by``: ``"selection"`` picks each bin's winner
+        by the loss the search ranked on, ``"heldout"`` by the re-scored loss of its ``rescore_top`` best.
+        ``seeds``: ``(name, genome)`` known points (the one-shot shapes) that open generation 0."""
         config.validate(budget.bins)
         if (fixed is not None) != (config.mode in ONESHOT_MODES):
             raise SearchSpaceError(f"--mode {config.mode}: one-shot modes, and only they, evaluate fixed candidates")
@@ -156,7 +161,15 @@ class Search:
             raise SearchSpaceError(f"--mode {config.mode}: one generation of {len(fixed)} candidates, no elite")
         if rescore_top < 0:
             raise SearchSpaceError(f"--rescore-top {rescore_top}: must be >= 0")
-        self.fixed, self.rescore_top = fixed, rescore_top
+        if select_by not in SELECT_BY:
+            raise SearchSpaceError(f"--select-by {select_by!r}: expected one of {', '.join(SELECT_BY)}")
+        if select_by == "heldout" and not rescore_top:
+            raise SearchSpaceError(
+                "--select-by heldout picks each bin's winner among its re-scored candidates: give --rescore-top "
+                ">= 1, or --select-by selection to pick by the search's own loss"
+            )
+        self.fixed, self.rescore_top, self.select_by = fixed, rescore_top, select_by
+        self.seeds = [] if fixed is not None else list(seeds or [])
         self.space, self.budget, self.config, self.fitness = space, budget, config, fitness
         self.output = Path(output) if output is not None else None
         self.writer = self.output is not None and state.get_rank() == 0
@@ -208,6 +221,9 @@ class Search:
         if isinstance(saved.get("settings"), dict) and "rescore" not in saved["settings"] and "top" not in saved:
             # written before held-out re-scoring existed: resumes, its top lists rebuilt from the best per bin
             expected = {k: v for k, v in self.settings.items() if k != "rescore"}
+        if isinstance(saved.get("settings"), dict) and "seed_oneshot" not in saved["settings"]:
+            # written before seeding existed: its generation 0 was random
+            expected = {k: v for k, v in expected.items() if k != "seed_oneshot"}
         if saved.get("version") != STATE_VERSION or saved.get("settings") != expected:
             old, new = _flatten(saved.get("settings") or {}), _flatten(expected)
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -313,14 +329,19 @@ class Search:
         kept = self._elites() if evolve else []
         seen = set(self.cache)
         children = []
+        seeds = self.seeds if generation == 0 else []
         for k in range(cfg.new_per_generation(generation, bins)):
+            origin = None
             if self.fixed is not None:
                 genome = copy.deepcopy(self.fixed[k])
+                key = self.space.key(genome)
+            elif k < len(seeds):
+                origin, genome = seeds[k][0], copy.deepcopy(seeds[k][1])
                 key = self.space.key(genome)
             else:
                 genome, key = self._make((generation + k) % bins, seen, evolve)
             seen.add(key)
-            children.append({"genome": genome, "key": key, "params": self.space.params(genome)})
+            children.append({"genome": genome, "key": key, "params": self.space.params(genome), "origin": origin})
         todo, keys = [], set()
         for c in children:
             if c["key"] not in self.cache and c["key"] not in keys:
@@ -365,6 +386,7 @@ class Search:
                     "flops": entry.get("flops", 0) if c["key"] in fresh else 0,
                     "cached": c["key"] not in fresh,
                     "config": self.space.summary(c["genome"]),
+                    **({"seeded_from": c["origin"]} if c["origin"] else {}),
                 }
             )
             fresh.discard(c["key"])
@@ -432,8 +454,36 @@ class Search:
     # ------------------------------------------------------------------ results
 
     def overall_best(self) -> dict | None:
+        """The best candidate by the search's own loss."""
         found = [b for b in self.best if b is not None]
         return min(found, key=_sort_key) if found else None
+
+    def selected_by(self) -> str:
+        """How the winners were picked: ``"heldout"`` once re-scored with ``select_by="heldout"``."""
+        return "heldout" if self.select_by == "heldout" and self.rescored else "selection"
+
+    def winners(self) -> list[dict | None]:
+        """Each bin's winner: by the held-out loss among its re-scored candidates (``select_by="heldout"``, once
+        ``rescore`` ran; ties by key), else by the search's own loss."""
+        if self.selected_by() != "heldout":
+            return self.best
+        out = []
+        def heldout(m: dict) -> float:
+            return self.rescored.get(m["key"], {}).get("loss", math.inf)
+
+        for b, top in enumerate(self.top):
+            scored = [m for m in top[: self.rescore_top] if math.isfinite(heldout(m))]
+            out.append(min(scored, key=lambda m: (heldout(m), m["key"])) if scored else self.best[b])
+        return out
+
+    def overall_winner(self) -> dict | None:
+        """The winner over all bins, by the loss it was picked by."""
+        found = [w for w in self.winners() if w is not None]
+        if not found:
+            return None
+        if self.selected_by() == "heldout":
+            return min(found, key=lambda m: (self.rescored.get(m["key"], {"loss": math.inf})["loss"], m["key"]))
+        return min(found, key=_sort_key)
 
     def param_counts(self, key: str, genome: dict) -> dict[str, int]:
         """``total_params`` and ``non_embedding_params`` of a candidate (cached by key)."""
@@ -445,7 +495,7 @@ class Search:
         """One entry per bin: window, and the best candidate's params (the budget's metric, total and
         non-embedding), loss, summary and explicit sub-network."""
         out = []
-        for b, best in enumerate(self.best):
+        for b, best in enumerate(self.winners()):
             entry = {"bin": b, "window": list(self.budget.window(b))}
             if best is not None:
                 entry.update(
@@ -453,6 +503,8 @@ class Search:
                     params=best["params"],
                     **self.param_counts(best["key"], best["genome"]),
                     loss=best["loss"],
+                    **({"heldout_loss": self.rescored[best["key"]]["loss"]} if best["key"] in self.rescored else {}),
+                    selected_by=self.selected_by(),
                     generation=best["generation"],
                     config=self.space.summary(best["genome"]),
                     subnet=self.space.to_subnet(best["genome"]).to_dict(),
@@ -461,7 +513,7 @@ class Search:
         return out
 
     def _write_best(self) -> None:
-        best = self.overall_best()
+        best = self.overall_winner()
         if best is None or not math.isfinite(best["loss"]):
             return
         self.space.to_subnet(best["genome"]).save(self.output / "best_subnet.json")
@@ -470,9 +522,10 @@ class Search:
 
     def summary(self) -> dict:
         """The search at a glance: mode, evaluations, FLOPs spent, the parent's and the best's parameters."""
-        best = self.overall_best()
+        best = self.overall_winner()
         out = {
             "mode": self.config.mode,
+            "selected_by": self.selected_by(),
             "generation": self.generation,
             "evaluations": self.evaluations,
             "search_flops": self.search_flops,
@@ -553,7 +606,7 @@ class Search:
         }
         if self.writer:
             _write_json(self.output / "rescored.json", report, indent=1)
-            _write_json(self.output / "summary.json", self.summary(), indent=1)
+            self._write_best()  # with select_by="heldout" the winners may change now
         return report
 
 

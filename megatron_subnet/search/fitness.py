@@ -41,7 +41,7 @@ each rank only the candidates that compute them pay for them.
 
 Held-out re-scoring (``load_heldout_batches``, ``SubnetFitness.on_batches``) scores the same way on samples
 the selection never saw: the test split, or, when it has no documents, the valid split's samples that follow
-the selection's in its token stream.
+the selection's in its shuffled order.
 """
 
 from __future__ import annotations
@@ -222,9 +222,10 @@ def load_heldout_batches(
 ) -> tuple[list[torch.Tensor], dict]:
     """Batches the selection (the first ``selection_samples`` samples of the valid split with ``seed``) never
     saw, and a description of them: the test split's first ``num_batches``; or, when the test split has no
-    documents, the valid split's token-stream samples ``selection_samples ..`` (the selection shuffles the
-    stream's first ``selection_samples`` samples, so these share no token window with it). ValueError when
-    the valid split is too small for both, or is a blend (its components' samples cannot be split so)."""
+    documents, the valid split's samples ``selection_samples ..`` in the same shuffled order (the data order
+    does not depend on the number of samples, so the selection is this order's first ``selection_samples``;
+    within one epoch no two positions hold the same sample). ValueError when one epoch of the valid split
+    cannot hold both, or it is a blend (its components' samples cannot be split so)."""
     n = num_batches * micro_batch_size
     try:
         batches = load_batches(data_path, split, "test", seq_length, micro_batch_size, num_batches, seed)
@@ -251,11 +252,11 @@ def load_heldout_batches(
             f"{(tokens - 1) // seq_length} samples of {seq_length} tokens cannot hold the {selection_samples} "
             f"selection samples and {n} held-out ones apart; {hint}"
         )
-    samples = [torch.from_numpy(dataset.sample(k)["tokens"]) for k in range(selection_samples, total)]
+    samples = [torch.from_numpy(dataset[k]["tokens"]) for k in range(selection_samples, total)]
     batches = [torch.stack(samples[k : k + micro_batch_size]) for k in range(0, n, micro_batch_size)]
     info = {"split": "valid", "data_seed": seed, "samples": n, "tokens": n * seq_length,
-            "which": f"the valid split's token-stream samples {selection_samples}..{total - 1} (the selection "
-                     f"used samples 0..{selection_samples - 1}; the test split has no documents)"}  # fmt: skip
+            "which": f"the valid split's samples {selection_samples}..{total - 1} in shuffled order (the "
+                     f"selection used 0..{selection_samples - 1}; the test split has no documents)"}  # fmt: skip
     return batches, info
 
 

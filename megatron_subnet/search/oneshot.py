@@ -21,6 +21,8 @@ and the budget when no shape of its kind fits.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from megatron_subnet.search.evolution import ONESHOT_MODES
@@ -138,3 +140,40 @@ def oneshot_genome(space: SearchSpace, mode: str, budget: Budget) -> Genome:
             f"--target-params +- --tolerance){near}; change --target-params or --tolerance"
         )
     return best
+
+
+def _in_space(space: SearchSpace, g: Genome) -> Genome | None:
+    """A per_layer genome as a genome of ``space`` (uniform: every kept layer alike); None if it is not one."""
+    if space.kind == "per_layer":
+        return g
+    if space.kind != "uniform":
+        return None
+    kept = space.kept_layers(g)
+    sizes = {name: {g[name][p] for p in kept} for name in ("groups", "hpg", "ffn")}
+    if any(len(v) != 1 for v in sizes.values()):
+        return None
+    return {"layers": g["layers"], "hidden": g["hidden"], **{name: v.pop() for name, v in sizes.items()}}
+
+
+def seed_genomes(space: SearchSpace, budget: Budget) -> list[tuple[str, Genome]]:
+    """The one-shot shapes (first-k, width-only, depth-only) sized into each bin, as ``(mode, genome)`` of
+    ``space`` (uniform or per_layer; the index space has none): known points that open a search's first
+    generation, as whittle seeds its search. Which units a shape keeps follows ``space``'s order (importance
+    when it has scores). A shape with no fit in a bin, or not expressible in ``space``, is left out."""
+    if space.kind not in ("uniform", "per_layer"):
+        return []
+    shapes = SearchSpace(space.parent, dataclasses.replace(space.config, kind="per_layer"), space.importance)
+    out, seen = [], set()
+    for b in range(budget.bins):
+        one_bin = Budget(list(budget.window(b)))
+        for mode in ("first_k", "width_oneshot", "depth_oneshot"):
+            try:
+                g = _in_space(space, oneshot_genome(shapes, mode, one_bin))
+            except SearchSpaceError:
+                continue
+            if g is not None and space.hidden_ok(g) and budget.bin_of(space.params(g)) == b:
+                key = space.key(g)
+                if key not in seen:
+                    seen.add(key)
+                    out.append((mode, g))
+    return out
