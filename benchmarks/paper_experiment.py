@@ -1,51 +1,50 @@
-"""The paper's claim measured with its reviewers' controls: every initialisation arm at one parameter budget,
-equal tokens, equal data order and schedule, search and importance compute counted.
+"""The paper's claim measured so that its reviewers would accept the answer: random init trained long enough to
+cross the sub-network arms, multipliers measured along its curve, paired data, held-out selection, and every
+FLOP an arm spent counted.
 
     python benchmarks/paper_experiment.py --scale {smoke,cpu,gpu} --output DIR [--parent CKPT] \\
-        [--data-path PREFIX --extra-valid-data-path PREFIX] [--corpus corpus.jsonl] [--overwrite]
+        [--data-path PREFIX --extra-valid-data-path PREFIX] [--corpus corpus.jsonl] [--data-seeds S ...] \\
+        [--overwrite]
 
 **Inputs.** ``smoke`` builds its own tiny random llama parent and random-token datasets (the plumbing, in the
 test suite). ``cpu`` and ``gpu`` use the SmolLM2-135M parent (``--parent``, default ``runs/teacher``, imported
 from ``tools/fetch_teacher.py``'s download when missing) and the demo corpus split by source: the documents of
 ``--heldout-source`` (default ``debian-handbook``, prose unlike the rest) become the second held-out text, the
-others the training data (its own valid split is the project's validation split). Both are tokenized with
+others the training data (its own valid split is the validation split). Both are tokenized with
 ``tools/preprocess_data.py`` under ``DIR/data``, unless ``--data-path``/``--extra-valid-data-path`` are given.
 
-**Steps** (each tool run in this process through its ``main``; outputs under ``DIR``):
+**Initialisations**, each at half of the parent's total parameters (``INITS``): the one-shot shapes ``first_k``
+(the paper's slicing, no search), ``width`` (Minitron width-only) and ``depth`` (whole layers dropped); ``paper``
+(the paper's own arm: evolution over first-k slices, no importance); ``evolution`` and ``random_search`` over
+the importance order. Searches pick their winner by held-out loss among their 4 best (``tools/search_subnet.py
+--select-by heldout``); evolution opens with the one-shot shapes.
 
-1. ``tools/compute_importance.py``: activation importance and layer drop loss on training batches;
-2. ``tools/search_subnet.py`` at ``--target-params 0.5 --include-embeddings`` (half of the parent's *total*
-   parameters): the one-shot modes ``first_k``, ``width_oneshot`` (Minitron width-only) and ``depth_oneshot``,
-   then ``evolution`` and ``random`` (same evaluations) for every ``--seeds`` seed, each with held-out
-   re-scoring of its best candidates;
-3. ``pretrain_slm.py`` (ZeRO-0, one process) for every arm, same ``--seed`` (data order), batch, schedule and
-   token budget, evaluated at 0/25/50/75/100% of the budget on the validation split and the held-out text:
+**Arms** (``pretrain_slm.py``, ZeRO-0, one process; warm-up then a constant learning rate, so a longer run's
+first steps are a shorter run's, step for step, and on the same data: the data order does not depend on a
+run's length):
 
-   - ``random_init``: Megatron's random init of the evolution winner's shape (seed of the first ``--seeds``),
-     cross-entropy only: the from-scratch baseline;
-   - ``first_k_kd``, ``width_oneshot_kd``, ``depth_oneshot_kd``: the one-shot sub-networks, distilled;
-   - ``evolution_kd`` and ``random_search_kd``: each seed's search winner, distilled;
-   - ``evolution_ce_tokens``: the evolution winner, cross-entropy only, the same tokens;
-   - ``evolution_ce_flops``: the same at the KD arm's FLOPs (more steps: the KD arm pays for its teacher).
+- every initialisation with KD at our recipe (``kd``: 0.5 CE + 0.5 KL, T = 1), at whittle's (``kdw``: 0.3 CE +
+  0.7 KL, T = 10) and with cross-entropy only (``ce``), ``train_iters`` steps for KD; the CE run lasts as many
+  steps as cost the KD run's student and teacher FLOPs, so one CE run gives the equal-tokens point (at
+  ``train_iters``) and the equal-FLOPs point (its end);
+- ``random_init``: random weights in the first-k shape (a standard, uniformly scaled shape of the same size),
+  its own recipe (``random_lr``), ``random_multiple`` times the tokens; ``random_init_kd``: the same with KD for
+  ``train_iters`` steps (initialisation apart from distillation);
+- the arms the decision rests on (``paper`` and ``evolution``, KD and CE; random init) run on every
+  ``--data-seeds`` data order, the others on the first.
 
-4. the proxy check: ``--spearman-candidates`` random in-budget sub-networks of the same space, each scored
-   untrained (masked parent, the search's fitness) and after a short distillation (``--spearman-train-steps``
-   AdamW steps from the parent, ``SubnetFitness``'s ``train_steps`` path) on held-out batches (the test split);
-   their Spearman rank correlation.
+**Compute** (each arm's ``flops`` parts): its training, the teacher's forwards, its search (all candidates and
+the held-out re-scoring), and of the importance pass only what it used: the calibration forward (``width``,
+``evolution``, ``random_search``: activation scores and the block layer scores) or the layer drop loss
+(``depth``). Parameters are given total and non-embedding.
 
-**Compute.** A curve's FLOPs are the student's training FLOPs (3x forward) plus the teacher's forwards, plus,
-at its start, the FLOPs of the importance pass and of the search that produced its initialisation (one-shot
-modes: their one evaluation). ``random_init`` is charged no search (it only borrows the shape).
-
-**Multipliers** (``results.json`` ``multipliers``), of ``evolution_kd`` (mean over seeds) over
-``random_init``: the tokens (FLOPs) random init needs to reach the KD arm's final validation loss, over the
-KD arm's tokens (FLOPs) -- a lower bound when random init never gets there within its budget; and the other
-way round, the paper's direction: the tokens the KD arm needs to reach random init's final loss.
-
-**Outputs.** ``DIR/results.json`` (every arm: name, seed, init, KD, total and non-embedding parameters, every
-evaluation with tokens and FLOPs; the multipliers; the Spearman correlation and its candidates; search and
-importance FLOPs), ``DIR/table.md`` and ``DIR/curves.png``. A rerun with the same settings reuses the finished
-steps; other settings need ``--overwrite`` (or another ``--output``).
+**Results** (``DIR/results.json``, ``table.md``, ``curves.png``): every arm's evaluations (tokens, FLOPs,
+validation and held-out-text loss); the teacher's own loss on both texts, on the same batches; tokens- and
+FLOPs-to-target for every arm against random init at the losses random init reaches at 25/50/75/100% of its
+budget (measured, or "not reached within" the arm's budget); KD minus CE as paired differences over the seeds
+at equal tokens and at equal FLOPs, whittle's recipe minus ours, the paper's arm minus evolution; the search
+proxy's Spearman rho over all candidates and over its top quarter. A rerun with the same settings reuses the
+finished steps; other settings need ``--overwrite`` (or another ``--output``).
 """
 
 from __future__ import annotations
@@ -56,6 +55,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -64,28 +64,30 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megatron_subnet.cache import cache_dir  # noqa: E402
-from megatron_subnet.cli import ArgumentParser, positive_int, run_main  # noqa: E402
+from megatron_subnet.cli import ArgumentParser, nonnegative_int, run_main  # noqa: E402
 from megatron_subnet.outputs import write_text_atomically  # noqa: E402
 
 TARGET_PARAMS = 0.5  # of the parent's total parameters
-DATA_SEED = 1234  # the training --seed of every arm: one data order, one set of validation batches
 SEARCH_DATA_SEED = 4321  # the search's selection batches: other samples of the valid split than the arms' evaluation
+SEARCH_SEED = 0
 SPEARMAN_SEED = 99
 SPLIT = "949,50,1"  # the tools' default --split
+RESCORE_TOP = 4  # the searches' held-out re-scoring: the winner is the best of their 4 best on held-out samples
 
 
 @dataclasses.dataclass(frozen=True)
 class Scale:
-    """Sizes of one scale: the data, the budget, the searches and the proxy check."""
+    """Sizes of one scale: the data, the arms' budgets and recipes, the searches and the proxy check."""
 
     seq_length: int
     micro_batch_size: int
     global_batch_size: int
-    train_iters: int  # a multiple of 4: evaluations at 0, 25, 50, 75 and 100%
+    train_iters: int  # the sub-network arms' KD budget, a multiple of 4 (evaluations every quarter)
     eval_iters: int
-    lr: float
+    lr: float  # the sub-network arms': warm-up, then constant
     warmup_iters: int
-    kd_alpha: float
+    random_lr: float  # random init's own recipe: warm-up over 5% of its steps, then constant
+    random_multiple: int  # random init trains this many times the KD arms' tokens
     calib_iters: int
     drop_loss_iters: int
     population: int
@@ -100,29 +102,32 @@ class Scale:
     bf16: bool = False
 
     @property
-    def tokens(self) -> int:
-        return self.train_iters * self.global_batch_size * self.seq_length
+    def random_iters(self) -> int:
+        return self.train_iters * self.random_multiple
 
 
 SCALES = {
-    # the plumbing on a tiny random parent: seconds
-    "smoke": Scale(32, 2, 4, 8, 1, 1e-3, 1, 0.5, 1, 1, 4, 2, 1, 1, 1, 0.15, 8, 12, 2),
-    # SmolLM2-135M on this 2-core CPU: about an hour
-    "cpu": Scale(256, 4, 4, 24, 4, 3e-4, 2, 0.5, 4, 2, 8, 3, 2, 2, 2, 0.05, 64, 12, 6),
-    # one H200, about 10 minutes (sized, not yet run)
-    "gpu": Scale(1024, 8, 32, 200, 8, 6e-4, 20, 0.5, 16, 8, 16, 6, 2, 8, 8, 0.05, 64, 16, 20, bf16=True),
+    # the plumbing on a tiny random parent: about a minute
+    "smoke": Scale(32, 2, 4, 8, 1, 1e-3, 1, 3e-3, 3, 1, 1, 4, 2, 1, 1, 1, 0.15, 8, 12, 2),
+    # SmolLM2-135M on this 2-core CPU: about 75 minutes
+    "cpu": Scale(256, 4, 4, 16, 4, 3e-4, 2, 1e-3, 15, 4, 2, 8, 3, 2, 2, 2, 0.05, 64, 12, 4),
+    # one H200, about 10 minutes (sized, not yet run): ~4M tokens per KD arm, random init 10x
+    "gpu": Scale(1024, 8, 32, 128, 8, 6e-4, 10, 2e-3, 10, 16, 8, 16, 6, 2, 8, 8, 0.05, 64, 16, 20, bf16=True),
 }
 
-ARM_LABELS = {
-    "random_init": "random init (CE)",
-    "first_k_kd": "first-k + KD",
-    "width_oneshot_kd": "Minitron width-only + KD",
-    "depth_oneshot_kd": "depth-only + KD",
-    "evolution_kd": "evolutionary search + KD",
-    "random_search_kd": "random search + KD",
-    "evolution_ce_tokens": "evolutionary search, CE, equal tokens",
-    "evolution_ce_flops": "evolutionary search, CE, equal FLOPs",
+# initialisation -> (search_subnet.py --mode, label, the importance parts it used)
+INITS = {
+    "first_k": ("first_k", "first-k slice (one-shot)", ()),
+    "width": ("width_oneshot", "Minitron width-only (one-shot)", ("calibration",)),
+    "depth": ("depth_oneshot", "depth-only (one-shot)", ("drop_loss",)),
+    "paper": ("evolution", "evolution over first-k slices (the paper's)", ()),
+    "evolution": ("evolution", "evolution over importance order", ("calibration",)),
+    "random_search": ("random", "random search over importance order", ("calibration",)),
 }
+DECISION_INITS = ("paper", "evolution")  # run on every data seed (KD and CE), with random init
+# objective -> (kd alpha, kd temperature, label); None: cross-entropy only
+OBJECTIVES = {"kd": (0.5, 1.0, "KD (ours: 0.5, T=1)"), "kdw": (0.7, 10.0, "KD (whittle: 0.7, T=10)"),
+              "ce": None}  # fmt: skip
 
 
 class ExperimentError(ValueError):
@@ -138,12 +143,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--extra-valid-data-path", help="the second held-out text's prefix (default: from --corpus)")
     p.add_argument("--corpus", default=str(cache_dir() / "demo_corpus" / "corpus.jsonl"))
     p.add_argument("--heldout-source", default="debian-handbook", help="corpus source held out as the second text")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="search seeds of arms 5 and 6")
-    p.add_argument("--train-iters", type=positive_int, help="override the scale's budget (a multiple of 4)")
+    p.add_argument("--data-seeds", type=nonnegative_int, nargs="+", default=None,
+                   help="data orders (pretrain_slm.py --seed) of the decision arms (default: 1234 1235 1236; "
+                   "smoke: 1234 1235); the other arms use the first")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="start anew in an --output of other settings")
     args = p.parse_args(argv)
-    if len(set(args.seeds)) != len(args.seeds):
-        p.error(f"argument --seeds: repeated seed in {args.seeds}")
+    if args.data_seeds is None:
+        args.data_seeds = [1234, 1235] if args.scale == "smoke" else [1234, 1235, 1236]
+    if len(set(args.data_seeds)) != len(args.data_seeds):
+        p.error(f"argument --data-seeds: repeated seed in {args.data_seeds}")
     return args
 
 
@@ -175,7 +183,6 @@ def build_smoke_inputs(root: Path) -> tuple[Path, Path, Path]:
                     builder.add_document(rng.integers(0, 127, rng.integers(20, 120)))
     return parent, data, heldout
 
-
 def split_corpus(corpus: Path, heldout_source: str, out: Path) -> tuple[Path, Path]:
     """The corpus's documents of ``heldout_source`` and all the others, as two JSONL files."""
     train, heldout = out / "train.jsonl", out / "heldout.jsonl"
@@ -197,7 +204,6 @@ def split_corpus(corpus: Path, heldout_source: str, out: Path) -> tuple[Path, Pa
     os.replace(tmp_heldout, heldout)
     print(f"corpus split: {counts[0]} training documents, {counts[1]} held out ({heldout_source})")
     return train, heldout
-
 
 def prepare_inputs(args: argparse.Namespace, out: Path) -> tuple[Path, str, str]:
     """(parent checkpoint, training prefix, held-out prefix), made when not given."""
@@ -256,8 +262,8 @@ def call(tool: str, argv: list[str]) -> None:
     if code != 0:
         raise ExperimentError(f"{tool} failed (exit {code}); its error is above")
 
-
 def run_importance(parent: Path, data: str, scale: Scale, out: Path, device: str) -> dict:
+    """Activation importance and layer drop loss; the FLOPs of each part."""
     from safetensors import safe_open
 
     path = out / "importance.safetensors"
@@ -270,66 +276,114 @@ def run_importance(parent: Path, data: str, scale: Scale, out: Path, device: str
         ])  # fmt: skip
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    return {"path": str(path), "flops": int(meta["flops"])}
+    return {"path": str(path), "calibration": int(meta["calibration_flops"]), "drop_loss": int(meta["drop_loss_flops"])}
 
 
-def run_search(parent: Path, data: str, scale: Scale, importance: str, mode: str, seed: int, out: Path,
-                device: str) -> dict:  # fmt: skip
-    """One search (or one-shot) run; its summary with the FLOPs it spent."""
-    directory = out / (mode if mode in ("first_k", "width_oneshot", "depth_oneshot") else f"{mode}_seed{seed}")
-    if not (directory / "summary.json").exists():
+def run_search(key: str, parent: Path, data: str, scale: Scale, importance: str, out: Path, device: str) -> dict:
+    """The search (or one-shot) run of initialisation ``key``; its winner and the FLOPs it spent."""
+    mode, _, parts = INITS[key]
+    directory = out / key
+    if not (directory / "summary.json").exists() or not (directory / "rescored.json").exists():
         argv = [
             "--load", str(parent), "--data-path", data, "--seq-length", str(scale.seq_length),
             "--micro-batch-size", str(scale.micro_batch_size), "--fitness-batches", str(scale.fitness_batches),
             "--target-params", str(TARGET_PARAMS), "--tolerance", str(scale.tolerance), "--include-embeddings",
-            "--grid", str(scale.grid), "--mode", mode, "--seed", str(seed), "--data-seed", str(SEARCH_DATA_SEED),
-            "--rescore-top", "2",
+            "--grid", str(scale.grid), "--mode", mode, "--seed", str(SEARCH_SEED),
+            "--data-seed", str(SEARCH_DATA_SEED), "--rescore-top", str(RESCORE_TOP), "--select-by", "heldout",
             "--rescore-batches", str(scale.rescore_batches), "--device", device, "--output", str(directory),
             "--overwrite",  # an unfinished search here (no summary) restarts
         ]  # fmt: skip
-        if mode != "first_k":
-            argv += ["--importance", importance]
+        if parts:
+            argv += ["--importance", importance, "--layer-metric", "drop_loss" if "drop_loss" in parts else "block"]
         if mode in ("evolution", "random"):
             argv += ["--space", "uniform", "--population", str(scale.population),
                      "--generations", str(scale.generations), "--elite", str(scale.elite)]  # fmt: skip
         call("tools/search_subnet.py", argv)
     summary = json.loads((directory / "summary.json").read_text())
+    rescored = json.loads((directory / "rescored.json").read_text())["candidates"]
+    by_selection = min(rescored, key=lambda r: (r["selection_loss"], r["key"]))
     return {
+        "init": key,
         "mode": mode,
-        "seed": seed,
         "subnet": str(directory / "best_subnet.json"),
         "evaluations": summary["evaluations"],
         "flops": int(summary["search_flops"]) + int(summary.get("rescore_flops") or 0),
-        "selection_loss": summary["best"]["loss"],
-        "heldout_loss": summary["best"].get("heldout_loss"),
-        "total_params": summary["best"]["total_params"],
-        "non_embedding_params": summary["best"]["non_embedding_params"],
+        "selected_by": summary["selected_by"],
+        "winner": {k: summary["best"][k] for k in ("key", "loss", "heldout_loss", "total_params",
+                                                   "non_embedding_params")},  # fmt: skip
+        "in_sample_pick": {"key": by_selection["key"], "loss": by_selection["selection_loss"],
+                           "heldout_loss": by_selection["heldout_loss"]},  # fmt: skip
+        "rescored": [{k: r[k] for k in ("key", "selection_loss", "heldout_loss")} for r in rescored],
     }
 
 
-def train_arm(name: str, parent: Path, data: str, heldout: str, scale: Scale, subnet: str, init: str,
-               kd: bool, iters: int, out: Path) -> list[dict]:  # fmt: skip
-    """One training arm; its evaluations with tokens and training/teacher FLOPs."""
-    log_dir = out / "arms" / name
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One training run: its initialisation (a search's winner, or random weights in ``shape``'s shape), its
+    objective, data seed, steps and recipe."""
+
+    init: str  # an INITS key, or "random"
+    objective: str  # an OBJECTIVES key
+    seed: int
+    iters: int
+    lr: float
+    warmup_iters: int
+    eval_interval: int
+
+    @property
+    def name(self) -> str:
+        return f"{'random_init' if self.init == 'random' else self.init}_{self.objective}"
+
+    @property
+    def directory(self) -> str:
+        return f"{self.name}_seed{self.seed}"
+
+
+def train_arm(arm: Arm, subnet: str, parent: Path, data: str, heldout: str, scale: Scale, out: Path) -> list[dict]:
+    """Run one arm (reusing a finished one); its evaluations with tokens and training/teacher FLOPs."""
+    log_dir = out / "arms" / arm.directory
     done = log_dir / "evaluations.json"
     if not done.exists():
         ds_config = out / "ds_config.json"
         config = {"zero_optimization": {"stage": 0}, "gradient_clipping": 1.0, "bf16": {"enabled": scale.bf16}}
         write_text_atomically(ds_config, json.dumps(config))
         argv = [
-            "--ds_config", str(ds_config), "--parent-load", str(parent), "--subnet", subnet, "--init", init,
-            "--data-path", data, "--extra-valid-data-path", heldout, "--seq-length", str(scale.seq_length),
+            "--ds_config", str(ds_config), "--parent-load", str(parent), "--subnet", subnet,
+            "--init", "random" if arm.init == "random" else "subnet",
+            "--data-path", data, "--split", SPLIT, "--extra-valid-data-path", heldout,
+            "--seq-length", str(scale.seq_length),
             "--micro-batch-size", str(scale.micro_batch_size), "--global-batch-size", str(scale.global_batch_size),
-            "--train-iters", str(iters), "--lr", str(scale.lr), "--min-lr", str(scale.lr / 10),
-            "--lr-warmup-iters", str(scale.warmup_iters), "--seed", str(DATA_SEED),
-            "--eval-interval", str(iters // 4), "--eval-iters", str(scale.eval_iters), "--log-interval", "1",
+            "--train-iters", str(arm.iters), "--lr", str(arm.lr), "--min-lr", str(arm.lr),
+            "--lr-warmup-iters", str(arm.warmup_iters), "--lr-decay-style", "constant", "--seed", str(arm.seed),
+            "--eval-interval", str(arm.eval_interval), "--eval-iters", str(scale.eval_iters), "--log-interval", "1",
             "--log-dir", str(log_dir), "--overwrite",  # an unfinished arm (no evaluations.json) restarts
         ]  # fmt: skip
-        argv += ["--teacher-load", str(parent), "--kd-alpha", str(scale.kd_alpha)] if kd else ["--kd-alpha", "0"]
+        objective = OBJECTIVES[arm.objective]
+        if objective is None:
+            argv += ["--kd-alpha", "0"]
+        else:
+            argv += ["--teacher-load", str(parent), "--kd-alpha", str(objective[0]),
+                     "--kd-temperature", str(objective[1])]  # fmt: skip
         argv += ["--bf16"] if scale.bf16 else []
         call("pretrain_slm.py", argv)
         write_text_atomically(done, json.dumps(read_evaluations(log_dir / "metrics.jsonl"), indent=1))
     return json.loads(done.read_text())
+
+
+def teacher_losses(parent: Path, data: str, heldout: str, scale: Scale, seed: int, device: str) -> dict:
+    """The parent's own loss on the arms' evaluation batches (the first ``eval_iters`` micro-batches of each
+    text, in the data order of ``seed``), as the trainer evaluates them."""
+    from megatron_subnet.data.batches import load_batches
+    from megatron_subnet.model.evaluation import evaluate_model
+    from megatron_subnet.search.fitness import load_parent
+
+    model = load_parent(parent, device)
+    sizes = (scale.seq_length, scale.micro_batch_size, scale.eval_iters, seed)
+    out = {}
+    for key, (prefix, split) in {"valid_loss": (data, SPLIT), "heldout_loss": (heldout, "0,1,0")}.items():
+        batches = load_batches(prefix, split, "valid", *sizes)
+        out[key] = evaluate_model(model, batches, device, progress=False).loss
+    return out
 
 
 def read_evaluations(metrics: Path) -> list[dict]:
@@ -349,7 +403,6 @@ def read_evaluations(metrics: Path) -> list[dict]:
         raise ExperimentError(f"{metrics}: {'no evaluations' if not evaluations else 'non-finite losses'}")
     return evaluations
 
-
 def proxy_check(parent: Path, data: str, scale: Scale, importance: str, out: Path, device: str) -> dict:
     """Untrained fitness vs loss after a short distillation, over random in-budget candidates."""
     path = out / "spearman.json"
@@ -366,7 +419,7 @@ def proxy_check(parent: Path, data: str, scale: Scale, importance: str, out: Pat
           f"{scale.spearman_train_steps} distillation steps", flush=True)  # fmt: skip
     model = load_parent(parent, device)
     space = SearchSpace(model.config, SpaceConfig(kind="uniform", grid=scale.grid, include_embeddings=True),
-                        load_importance(importance, None, model.config))  # fmt: skip
+                        load_importance(importance, "block", model.config))  # fmt: skip
     budget = make_budget(space.parent_params(), TARGET_PARAMS, scale.tolerance)
     low, high = budget.window(0)
     rng = np.random.default_rng(SPEARMAN_SEED)
@@ -387,8 +440,8 @@ def proxy_check(parent: Path, data: str, scale: Scale, importance: str, out: Pat
     heldout, heldout_info = load_heldout_batches(data, SPLIT, *sizes, scale.rescore_batches, SEARCH_DATA_SEED,
                                                  scale.fitness_batches * scale.micro_batch_size)  # fmt: skip
     untrained = SubnetFitness(model, batches["valid"])
-    trained = SubnetFitness(model, heldout, batches["train"],
-                            FitnessConfig(train_steps=scale.spearman_train_steps, lr=scale.lr, kd_alpha=scale.kd_alpha))
+    recipe = FitnessConfig(train_steps=scale.spearman_train_steps, lr=scale.lr, kd_alpha=OBJECTIVES["kd"][0])
+    trained = SubnetFitness(model, heldout, batches["train"], recipe)
     rows, flops = [], 0
     for i, g in enumerate(genomes):
         subnet = space.to_subnet(g)
@@ -399,12 +452,14 @@ def proxy_check(parent: Path, data: str, scale: Scale, importance: str, out: Pat
                      "config": space.summary(g)})  # fmt: skip
         print(f"  candidate {i + 1}/{len(genomes)}: untrained {before:.4f}, after training {after:.4f}", flush=True)
     rho = spearman([r["untrained_loss"] for r in rows], [r["trained_loss"] for r in rows])
-    result = {"rho": rho, "candidates": rows, "train_steps": scale.spearman_train_steps, "flops": flops,
+    top = sorted(rows, key=lambda r: r["untrained_loss"])[: max(3, len(rows) // 4)]  # where a search chooses
+    rho_top = spearman([r["untrained_loss"] for r in top], [r["trained_loss"] for r in top])
+    result = {"rho": rho, "rho_top": rho_top, "top": len(top), "candidates": rows,
+              "train_steps": scale.spearman_train_steps, "flops": flops,
               "untrained_on": f"the search's selection samples (valid split, data seed {SEARCH_DATA_SEED})",
               "trained_on": f"the train split's first samples; scored on {heldout_info['which']}"}  # fmt: skip
     write_text_atomically(path, json.dumps(result, indent=1))
     return result
-
 
 def ranks(values: list[float]) -> list[float]:
     """Ranks from 1, ties sharing their mean rank."""
@@ -419,7 +474,6 @@ def ranks(values: list[float]) -> list[float]:
             result[order[k]] = (i + j) / 2 + 1
         i = j + 1
     return result
-
 
 def spearman(a: list[float], b: list[float]) -> float:
     """Spearman's rank correlation (Pearson's on the ranks); NaN when either side is constant."""
@@ -445,86 +499,142 @@ def reach(curve: list[dict], target: float, axis: str) -> float | None:
         previous = point
     return None
 
-
-def multipliers(arms: list[dict]) -> dict:
-    """Tokens- and FLOPs-to-target of evolution_kd (mean over seeds) over random_init, both directions."""
-    baseline = next(a for a in arms if a["name"] == "random_init")
-    searched = [a for a in arms if a["name"] == "evolution_kd"]
-    final = sum(a["evaluations"][-1]["valid_loss"] for a in searched) / len(searched)
-    out = {"target_loss": final, "baseline": "random_init", "arm": "evolution_kd (mean over seeds)"}
-    for axis in ("tokens", "flops"):
-        used = sum(a["evaluations"][-1][axis] for a in searched) / len(searched)
-        needed = reach(baseline["evaluations"], final, axis)
-        budget = baseline["evaluations"][-1][axis]
-        out[f"{axis}_to_target"] = {
-            "searched_arm": used,
-            "random_init": needed if needed is not None else budget,
-            "multiplier": (needed if needed is not None else budget) / used,
-            "lower_bound": needed is None,
-        }
-    # the paper's direction: how soon does the searched arm reach what random init ends at?
-    baseline_final = baseline["evaluations"][-1]["valid_loss"]
-    out["reverse"] = {"target_loss": baseline_final}
-    for axis in ("tokens", "flops"):
-        times = [reach(a["evaluations"], baseline_final, axis) for a in searched]
-        out["reverse"][axis] = {
-            "random_init": baseline["evaluations"][-1][axis],
-            "searched_arm": None if None in times else sum(times) / len(times),
-            "reached_at_initialisation": all(
-                t is not None and t <= a["evaluations"][0][axis] for t, a in zip(times, searched)
-            ),
-        }
-    return out
+def arm_record(arm: Arm, label: str, search: dict | None, parts: dict[str, int], evaluations: list[dict],
+               counts: dict) -> dict:  # fmt: skip
+    """One arm of results.json: ``parts`` are the FLOPs spent before its first step (search, importance)."""
+    start = sum(parts.values())
+    points = [{**e, "flops": start + e["train_flops"] + e["teacher_flops"]} for e in evaluations]
+    return {"name": arm.name, "label": label, "init": arm.init, "objective": arm.objective, "seed": arm.seed,
+            "iters": arm.iters, "lr": arm.lr, "warmup_iters": arm.warmup_iters,
+            "search": search["init"] if search else None, "start_flops": parts, **counts,
+            "evaluations": points}  # fmt: skip
 
 
-def arm_record(name: str, seed: int | None, search: str | None, init: str, kd: bool, offset: int,
-               evaluations: list[dict], counts: dict) -> dict:  # fmt: skip
-    """One arm of results.json; ``search``: its key in ``searches`` (None: no search paid for)."""
-    points = [{**e, "flops": offset + e["train_flops"] + e["teacher_flops"]} for e in evaluations]
-    return {"name": name, "label": ARM_LABELS[name], "seed": seed, "init": init, "kd": kd, "search": search,
-            "search_and_importance_flops": offset, **counts, "evaluations": points}  # fmt: skip
+def at_iteration(arm: dict, iteration: int) -> dict:
+    """The arm's evaluation at ``iteration`` (KeyError-free: ExperimentError when it has none there)."""
+    for e in arm["evaluations"]:
+        if e["iteration"] == iteration:
+            return e
+    raise ExperimentError(f"arm {arm['name']} seed {arm['seed']}: no evaluation at iteration {iteration}")
+
+
+def to_target(arms: list[dict]) -> dict:
+    """Tokens- and FLOPs-to-target of every arm against random init, at the validation losses random init
+    reaches at 25/50/75/100% of its budget: measured where the arm's curve reaches the target (interpolated
+    between evaluations), else ``None`` ("not reached within" the arm's last evaluation)."""
+    baseline = next(a for a in arms if a["name"] == "random_init_ce")
+    ev = baseline["evaluations"]
+    picks = [ev[max(1, round(k * (len(ev) - 1) / 4))] for k in range(1, 5)]
+    targets = []
+    for point in picks:
+        target = point["valid_loss"]
+        base = {axis: reach(ev, target, axis) for axis in ("tokens", "flops")}
+        rows = []
+        for arm in arms:
+            if arm is baseline:
+                continue
+            used = {axis: reach(arm["evaluations"], target, axis) for axis in ("tokens", "flops")}
+            row = {"name": arm["name"], "seed": arm["seed"], "reached": used["tokens"] is not None,
+                   "at_start": used["tokens"] == 0}  # fmt: skip
+            for axis in ("tokens", "flops"):  # at the start (0 tokens, or 0 FLOPs) no ratio: marked at_start
+                row[axis] = used[axis]
+                row[f"{axis}_multiplier"] = base[axis] / used[axis] if used[axis] else None
+                row[f"{axis}_budget"] = arm["evaluations"][-1][axis]
+            rows.append(row)
+        targets.append({"fraction_of_random_budget": point["iteration"] / ev[-1]["iteration"],
+                        "target_loss": target, "random_init": base, "arms": rows})  # fmt: skip
+    return {"baseline": "random_init_ce", "targets": targets}
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (None for one value), n and the values."""
+    return {"mean": sum(values) / len(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "n": len(values), "values": values}  # fmt: skip
+
+
+def paired_differences(arms: list[dict], train_iters: int) -> dict:
+    """Final validation-loss differences of arms on the same data order (negative: the first is better):
+    KD minus CE per initialisation at equal tokens and equal FLOPs, whittle's KD minus ours, the paper's
+    arm minus evolution (KD), random init + KD minus random init at equal tokens."""
+    by = {(a["name"], a["seed"]): a for a in arms}
+    out = {}
+
+    def pairs(first: str, second: str, where_first, where_second) -> dict | None:
+        seeds = sorted(s for n, s in by if n == first and (second, s) in by)
+        if not seeds:
+            return None
+        values = [where_first(by[first, s])["valid_loss"] - where_second(by[second, s])["valid_loss"] for s in seeds]
+        return {**spread(values), "seeds": seeds}
+
+    last = lambda a: a["evaluations"][-1]  # noqa: E731
+    at_budget = lambda a: at_iteration(a, train_iters)  # noqa: E731
+    for init in INITS:
+        out[f"{init}: kd - ce, equal tokens"] = pairs(f"{init}_kd", f"{init}_ce", last, at_budget)
+        out[f"{init}: kd - ce, equal FLOPs"] = pairs(f"{init}_kd", f"{init}_ce", last, last)
+        out[f"{init}: kdw - kd"] = pairs(f"{init}_kdw", f"{init}_kd", last, last)
+    out["paper - evolution (kd)"] = pairs("paper_kd", "evolution_kd", last, last)
+    out["random init: kd - ce, equal tokens"] = pairs("random_init_kd", "random_init_ce", last, at_budget)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _fmt(x: float | None, spec: str = ".3g") -> str:
+    return "—" if x is None else format(x, spec)
 
 
 def write_table(results: dict, path: Path) -> None:
-    scale = results["scale"]
+    scale, t = results["scale"], results["teacher"]
+    tokens_per_step = scale["global_batch_size"] * scale["seq_length"]
     lines = [
         f"Scale `{results['scale_name']}`: parent {results['parent']['total_params']:,} parameters "
-        f"({results['parent']['non_embedding_params']:,} non-embedding); budget {TARGET_PARAMS:.0%} of its total "
-        f"parameters; {scale['train_iters']} steps of {scale['global_batch_size']} x {scale['seq_length']} tokens "
-        f"({results['tokens_budget']:,} tokens) per arm, one data order. Losses: validation split / held-out "
-        "text, at 0 / 25 / 50 / 100% of the arm's steps.",
+        f"({results['parent']['non_embedding_params']:,} non-embedding); every student at {TARGET_PARAMS:.0%} of its "
+        f"total parameters; {tokens_per_step:,} tokens per step; KD arms {scale['train_iters']} steps at lr "
+        f"{scale['lr']:g}, random init {scale['train_iters'] * scale['random_multiple']} steps at lr "
+        f"{scale['random_lr']:g} (warm-up, then constant). Data seeds {results['data_seeds']}.",
         "",
-        "| arm | seed | total params | non-emb. params | tokens | FLOPs (incl. search) | valid loss 0 / 25 / 50 "
-        "/ 100% | held-out text 0 / 25 / 50 / 100% |",
+        f"Teacher (the parent itself): validation loss {t['valid_loss']:.3f}, held-out text {t['heldout_loss']:.3f}.",
+        "",
+        "| arm | seed | total / non-emb. params | steps | FLOPs before step 1 | FLOPs at the end | valid loss: start "
+        "/ KD budget / end | held-out text: start / end |",
         "|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for arm in results["arms"]:
         ev = arm["evaluations"]
-        picks = [ev[0], ev[len(ev) // 4], ev[len(ev) // 2], ev[-1]] if len(ev) >= 5 else ev
+        mid = next((e for e in ev if e["iteration"] == scale["train_iters"]), ev[-1])
         lines.append(
-            f"| {arm['label']} | {'' if arm['seed'] is None else arm['seed']} | {arm['total_params']:,} | "
-            f"{arm['non_embedding_params']:,} | {ev[-1]['tokens']:,} | {ev[-1]['flops']:.3g} | "
-            + " / ".join(f"{p['valid_loss']:.3f}" for p in picks) + " | "
-            + " / ".join(f"{p['heldout_loss']:.3f}" for p in picks) + " |"
-        )  # fmt: skip
-    m = results["multipliers"]
-    lines += ["", f"Searched + KD (mean over seeds) ends at validation loss {m['target_loss']:.3f}."]
-    for axis in ("tokens", "flops"):
-        entry = m[f"{axis}_to_target"]
-        bound = " (lower bound: random init does not reach it within its budget)" if entry["lower_bound"] else ""
-        lines.append(f"- {axis} to that loss: random init {entry['random_init']:.3g} vs {entry['searched_arm']:.3g}"
-                     f" -> **{entry['multiplier']:.2f}x**{bound}")  # fmt: skip
-    r = m["reverse"]
-    for axis in ("tokens", "flops"):
-        when = r[axis]["searched_arm"]
-        text = ("already at its initialisation" if r[axis]["reached_at_initialisation"]
-                else "not within its budget" if when is None else f"after {when:.3g}")  # fmt: skip
-        lines.append(f"- random init's final loss {r['target_loss']:.3f} ({r[axis]['random_init']:.3g} {axis}): "
-                     f"searched + KD reaches it {text}")  # fmt: skip
+            f"| {arm['label']} | {arm['seed']} | {arm['total_params']:,} / {arm['non_embedding_params']:,} | "
+            f"{arm['iters']} | {sum(arm['start_flops'].values()):.3g} | {ev[-1]['flops']:.3g} | "
+            f"{ev[0]['valid_loss']:.3f} / {mid['valid_loss']:.3f} / {ev[-1]['valid_loss']:.3f} | "
+            f"{ev[0]['heldout_loss']:.3f} / {ev[-1]['heldout_loss']:.3f} |"
+        )
+    lines += ["", "To random init's loss at 25 / 50 / 75 / 100% of its budget: tokens multiplier (random init's "
+              "tokens over the arm's) / FLOPs multiplier (likewise, the arm's search and importance included); "
+              "'at start': the arm's initial loss is already below; '—': not reached within the arm's budget.", "",
+              "| arm | seed | " + " | ".join(f"{p['target_loss']:.3f}" for p in results["to_target"]["targets"])
+              + " |", "|---|---:|" + "---|" * len(results["to_target"]["targets"])]  # fmt: skip
+    rows = results["to_target"]["targets"][0]["arms"]
+    for i, row in enumerate(rows):
+        cells = []
+        for target in results["to_target"]["targets"]:
+            r = target["arms"][i]
+            if not r["reached"]:
+                cells.append("—")
+            else:
+                tokens = "at start" if r["at_start"] else f"{r['tokens_multiplier']:.2f}x"
+                cells.append(f"{tokens} / {_fmt(r['flops_multiplier'], '.2f')}x")
+        lines.append(f"| {row['name']} | {row['seed']} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired differences of the final validation loss (same data order; negative: the first is "
+              "better):", "", "| comparison | mean | std | n |", "|---|---:|---:|---:|"]  # fmt: skip
+    for name, d in results["paired"].items():
+        lines.append(f"| {name} | {d['mean']:+.3f} | {_fmt(d['std'], '.3f')} | {d['n']} |")
     s = results["spearman"]
-    lines += ["", f"Proxy check: Spearman rho = {s['rho']:.3f} between untrained fitness and the loss after "
-              f"{s['train_steps']} distillation steps, over {len(s['candidates'])} random in-budget "
-              "candidates."]  # fmt: skip
+    lines += ["", f"Search proxy: Spearman rho {s['rho']:.3f} between untrained fitness and the loss after "
+              f"{s['train_steps']} distillation steps over {len(s['candidates'])} random in-budget candidates; "
+              f"{_fmt(s['rho_top'], '.3f')} over the proxy's best {s['top']}."]  # fmt: skip
+    for search in results["searches"].values():
+        if search["mode"] in ("evolution", "random"):
+            w, p = search["winner"], search["in_sample_pick"]
+            lines.append(f"- {search['init']}: winner by held-out loss {w['heldout_loss']:.3f} (selection "
+                         f"{w['loss']:.3f}); the in-sample pick {p['heldout_loss']:.3f} (selection {p['loss']:.3f})")
     write_text_atomically(path, "\n".join(lines) + "\n")
 
 
@@ -534,22 +644,29 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6), sharey=True)
+    first = results["data_seeds"][0]
     for arm in results["arms"]:
+        if arm["seed"] != first:
+            continue
         ev = arm["evaluations"]
-        label = arm["label"] + ("" if arm["seed"] is None else f", seed {arm['seed']}")
-        style = "--" if not arm["kd"] else "-"
-        axes[0].plot([e["tokens"] for e in ev], [e["valid_loss"] for e in ev], style, marker="o", ms=3, label=label)
-        axes[1].plot([e["flops"] for e in ev], [e["valid_loss"] for e in ev], style, marker="o", ms=3)
-    axes[0].set_xlabel("training tokens")
-    axes[1].set_xlabel("FLOPs (training + teacher forwards + search and importance)")
-    axes[0].set_ylabel("validation loss")
+        style = {"ce": "--", "kd": "-", "kdw": ":"}[arm["objective"]]
+        width = 2.5 if arm["init"] == "random" else 1.2
+        axes[0].plot([e["tokens"] for e in ev], [e["valid_loss"] for e in ev], style, lw=width, label=arm["label"])
+        axes[1].plot([e["flops"] for e in ev], [e["valid_loss"] for e in ev], style, lw=width)
+    tokens_per_step = results["scale"]["global_batch_size"] * results["scale"]["seq_length"]
     for ax in axes:
+        ax.axhline(results["teacher"]["valid_loss"], color="k", lw=0.8)
         ax.grid(alpha=0.3)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)
-    fig.suptitle(f"initialisation arms at {TARGET_PARAMS:.0%} of the parent's parameters ({results['scale_name']}); "
-                 "dashed: no distillation")  # fmt: skip
-    fig.tight_layout(rect=(0, 0.13, 1, 1))
+    axes[0].set_xscale("symlog", linthresh=tokens_per_step)  # the start (0 tokens) stays on the plot
+    axes[1].set_xscale("log")
+    axes[0].set_xlabel("training tokens")
+    axes[1].set_xlabel("FLOPs (training + teacher forwards + search and the importance parts used)")
+    axes[0].set_ylabel("validation loss (black line: the teacher's)")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=7)
+    fig.suptitle(f"students at {TARGET_PARAMS:.0%} of the parent's parameters ({results['scale_name']}, data seed "
+                 f"{first}); dashed: CE only, dotted: whittle's KD recipe, thick: random init")  # fmt: skip
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
@@ -584,19 +701,35 @@ def check_output_dir(out: Path, settings: dict, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomically(path, json.dumps(settings, indent=1))
 
+def plan_arms(scale: Scale, seeds: list[int]) -> list[Arm]:
+    """Every arm, the CE ones last in each group (their length follows their KD arm's FLOPs)."""
+    quarter = scale.train_iters // 4
+    random = dict(lr=scale.random_lr, warmup_iters=max(1, scale.random_iters // 20))
+    arms = [Arm("random", "ce", seed, scale.random_iters, eval_interval=2 * quarter, **random) for seed in seeds[:1]]
+    arms += [Arm("random", "kd", seeds[0], scale.train_iters, eval_interval=quarter, **random)]
+    for init in INITS:
+        for objective in OBJECTIVES:
+            on = seeds if init in DECISION_INITS and objective != "kdw" else seeds[:1]
+            recipe = (scale.train_iters, scale.lr, scale.warmup_iters, quarter)
+            arms += [Arm(init, objective, seed, *recipe) for seed in on]
+    return arms
+
+
+def equal_flops_iters(kd: dict, scale: Scale) -> int:
+    """CE steps costing the KD arm's student and teacher FLOPs, rounded to whole evaluation intervals."""
+    last, quarter = kd["evaluations"][-1], scale.train_iters // 4
+    per_step = last["train_flops"] / last["iteration"]
+    return quarter * max(1, round((last["train_flops"] + last["teacher_flops"]) / per_step / quarter))
+
 
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     start = time.time()
     scale = SCALES[args.scale]
-    if args.train_iters is not None:
-        if args.train_iters % 4:
-            raise ExperimentError(f"--train-iters {args.train_iters}: must be a multiple of 4")
-        scale = dataclasses.replace(scale, train_iters=args.train_iters)
     out = Path(args.output)
-    settings = {"scale": args.scale, "sizes": dataclasses.asdict(scale), "seeds": args.seeds,
+    settings = {"scale": args.scale, "sizes": dataclasses.asdict(scale), "data_seeds": args.data_seeds,
                 "parent": args.parent, "data_path": args.data_path, "extra_valid_data_path": args.extra_valid_data_path,
-                "heldout_source": args.heldout_source}  # fmt: skip
+                "heldout_source": args.heldout_source, "version": 2}  # fmt: skip
     check_output_dir(out, settings, args.overwrite)
     import torch
 
@@ -606,64 +739,46 @@ def _main(argv: list[str] | None) -> int:
     device = "cuda" if args.scale == "gpu" and torch.cuda.is_available() else "cpu"
     parent, data, heldout = prepare_inputs(args, out)
     parent_config = load_config(parent)
-    search_dir = out / "search"
     importance = run_importance(parent, data, scale, out, device)
-    searches = {}
-    for mode in ("first_k", "width_oneshot", "depth_oneshot"):
-        searches[mode] = run_search(parent, data, scale, importance["path"], mode, 0, search_dir, device)
-    for seed in args.seeds:
-        for mode in ("evolution", "random"):
-            searches[f"{mode}{seed}"] = run_search(parent, data, scale, importance["path"], mode, seed, search_dir,
-                                                    device)  # fmt: skip
+    searches = {key: run_search(key, parent, data, scale, importance["path"], out / "search", device)
+                for key in INITS}  # fmt: skip
 
     def counts(subnet_path: str) -> dict:
         config = SubnetConfig.load(subnet_path, parent_config).student_config(parent_config)
         return {"total_params": config.num_parameters(), "non_embedding_params": config.num_parameters(False)}
 
-    def cost(search: dict) -> int:
-        return search["flops"] + (importance["flops"] if search["mode"] != "first_k" else 0)
-
-    tokens_budget, arms = scale.tokens, []
-    best_key = f"evolution{args.seeds[0]}"
-
-    def arm(name: str, directory: str, seed: int | None, search_key: str, kd: bool, init: str = "subnet",
-            iters: int = scale.train_iters, charged: bool = True) -> dict:  # fmt: skip
-        """Train one arm from ``search_key``'s sub-network (its shape only with init random) and record it."""
-        search = searches[search_key]
-        evaluations = train_arm(directory, parent, data, heldout, scale, search["subnet"], init, kd, iters, out)
-        record = arm_record(name, seed, search_key if charged else None, init, kd, cost(search) if charged else 0,
-                            evaluations, counts(search["subnet"]))  # fmt: skip
+    arms, kd_of = [], {}
+    for arm in plan_arms(scale, args.data_seeds):
+        if arm.objective == "ce" and arm.init != "random":
+            arm = dataclasses.replace(arm, iters=equal_flops_iters(kd_of[arm.init, arm.seed], scale))
+        search = None if arm.init == "random" else searches[arm.init]
+        subnet = searches["first_k"]["subnet"] if search is None else search["subnet"]  # random: first-k's shape
+        parts = {} if search is None else {"search": search["flops"],
+                                           **{p: importance[p] for p in INITS[arm.init][2]}}  # fmt: skip
+        objective = OBJECTIVES[arm.objective]
+        init_label = "random init" if search is None else INITS[arm.init][1]
+        label = f"{init_label}, {'CE' if objective is None else objective[2]}"
+        evaluations = train_arm(arm, subnet, parent, data, heldout, scale, out)
+        record = arm_record(arm, label, search, parts, evaluations, counts(subnet))
         arms.append(record)
-        return record
-
-    arm("random_init", "random_init", None, best_key, False, init="random", charged=False)
-    for mode in ("first_k", "width_oneshot", "depth_oneshot"):
-        arm(f"{mode}_kd", f"{mode}_kd", None, mode, True)
-    for seed in args.seeds:
-        for mode, name in (("evolution", "evolution_kd"), ("random", "random_search_kd")):
-            arm(name, f"{name}_seed{seed}", seed, f"{mode}{seed}", True)
-    kd_last = next(a for a in arms if a["name"] == "evolution_kd" and a["seed"] == args.seeds[0])["evaluations"][-1]
-    arm("evolution_ce_tokens", "evolution_ce_tokens", args.seeds[0], best_key, False)
-    # as many CE steps as cost the KD arm's student and teacher FLOPs (a multiple of 4, for the evaluations)
-    per_step = kd_last["train_flops"] / scale.train_iters
-    equal_flops_iters = 4 * max(1, round((kd_last["train_flops"] + kd_last["teacher_flops"]) / per_step / 4))
-    arm("evolution_ce_flops", "evolution_ce_flops", args.seeds[0], best_key, False, iters=equal_flops_iters)
+        if arm.objective == "kd":
+            kd_of[arm.init, arm.seed] = record
     proxy = proxy_check(parent, data, scale, importance["path"], out, device)
     results = {
         "scale_name": args.scale,
         "scale": dataclasses.asdict(scale),
         "date": time.strftime("%Y-%m-%d"),
-        "seeds": args.seeds,
-        "data_seed": DATA_SEED,
+        "data_seeds": args.data_seeds,
         "target_params": f"{TARGET_PARAMS} of the parent's total parameters",
         "parent": {"path": str(parent), "total_params": parent_config.num_parameters(),
                    "non_embedding_params": parent_config.num_parameters(False)},  # fmt: skip
-        "data": {"train": data, "heldout_text": heldout},
-        "tokens_budget": tokens_budget,
-        "importance_flops": importance["flops"],
+        "data": {"train": data, "heldout_text": heldout, "split": SPLIT},
+        "teacher": teacher_losses(parent, data, heldout, scale, args.data_seeds[0], device),
+        "importance_flops": {"calibration": importance["calibration"], "drop_loss": importance["drop_loss"]},
         "searches": searches,
         "arms": arms,
-        "multipliers": multipliers(arms),
+        "to_target": to_target(arms),
+        "paired": paired_differences(arms, scale.train_iters),
         "spearman": proxy,
         "seconds_this_invocation": time.time() - start,  # steps reused from an earlier run cost nothing here
     }

@@ -1,10 +1,11 @@
 """benchmarks/paper_experiment.py at ``--scale smoke`` (a tiny random parent; the plumbing, not the claim) and the
 trainer's ``--extra-valid-data-path`` it evaluates the second held-out text with.
 
-The smoke run is one subprocess; the assertions check what its JSON says against what it must be: every arm at
-the budget, one data order (equal starting losses where the initialisation is equal), training FLOPs equal to
-the FLOP counter's, the equal-FLOPs arm within one step's rounding of the KD arm, search and importance FLOPs at
-the start of the curves that used them, multipliers and Spearman's rho recomputed from the stored numbers.
+The smoke run is one subprocess; the assertions check what its JSON says against what it must be, recomputed
+here from the stored numbers and the inputs: every arm inside the budget; its FLOPs the sum of its parts, and
+of the importance pass only the part its initialisation used; training FLOPs equal to the FLOP counter's; every
+multiplier measured from the curves or marked not reached; paired differences on equal data; the teacher's
+loss and the arms' first losses on the same batches; the searches' winners picked on held-out samples.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from tests.training_utils import run as run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "paper_experiment.py"
-ARMS = {"random_init", "first_k_kd", "width_oneshot_kd", "depth_oneshot_kd", "evolution_kd", "random_search_kd",
-        "evolution_ce_tokens", "evolution_ce_flops"}  # fmt: skip
+USED = {"first_k": {"search"}, "paper": {"search"}, "width": {"search", "calibration"},
+        "evolution": {"search", "calibration"}, "random_search": {"search", "calibration"},
+        "depth": {"search", "drop_loss"}, "random": set()}  # fmt: skip
 
 
 def load_script():
@@ -49,27 +51,35 @@ def smoke(tmp_path_factory) -> tuple[Path, dict]:
     return output, json.loads((output / "results.json").read_text())
 
 
-def test_smoke_writes_every_arm_at_the_budget(smoke):
+def arms_by(results: dict) -> dict[tuple[str, int], dict]:
+    return {(a["name"], a["seed"]): a for a in results["arms"]}
+
+
+def test_smoke_runs_every_arm_inside_the_budget(smoke):
     output, results = smoke
-    names = [a["name"] for a in results["arms"]]
-    assert set(names) == ARMS
-    assert sorted(a["seed"] for a in results["arms"] if a["name"] == "evolution_kd") == [0, 1]
-    assert sorted(a["seed"] for a in results["arms"] if a["name"] == "random_search_kd") == [0, 1]
-    parent_total = results["parent"]["total_params"]
-    tolerance = results["scale"]["tolerance"]
+    module = load_script()
+    seeds = results["data_seeds"]
+    expected = {("random_init_ce", seeds[0]), ("random_init_kd", seeds[0])}
+    for init in module.INITS:
+        for objective in module.OBJECTIVES:
+            on = seeds if init in module.DECISION_INITS and objective != "kdw" else seeds[:1]
+            expected |= {(f"{init}_{objective}", seed) for seed in on}
+    assert set(arms_by(results)) == expected and len(results["arms"]) == len(expected)
+    parent_total, tolerance = results["parent"]["total_params"], results["scale"]["tolerance"]
     for arm in results["arms"]:
         assert abs(arm["total_params"] / (0.5 * parent_total) - 1) <= tolerance, arm["name"]
         assert arm["non_embedding_params"] < arm["total_params"]
-    evolution0 = next(a for a in results["arms"] if a["name"] == "evolution_kd" and a["seed"] == 0)
-    baseline = next(a for a in results["arms"] if a["name"] == "random_init")
-    assert (baseline["total_params"], baseline["non_embedding_params"]) == (
-        evolution0["total_params"], evolution0["non_embedding_params"])  # the searched shape, random weights
+    random, first_k = arms_by(results)["random_init_ce", seeds[0]], arms_by(results)["first_k_kd", seeds[0]]
+    assert (random["total_params"], random["non_embedding_params"]) == (
+        first_k["total_params"], first_k["non_embedding_params"])  # the first-k shape, random weights
+    scale = results["scale"]
+    assert random["iters"] == scale["train_iters"] * scale["random_multiple"] and random["lr"] == scale["random_lr"]
     table = (output / "table.md").read_text()
-    assert sum(line.startswith("| ") and "---" not in line for line in table.splitlines()) == len(names) + 1
+    assert table.count("\n| ") >= 2 * len(expected) and "Teacher (the parent itself)" in table
     assert (output / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_smoke_curves_share_data_order_and_count_flops(smoke):
+def test_smoke_flops_add_up_and_only_what_an_arm_used_is_charged(smoke):
     from megatron_subnet.model.flops import training_flops_per_token
     from megatron_subnet.model.subnet import SubnetConfig
     from megatron_subnet.model.weights import load_config
@@ -78,47 +88,119 @@ def test_smoke_curves_share_data_order_and_count_flops(smoke):
     scale = results["scale"]
     tokens_per_step = scale["global_batch_size"] * scale["seq_length"]
     parent = load_config(results["parent"]["path"])
-    arms = {(a["name"], a["seed"]): a for a in results["arms"]}
+    importance = results["importance_flops"]
+    assert importance["calibration"] > 0 and importance["drop_loss"] > 0
     for arm in results["arms"]:
+        parts = arm["start_flops"]
+        assert set(parts) == USED[arm["init"]], arm["name"]
+        if arm["init"] != "random":
+            assert parts["search"] == results["searches"][arm["init"]]["flops"] > 0
+        assert all(parts[p] == importance[p] for p in parts if p != "search")
+        student = SubnetConfig.load(results["searches"][arm["search"] or "first_k"]["subnet"], parent)
+        per_token = training_flops_per_token(student.student_config(parent), scale["seq_length"])
         ev = arm["evaluations"]
-        steps = ev[-1]["iteration"]
-        assert [e["iteration"] for e in ev] == [steps * k // 4 for k in range(5)], arm["name"]
-        assert all(e["tokens"] == e["iteration"] * tokens_per_step for e in ev)
-        assert all(math.isfinite(e["valid_loss"]) and math.isfinite(e["heldout_loss"]) for e in ev)
-        assert ev[0]["flops"] == arm["search_and_importance_flops"]  # the search's cost starts the curve
-        assert (ev[-1]["teacher_flops"] > 0) == arm["kd"]
-        search = results["searches"][arm["search"]] if arm["search"] else None
-        if search is None:
-            assert arm["search_and_importance_flops"] == 0
-        else:
-            importance = results["importance_flops"] if search["mode"] != "first_k" else 0
-            assert arm["search_and_importance_flops"] == search["flops"] + importance > 0
-            student = SubnetConfig.load(search["subnet"], parent).student_config(parent)
-            per_token = training_flops_per_token(student, scale["seq_length"])
-            assert ev[-1]["train_flops"] == pytest.approx(per_token * ev[-1]["tokens"], rel=1e-9)
-    # the same initialisation and the same validation batches: the same starting loss, to the bit
-    kd, ce = arms[("evolution_kd", 0)], arms[("evolution_ce_tokens", 0)]
-    assert kd["evaluations"][0]["valid_loss"] == ce["evaluations"][0]["valid_loss"]
-    assert kd["evaluations"][0]["heldout_loss"] == ce["evaluations"][0]["heldout_loss"]
-    # equal FLOPs: the CE arm's training FLOPs match the KD arm's student + teacher FLOPs within 2 steps' rounding
-    flops_arm = arms[("evolution_ce_flops", 0)]["evaluations"][-1]
-    kd_last = kd["evaluations"][-1]
-    per_step = kd_last["train_flops"] / kd_last["iteration"]
-    assert abs(flops_arm["train_flops"] - kd_last["train_flops"] - kd_last["teacher_flops"]) <= 2 * per_step
-    assert flops_arm["iteration"] > kd_last["iteration"]
+        assert ev[-1]["iteration"] == arm["iters"]
+        for e in ev:
+            assert e["tokens"] == e["iteration"] * tokens_per_step
+            assert e["flops"] == sum(parts.values()) + e["train_flops"] + e["teacher_flops"]
+            assert e["train_flops"] == pytest.approx(per_token * e["tokens"], rel=1e-9)
+            assert math.isfinite(e["valid_loss"]) and math.isfinite(e["heldout_loss"])
+        assert (ev[-1]["teacher_flops"] > 0) == (arm["objective"] != "ce")
 
 
-def test_smoke_multipliers_and_spearman_follow_from_the_stored_numbers(smoke):
-    module = load_script()
+def test_smoke_multipliers_are_measured_from_the_curves_or_marked_not_reached(smoke):
     _, results = smoke
-    assert results["multipliers"] == module.multipliers(results["arms"])
+
+    def first_crossing(curve: list[dict], target: float, axis: str) -> float | None:
+        xs, ys = [e[axis] for e in curve], [e["valid_loss"] for e in curve]
+        for i, y in enumerate(ys):
+            if y <= target:
+                return xs[0] if i == 0 else float(np.interp(target, [ys[i], ys[i - 1]], [xs[i], xs[i - 1]]))
+        return None
+
+    by = arms_by(results)
+    baseline = by["random_init_ce", results["data_seeds"][0]]["evaluations"]
+    assert len(results["to_target"]["targets"]) == 4
+    for target in results["to_target"]["targets"]:
+        loss = target["target_loss"]
+        assert any(e["valid_loss"] == loss for e in baseline)  # a point of random init's own curve
+        assert len(target["arms"]) == len(results["arms"]) - 1
+        for row in target["arms"]:
+            curve = by[row["name"], row["seed"]]["evaluations"]
+            for axis in ("tokens", "flops"):
+                used, base = first_crossing(curve, loss, axis), first_crossing(baseline, loss, axis)
+                assert target["random_init"][axis] == pytest.approx(base)
+                if used is None:
+                    assert not row["reached"] and row[axis] is None and row[f"{axis}_multiplier"] is None
+                else:
+                    assert row["reached"] and row[axis] == pytest.approx(used)
+                    if used > 0:
+                        assert row[f"{axis}_multiplier"] == pytest.approx(base / used)
+            assert row["at_start"] == (row["tokens"] == 0)
+
+
+def test_smoke_paired_differences_use_equal_data(smoke):
+    _, results = smoke
+    by, budget = arms_by(results), results["scale"]["train_iters"]
+    for pair in results["paired"].values():
+        assert pair["n"] == len(pair["seeds"]) == len(pair["values"])
+        if pair["n"] > 1:
+            assert pair["std"] == pytest.approx(np.std(pair["values"], ddof=1))
+        assert pair["mean"] == pytest.approx(np.mean(pair["values"]))
+    evolution = results["paired"]["evolution: kd - ce, equal tokens"]
+    assert evolution["seeds"] == results["data_seeds"]
+    for seed, value in zip(evolution["seeds"], evolution["values"]):
+        kd, ce = by["evolution_kd", seed], by["evolution_ce", seed]
+        ce_at_budget = next(e for e in ce["evaluations"] if e["iteration"] == budget)
+        assert ce_at_budget["tokens"] == kd["evaluations"][-1]["tokens"]  # equal tokens, same data order
+        assert value == pytest.approx(kd["evaluations"][-1]["valid_loss"] - ce_at_budget["valid_loss"])
+        # the same initialisation, seed and validation batches: the same first loss, to the bit
+        assert kd["evaluations"][0]["valid_loss"] == ce["evaluations"][0]["valid_loss"]
+        # equal FLOPs: the CE run's end costs the KD run's student + teacher FLOPs, within one interval
+        kd_last, ce_last = kd["evaluations"][-1], ce["evaluations"][-1]
+        per_step = kd_last["train_flops"] / kd_last["iteration"]
+        interval = budget // 4
+        assert abs(ce_last["train_flops"] - kd_last["train_flops"] - kd_last["teacher_flops"]) <= interval * per_step
+        assert ce_last["iteration"] > budget
+    flops = results["paired"]["evolution: kd - ce, equal FLOPs"]
+    assert flops["values"] == [by["evolution_kd", s]["evaluations"][-1]["valid_loss"]
+                               - by["evolution_ce", s]["evaluations"][-1]["valid_loss"] for s in flops["seeds"]]
+
+
+def test_smoke_teacher_and_arms_are_scored_on_the_same_batches_and_searches_pick_held_out(smoke):
+    from megatron_subnet.data.batches import load_batches
+    from megatron_subnet.model.evaluation import evaluate_model
+    from megatron_subnet.model.subnet import SubnetConfig
+    from megatron_subnet.search.fitness import SubnetFitness, load_parent
+
+    _, results = smoke
+    scale, seed = results["scale"], results["data_seeds"][0]
+    parent = load_parent(results["parent"]["path"])
+    batches = load_batches(results["data"]["train"], results["data"]["split"], "valid", scale["seq_length"],
+                           scale["micro_batch_size"], scale["eval_iters"], seed)  # fmt: skip
+    assert results["teacher"]["valid_loss"] == pytest.approx(evaluate_model(parent, batches, progress=False).loss)
+    subnet = SubnetConfig.load(results["searches"]["first_k"]["subnet"], parent.config)
+    first = arms_by(results)["first_k_kd", seed]["evaluations"][0]["valid_loss"]
+    assert first == pytest.approx(SubnetFitness(parent, batches).loss(subnet), rel=1e-5)
+    for search in results["searches"].values():
+        assert search["selected_by"] == "heldout"
+        best = min(search["rescored"], key=lambda r: (r["heldout_loss"], r["key"]))
+        assert search["winner"]["key"] == best["key"] and search["winner"]["heldout_loss"] == best["heldout_loss"]
+
+
+def test_smoke_spearman_follows_from_the_stored_numbers(smoke):
+    _, results = smoke
     proxy = results["spearman"]
     assert len(proxy["candidates"]) >= 12 and len({c["key"] for c in proxy["candidates"]}) == len(proxy["candidates"])
-    untrained = [c["untrained_loss"] for c in proxy["candidates"]]
-    trained = [c["trained_loss"] for c in proxy["candidates"]]
-    ranks_a = np.argsort(np.argsort(untrained))
-    ranks_b = np.argsort(np.argsort(trained))
-    assert proxy["rho"] == pytest.approx(np.corrcoef(ranks_a, ranks_b)[0, 1], abs=1e-9)  # no ties in float losses
+
+    def rho(rows: list[dict]) -> float:
+        a, b = [r["untrained_loss"] for r in rows], [r["trained_loss"] for r in rows]
+        return np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1]  # no ties in float losses
+
+    assert proxy["rho"] == pytest.approx(rho(proxy["candidates"]), abs=1e-9)
+    top = sorted(proxy["candidates"], key=lambda r: r["untrained_loss"])[: proxy["top"]]
+    assert proxy["top"] == max(3, len(proxy["candidates"]) // 4)
+    assert proxy["rho_top"] == pytest.approx(rho(top), abs=1e-9)
     assert "selection" in proxy["untrained_on"] and "scored on" in proxy["trained_on"]
 
 
@@ -142,10 +224,10 @@ def test_a_rerun_reuses_the_steps_and_other_settings_are_refused(smoke):
     rerun = json.loads((output / "results.json").read_text())
     assert rerun["arms"] == results["arms"] and rerun["spearman"] == results["spearman"]
     before = sorted(p.relative_to(output) for p in output.rglob("*"))
-    refused = run_smoke(output, "--seeds", "0", "2")
+    refused = run_smoke(output, "--data-seeds", "1234", "1236")
     assert refused.returncode == 2
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "other settings (seeds)" in lines[0] and "--overwrite" in lines[0], refused.stderr
+    assert len(lines) == 1 and "other settings (data_seeds)" in lines[0] and "--overwrite" in lines[0], refused.stderr
     assert sorted(p.relative_to(output) for p in output.rglob("*")) == before
 
 
