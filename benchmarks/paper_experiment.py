@@ -28,10 +28,12 @@ run's length):
   steps as cost the KD run's student and teacher FLOPs, so one CE run gives the equal-tokens point (at
   ``train_iters``) and the equal-FLOPs point (its end);
 - ``random_init``: random weights in the first-k shape (a standard, uniformly scaled shape of the same size),
-  its own recipe (``random_lr``), ``random_multiple`` times the tokens; ``random_init_kd``: the same with KD for
-  ``train_iters`` steps (initialisation apart from distillation);
-- the arms the decision rests on (``paper`` and ``evolution``, KD and CE; random init) run on every
-  ``--data-seeds`` data order, the others on the first.
+  its own recipe (``random_lr``, warm-up over 5% of its steps), ``random_multiple`` times the tokens;
+  ``random_init_kd``: the same recipe (so the same warm-up steps) with KD for ``train_iters`` steps, paired
+  with random init's first steps (initialisation apart from distillation);
+- the arms the decision rests on (``paper`` and ``evolution``, KD and CE) run on every ``--data-seeds`` data
+  order, the others (random init included: it is the longest run) on the first, so only the first seed's
+  multipliers are paired with random init's data.
 
 **Compute** (each arm's ``flops`` parts): its training, the teacher's forwards, its search (all candidates and
 the held-out re-scoring), and of the importance pass only what it used: the calibration forward (``width``,
@@ -40,10 +42,11 @@ the held-out re-scoring), and of the importance pass only what it used: the cali
 
 **Results** (``DIR/results.json``, ``table.md``, ``curves.png``): every arm's evaluations (tokens, FLOPs,
 validation and held-out-text loss); the teacher's own loss on both texts, on the same batches; tokens- and
-FLOPs-to-target for every arm against random init at the losses random init reaches at 25/50/75/100% of its
-budget (measured, or "not reached within" the arm's budget); KD minus CE as paired differences over the seeds
-at equal tokens and at equal FLOPs, whittle's recipe minus ours, the paper's arm minus evolution; the search
-proxy's Spearman rho over all candidates and over its top quarter. A rerun with the same settings reuses the
+FLOPs-to-target for every arm against random init at the losses random init reaches at its evaluations
+nearest 25/50/75/100% of its budget (``fraction_of_random_budget``; measured, or "not reached within" the
+arm's budget); KD minus CE as paired differences over the seeds at equal tokens and at equal FLOPs, whittle's
+recipe minus ours, the paper's arm minus evolution; the search proxy's Spearman rho over all candidates and
+over its top quarter. A rerun with the same settings reuses the
 finished steps; other settings need ``--overwrite`` (or another ``--output``).
 """
 
@@ -309,8 +312,8 @@ def run_search(key: str, parent: Path, data: str, scale: Scale, importance: str,
         "evaluations": summary["evaluations"],
         "flops": int(summary["search_flops"]) + int(summary.get("rescore_flops") or 0),
         "selected_by": summary["selected_by"],
-        "winner": {k: summary["best"][k] for k in ("key", "loss", "heldout_loss", "total_params",
-                                                   "non_embedding_params")},  # fmt: skip
+        "winner": {k: summary["best"].get(k) for k in ("key", "loss", "heldout_loss", "total_params",
+                                                       "non_embedding_params")},  # fmt: skip
         "in_sample_pick": {"key": by_selection["key"], "loss": by_selection["selection_loss"],
                            "heldout_loss": by_selection["heldout_loss"]},  # fmt: skip
         "rescored": [{k: r[k] for k in ("key", "selection_loss", "heldout_loss")} for r in rescored],
@@ -606,7 +609,8 @@ def write_table(results: dict, path: Path) -> None:
             f"{ev[0]['valid_loss']:.3f} / {mid['valid_loss']:.3f} / {ev[-1]['valid_loss']:.3f} | "
             f"{ev[0]['heldout_loss']:.3f} / {ev[-1]['heldout_loss']:.3f} |"
         )
-    lines += ["", "To random init's loss at 25 / 50 / 75 / 100% of its budget: tokens multiplier (random init's "
+    fractions = " / ".join(f"{t['fraction_of_random_budget']:.0%}" for t in results["to_target"]["targets"])
+    lines += ["", f"To random init's loss at {fractions} of its budget: tokens multiplier (random init's "
               "tokens over the arm's) / FLOPs multiplier (likewise, the arm's search and importance included); "
               "'at start': the arm's initial loss is already below; '—': not reached within the arm's budget.", "",
               "| arm | seed | " + " | ".join(f"{p['target_loss']:.3f}" for p in results["to_target"]["targets"])

@@ -162,15 +162,16 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
 
 
 def _exit_if_in_process_group(code: int) -> None:
-    """Exit with ``code`` at once when this process is in a process group. A failed rank cannot wait for its
+    """Exit with ``code`` at once when this process is one rank of several. A failed rank cannot wait for its
     peers, and the interpreter's own teardown with the group's threads still running aborts now and then
     (``terminate called without an active exception``, exit 134 in place of ``code``). The ``finally`` blocks
-    of ``main`` have run; only the standard streams still hold output."""
+    of ``main`` have run; only the standard streams still hold output. A group of one (an in-process caller
+    of ``main``) returns the code."""
     if "torch.distributed" not in sys.modules:
         return
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

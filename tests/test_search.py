@@ -1044,7 +1044,7 @@ def test_oneshot_shapes_land_in_budget(parent, mode, include_embeddings):
     assert fitted >= 1
 
 
-def test_a_search_saved_before_rescoring_resumes(workdir, tmp_path):
+def test_a_search_saved_before_rescoring_resumes(workdir, tmp_path, capsys):
     """state.json of a search written before held-out re-scoring (no rescore settings, top lists or FLOPs)."""
     out = tmp_path / "out"
     assert search_main(cli_args(workdir, out, "--generations", "1")) == 0
@@ -1059,3 +1059,10 @@ def test_a_search_saved_before_rescoring_resumes(workdir, tmp_path):
     generation_1 = [r for r in read_results(out / "results.jsonl") if r["generation"] == 1]
     assert state["search_flops"] == sum(r["flops"] for r in generation_1) > 0  # counted from the resume on
     assert json.loads((out / "rescored.json").read_text())["candidates"]
+    # a search of the sample order before this one scored other batches: refused, not mixed in
+    state = json.loads((out / "state.json").read_text())
+    del state["settings"]["data_order"]
+    (out / "state.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    assert search_main(cli_args(workdir, out, "--generations", "3")) == 1
+    assert "other settings (data_order)" in capsys.readouterr().err

@@ -302,11 +302,24 @@ def test_a_longer_run_starts_like_a_shorter_one_and_a_finished_run_can_be_extend
     reference = train_records(tmp_path / "run8")
     for key in ("loss", "ce", "kd", "grad_norm", "lr"):  # steps 1-4 of the short run, 5-8 of its extension
         assert losses(train_records(tmp_path / "run4"), key) == losses(reference, key), key
-    assert "--train-iters" not in extended.stderr
+    assert "resuming extends the run (--train-iters: 4 -> 8" in extended.stdout + extended.stderr
+    shorter = flags(4, "run8") + ["--load", str(tmp_path / "run8")]  # below the checkpoint's iteration 8
     save = tmp_path / "cosine"
     shutil.copytree(refs("single") / "ckpt", save)
     longer = common_flags(ws, 0, 2 * ITERS) + ["--save", str(save), "--load", str(save), "--log-dir", str(save)]
-    assert_one_line_error(run(python_cmd(longer), tmp_path), f"--train-iters: {ITERS} -> {2 * ITERS}")
+    meta_path = save / f"iter_{ITERS:07d}" / "megatron_subnet.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["args"]["data_order"] == 2
+    del meta["args"]["data_order"]  # a checkpoint written before the data order stopped depending on the length
+    old = tmp_path / "old"
+    shutil.copytree(save, old)
+    (old / f"iter_{ITERS:07d}" / "megatron_subnet.json").write_text(json.dumps(meta))
+    same = common_flags(ws, 0) + ["--save", str(old), "--load", str(old), "--log-dir", str(old)]
+    jobs = [(python_cmd(argv), tmp_path, None, 120, None) for argv in (shorter, longer, same)]
+    first, second, third = run_many(jobs)
+    assert_one_line_error(first, "--train-iters: 8 -> 4")
+    assert_one_line_error(second, f"--train-iters: {ITERS} -> {2 * ITERS}")
+    assert_one_line_error(third, "the data order: 1 -> 2")
 
 
 # ----------------------------------------------------------------------------- 5. SIGKILL mid-checkpoint

@@ -98,6 +98,7 @@ from megatron_subnet.cli import (  # noqa: E402
     run_main,
 )
 from megatron_subnet.data.batches import check_vocab, load_batches  # noqa: E402
+from megatron_subnet.data.gpt_dataset import DATA_ORDER  # noqa: E402
 from megatron_subnet.model.weights import CheckpointError, CheckpointReader, load_config  # noqa: E402
 from megatron_subnet.outputs import OutputError, check_not_nested, check_writable_location  # noqa: E402
 from megatron_subnet.search.evolution import (  # noqa: E402
@@ -342,6 +343,7 @@ def _main(argv: list[str] | None) -> int:
         "fitness": [args.fitness_train_steps, args.fitness_lr, args.fitness_kd_alpha],
         "rescore": [args.rescore_top, args.rescore_batches if args.rescore_top else None],
         "seed_oneshot": args.seed_oneshot,
+        "data_order": DATA_ORDER,  # a search of another sample order scored other batches: not resumed
     }
     # a saved state of another search is refused here, before the data and the weights are read
     search = Search(

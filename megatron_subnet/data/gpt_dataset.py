@@ -47,6 +47,9 @@ from megatron_subnet.data.indexed import IndexedDataset, idx_path
 from megatron_subnet.outputs import write_file_atomically
 
 CACHE_FORMAT_VERSION = 2
+# The sample order's version, recorded by checkpoints and searches: 2 = independent of the number of samples
+# (1: Megatron's, a function of it). A run or search of another order cannot resume on this one.
+DATA_ORDER = 2
 SPLIT_NAMES = ("train", "valid", "test")
 OVERSAMPLE = 1.005  # Megatron's margin on each blended component so the blend never runs short
 

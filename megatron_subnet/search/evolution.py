@@ -221,9 +221,6 @@ class Search:
         if isinstance(saved.get("settings"), dict) and "rescore" not in saved["settings"] and "top" not in saved:
             # written before held-out re-scoring existed: resumes, its top lists rebuilt from the best per bin
             expected = {k: v for k, v in self.settings.items() if k != "rescore"}
-        if isinstance(saved.get("settings"), dict) and "seed_oneshot" not in saved["settings"]:
-            # written before seeding existed: its generation 0 was random
-            expected = {k: v for k, v in expected.items() if k != "seed_oneshot"}
         if saved.get("version") != STATE_VERSION or saved.get("settings") != expected:
             old, new = _flatten(saved.get("settings") or {}), _flatten(expected)
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -481,8 +478,9 @@ class Search:
         found = [w for w in self.winners() if w is not None]
         if not found:
             return None
-        if self.selected_by() == "heldout":
-            return min(found, key=lambda m: (self.rescored.get(m["key"], {"loss": math.inf})["loss"], m["key"]))
+        heldout = [(self.rescored.get(m["key"], {}).get("loss", math.inf), m["key"], i) for i, m in enumerate(found)]
+        if self.selected_by() == "heldout" and any(math.isfinite(h[0]) for h in heldout):
+            return found[min(heldout)[2]]
         return min(found, key=_sort_key)
 
     def param_counts(self, key: str, genome: dict) -> dict[str, int]:

@@ -161,8 +161,9 @@ def check_save_dir(save_dir: str, load_dir: str | None, run_id: str | None, over
 # Settings that shape the data order or the training objective: a resume that changes them is not the same run.
 RESUME_ARGS = (
     "data_path", "split", "seq_length", "seed", "global_batch_size", "train_iters", "train_tokens",
-    "kd_alpha", "kd_loss", "kd_temperature", "kd_topk",
+    "kd_alpha", "kd_loss", "kd_temperature", "kd_topk", "data_order",
 )  # fmt: skip
+SAVED_BEFORE = {"data_order": 1}  # what a checkpoint that does not record a setting had
 
 
 # The run's length: a resume may change it when the learning rate of every step already taken stays the same
@@ -172,13 +173,25 @@ LENGTH_ARGS = ("train_iters", "train_tokens")
 
 def changed_args(meta: dict, args: dict) -> list[str]:
     """``"name: old -> new"`` for every RESUME_ARGS setting where this launch differs from the checkpoint."""
-    saved = meta.get("args", {})
-    extends = _same_schedule_so_far(meta, args)
+    saved = {**SAVED_BEFORE, **meta.get("args", {})}
+    extends = _same_schedule_so_far(meta, args) and (args.get("train_iters") or 0) >= int(meta["iteration"])
     changes = []
     for name in RESUME_ARGS:
         if name in saved and saved[name] != args.get(name) and not (name in LENGTH_ARGS and extends):
-            changes.append(f"--{name.replace('_', '-')}: {saved[name]} -> {args.get(name)}")
+            if name == "data_order":
+                changes.append(f"the data order: {saved[name]} -> {args.get(name)} (the checkpoint was written "
+                               "before the sample order stopped depending on the run's length)")  # fmt: skip
+            else:
+                changes.append(f"--{name.replace('_', '-')}: {saved[name]} -> {args.get(name)}")
     return changes
+
+
+def extended_args(meta: dict, args: dict) -> list[str]:
+    """``"name: old -> new"`` for the run-length settings this launch changes without ``changed_args``
+    objecting (an extension of the run)."""
+    saved = meta.get("args", {})
+    return [f"--{name.replace('_', '-')}: {saved[name]} -> {args.get(name)}" for name in LENGTH_ARGS
+            if name in saved and saved[name] != args.get(name)]  # fmt: skip
 
 
 def _same_schedule_so_far(meta: dict, args: dict) -> bool:
@@ -187,9 +200,9 @@ def _same_schedule_so_far(meta: dict, args: dict) -> bool:
     try:
         before = schedule_from_args(saved, saved["train_iters"])
         after = schedule_from_args(args, args["train_iters"])
-    except KeyError:  # a checkpoint that did not record its schedule
+        return before == after or all(before(i) == after(i) for i in range(int(meta["iteration"])))
+    except (KeyError, TypeError):  # a checkpoint that did not record its schedule (or its length)
         return False
-    return before == after or all(before(i) == after(i) for i in range(int(meta["iteration"])))
 
 
 def latest_checkpoint(load_dir: str) -> Path:

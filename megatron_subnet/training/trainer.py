@@ -15,7 +15,7 @@ import torch
 from megatron_subnet.arguments import load_ds_config, reconcile_ds_config
 from megatron_subnet.cli import same_on_every_rank
 from megatron_subnet.data.batches import check_token_ids
-from megatron_subnet.data.gpt_dataset import PretrainingSampler, build_train_valid_test_datasets
+from megatron_subnet.data.gpt_dataset import DATA_ORDER, PretrainingSampler, build_train_valid_test_datasets
 from megatron_subnet.initialize import initialize_distributed, set_seed
 from megatron_subnet.model.compile import compile_model
 from megatron_subnet.model.config import ModelConfig
@@ -275,8 +275,9 @@ def pretrain(args: argparse.Namespace) -> int:
     resume_meta = checkpoint.read_meta(args.load) if args.load else None
     args.parent_load, parent_change = resolve_parent(args, resume_meta)
     # the settings a resume compares: the flags as resolved (a ds_config's train_batch_size counts too)
-    settings = {**vars(args), "global_batch_size": plan.global_batch_size, "train_iters": plan.train_iters}
-    changes = []
+    settings = {**vars(args), "global_batch_size": plan.global_batch_size, "train_iters": plan.train_iters,
+                "data_order": DATA_ORDER}  # fmt: skip
+    changes, extensions = [], []
     if resume_meta is not None:
         checkpoint.check_layout(resume_meta, layout, None, args.load)
         changes = checkpoint.changed_args(resume_meta, settings) + student_changes(args, resume_meta) + [
@@ -287,6 +288,8 @@ def pretrain(args: argparse.Namespace) -> int:
                 f"--load {args.load}: this launch changes what the checkpoint was trained on ({'; '.join(changes)}); "
                 "use the checkpoint's settings, or pass --override-checkpoint-args if you mean it"
             )
+        if not changes:
+            extensions = checkpoint.extended_args(resume_meta, settings)
     run_id = resume_meta.get("run_id") if resume_meta is not None else None
     log_dir = Path(args.log_dir or args.save or "runs/latest")
     fresh_metrics = check_outputs(args, log_dir, run_id, resume_meta is not None)
@@ -399,6 +402,8 @@ def pretrain(args: argparse.Namespace) -> int:
     try:
         for change in changes:
             logger.write(f"resuming with a changed setting (--override-checkpoint-args): {change}")
+        for change in extensions:
+            logger.write(f"resuming extends the run ({change}; every step taken keeps its learning rate and data)")
         logger.write(
             f"student: {_parameters(student.config)}; parent: {_parameters(parent_config)}; "
             f"teacher: {_parameters(teacher_config if teacher is not None else None)}; "
