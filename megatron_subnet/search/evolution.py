@@ -321,24 +321,10 @@ class Search:
 
     def _step(self, generation: int, bar: tqdm) -> list[dict]:
         """Make, evaluate and select one generation; returns its results.jsonl records."""
-        cfg, bins = self.config, self.budget.bins
+        cfg = self.config
         evolve = cfg.mode == "evolution" and generation > 0
         kept = self._elites() if evolve else []
-        seen = set(self.cache)
-        children = []
-        seeds = self.seeds if generation == 0 else []
-        for k in range(cfg.new_per_generation(generation, bins)):
-            origin = None
-            if self.fixed is not None:
-                genome = copy.deepcopy(self.fixed[k])
-                key = self.space.key(genome)
-            elif k < len(seeds):
-                origin, genome = seeds[k][0], copy.deepcopy(seeds[k][1])
-                key = self.space.key(genome)
-            else:
-                genome, key = self._make((generation + k) % bins, seen, evolve)
-            seen.add(key)
-            children.append({"genome": genome, "key": key, "params": self.space.params(genome), "origin": origin})
+        children = self._children(generation, evolve)
         todo, keys = [], set()
         for c in children:
             if c["key"] not in self.cache and c["key"] not in keys:
@@ -405,6 +391,25 @@ class Search:
         self.population = kept + children
         self.records += records
         return records
+
+    def _children(self, generation: int, evolve: bool) -> list[dict]:
+        """The new candidates of a generation: a one-shot mode's fixed genomes, else the seeds (generation 0)
+        and then bred (evolution) or sampled ones, each unseen if at all possible."""
+        seen, children = set(self.cache), []
+        seeds = self.seeds if generation == 0 else []
+        for k in range(self.config.new_per_generation(generation, self.budget.bins)):
+            origin = None
+            if self.fixed is not None:
+                genome = copy.deepcopy(self.fixed[k])
+                key = self.space.key(genome)
+            elif k < len(seeds):
+                origin, genome = seeds[k][0], copy.deepcopy(seeds[k][1])
+                key = self.space.key(genome)
+            else:
+                genome, key = self._make((generation + k) % self.budget.bins, seen, evolve)
+            seen.add(key)
+            children.append({"genome": genome, "key": key, "params": self.space.params(genome), "origin": origin})
+        return children
 
     def _elites(self) -> list[dict]:
         kept = []
