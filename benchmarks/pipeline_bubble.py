@@ -10,39 +10,39 @@ PP x one micro-batch's activations.
 **What runs.** For each PP, PP gloo processes (one thread each, ``OMP_NUM_THREADS=1``) each build their stage
 of a random-weight llama-like ``GPTModel`` (``split_layers`` / ``stage_of``: 8 layers are 4 + 4 at PP=2 and
 2 + 2 + 2 + 2 at PP=4; embedding on the first stage, final norm and untied output layer on the last) and run
-the real schedule, ``parallel.pipeline.forward_backward_1f1b``, with plain autograd (no DeepSpeed, no
+the real schedule, ``parallel.pipeline_executor.forward_backward`` (1F1B), with plain autograd (no DeepSpeed, no
 optimizer step). With ``--virtual-stages v`` > 1 each process holds v model chunks instead (the layers split
 over v x PP virtual stages; chunk c of stage r is virtual stage c x PP + r: 8 layers at PP=2, v=2 put layers
 0, 1, 4, 5 on the first process), as the trainer builds them for ``--virtual-pipeline-model-parallel-size v``
 (one ``GPTModel`` over ``stage_of(..., chunks=v)``, run as ``model(x, chunk=c)``), and runs
-``forward_backward_interleaved``, Megatron's interleaved 1F1B, for the m that are multiples of PP. In both,
+the same executor's interleaved order (Megatron's interleaved 1F1B) for the m that are multiples of PP. In both,
 the last stage's loss is ``parallel.losses.cross_entropy`` and earlier stages backward their output with the
 gradient the schedule received. The vocabulary is small by default so that the last stage's output layer
 does not unbalance the stages (the analytical bubble assumes equal stages).
 
 **Idle fraction.** The forward and backward callbacks are timed (``time.perf_counter``, CLOCK_MONOTONIC, the
-same clock in every process); the time a stage spends in ``communicate`` (waiting for a neighbour, or
-sending) is not inside them. After a barrier, one step's wall time is from the first stage's start to the
-last stage's return (``max(end) - min(start)`` over the ranks), and a stage's idle fraction is
-``1 - busy / wall``, summed over ``--steps`` timed steps that follow one untimed warm-up step ("best step":
-the same for the timed step of least wall time alone). The analytical 1F1B bubble for p equal stages and m
-micro-batches is (p - 1) / (m + p - 1) of every stage's time; the table gives measured / analytical per
-stage (target <= 1.1x). The "replay" column is the idle the same steps would have had if messages cost
-nothing: every stage's events in the order and with the durations measured, a forward waiting only for the
-previous stage's forward of its micro-batch and a backward for the next stage's backward. The "mean-duration
-replay" replays the same order with every event at its stage's mean F or B duration: the bubble the stages'
-average costs imply, without the jitter of single events (on a shared CPU one stage's forward of the same
-micro-batch shape ranges over 1.7x within a step, and every hand-off waits for the slower of two). The
-"equal-stage replay" gives every stage's forward (backward) the mean over all stages: the equal stages the
-analytical bubble assumes, so it checks the schedule's order alone (1.00x when the order is 1F1B's). The four
-columns split the measured ratio: equal-stage replay (the schedule), mean replay (+ the stages' unequal average
-costs: the last one holds the output layer and the loss), replay (+ the jitter of single events, whose size
-the "duration CV" column gives: standard deviation / mean of one stage's forward or backward durations), and
-measured (+ the messages: gloo over loopback TCP, and the wake-up of a process that waited).
-"CPU replay" replays the same way with each event's CPU time (``time.thread_time``: one thread does the
-forward, the backward and every op, ``OMP_NUM_THREADS=1``) instead of its wall time: what the schedule and
-the stages' imbalance alone imply, without the time a stage waited for a core (other jobs, or PP > cores).
-Both replays are models built from measurements; the measured idle is the column the target is about.
+same clock in every process); the time a stage spends posting or waiting for messages is not inside them.
+After a barrier, one step's wall time is from the first stage's start to the last stage's return (``max(end) -
+min(start)`` over the ranks), and a stage's idle fraction is ``1 - busy / wall``, summed over ``--steps``
+timed steps that follow one untimed warm-up step ("best step": the same for the timed step of least wall time
+alone). The analytical 1F1B bubble for p equal stages and m micro-batches is (p - 1) / (m + p - 1) of every
+stage's time; the table gives measured / analytical per stage (target <= 1.1x). The "replay" column is the
+idle the same steps would have had if messages cost nothing: every stage's events in the order and with the
+durations measured, a forward waiting only for the previous stage's forward of its micro-batch and a backward
+for the next stage's backward. The "mean-duration replay" replays the same order with every event at its
+stage's mean F or B duration: the bubble the stages' average costs imply, without the jitter of single events
+(on a shared CPU one stage's forward of the same micro-batch shape ranges over 1.7x within a step, and every
+hand-off waits for the slower of two). The "equal-stage replay" gives every stage's forward (backward) the
+mean over all stages: the equal stages the analytical bubble assumes, so it checks the schedule's order alone
+(1.00x when the order is 1F1B's). The four columns split the measured ratio: equal-stage replay (the
+schedule), mean replay (+ the stages' unequal average costs: the last one holds the output layer and the
+loss), replay (+ the jitter of single events, whose size the "duration CV" column gives: standard deviation /
+mean of one stage's forward or backward durations), and measured (+ the messages: gloo over loopback TCP, and
+the wake-up of a process that waited). "CPU replay" replays the same way with each event's CPU time
+(``time.thread_time``: one thread does the forward, the backward and every op, ``OMP_NUM_THREADS=1``) instead
+of its wall time: what the schedule and the stages' imbalance alone imply, without the time a stage waited for
+a core (other jobs, or PP > cores). Both replays are models built from measurements; the measured idle is the
+column the target is about.
 
 **CPU contention.** This machine has 2 cores (shared with other jobs). PP=2 runs one process per core and is
 the meaningful arm. PP=4 runs 4 processes on 2 cores: a stage's compute then also waits for a core, so its
@@ -60,7 +60,10 @@ The interleaved schedule holds up to 2 (PP - stage - 1) + (v - 1) PP + 1 (chunk,
 1 / v of the stage's layers, so its first stage exceeds PP micro-batches (1.25x at PP=2, v=2): the price of
 the smaller bubble; the last column is then peak / (that count / v x one micro-batch).
 The stage's messages (received inputs, its outputs kept for the backward) are not saved tensors and are not
-counted: one [b, s, h] tensor each per micro-batch in flight.
+counted there. The outputs are measured apart ("outputs held": the storage of every output still referenced,
+sampled at each forward and backward): the executor frees a sent output's storage as soon as its send is
+posted (Megatron's ``deallocate_output_tensor``), where it used to hold one [b, s, h] tensor per
+micro-batch in flight until the backward.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,13 +94,8 @@ from megatron_subnet.model.gpt import GPTModel  # noqa: E402
 from megatron_subnet.outputs import write_text_atomically  # noqa: E402
 from megatron_subnet.parallel import state  # noqa: E402
 from megatron_subnet.parallel.losses import cross_entropy  # noqa: E402
-from megatron_subnet.parallel.pipeline import (  # noqa: E402
-    Messages,
-    forward_backward_1f1b,
-    forward_backward_interleaved,
-    split_layers,
-    stage_of,
-)
+from megatron_subnet.parallel.pipeline import split_layers, stage_of  # noqa: E402
+from megatron_subnet.parallel.pipeline_executor import Messages, forward_backward  # noqa: E402
 
 # ----------------------------------------------------------------------------- saved activations
 
@@ -161,6 +160,27 @@ class _Saved:
         self.owner.release(self.key)
 
 
+class OutputsHeld:
+    """The stage's outputs kept for their backward (the schedule holds them until then): the bytes of their
+    storage now, sampled at every forward and backward, and the ``peak`` since ``reset``. The executor frees
+    a sent output's storage (Megatron's ``deallocate_output_tensor``), so this measures that it did."""
+
+    def __init__(self):
+        self.refs: list[weakref.ref] = []
+        self.peak = 0
+
+    def reset(self) -> None:
+        self.refs, self.peak = [], 0
+
+    def add(self, output: torch.Tensor) -> None:
+        self.refs.append(weakref.ref(output))
+
+    def sample(self) -> None:
+        alive = [t for t in (r() for r in self.refs) if t is not None]
+        self.refs = [weakref.ref(t) for t in alive]
+        self.peak = max(self.peak, sum(t.untyped_storage().nbytes() for t in alive))
+
+
 # ----------------------------------------------------------------------------- one stage
 
 
@@ -212,27 +232,26 @@ def measure(rank: int, chunks: int, spec: dict) -> dict:
 
     # (F or B, (chunk, micro-batch), start, end, CPU seconds of this thread) of the current step
     spans: list[tuple[str, tuple[int, int], float, float, float]] = []
+    outputs = OutputsHeld()
 
     def forward(c, i, received):
+        outputs.sample()
         t0, c0 = time.perf_counter(), time.thread_time()
         result = chunk_forward(c, i, batches[i][:, :-1] if stage.holds_first(c) else received[0])
         spans.append(("F", (c, i), t0, time.perf_counter(), time.thread_time() - c0))
-        return result if stage.holds_last(c) else [result]
-
-    def backward(c, i, outputs, grads):
-        t0, c0 = time.perf_counter(), time.thread_time()
         if stage.holds_last(c):
-            outputs.backward()
-        else:
-            torch.autograd.backward(outputs[0], grads[0])
+            return result
+        outputs.add(result)
+        return [result]
+
+    def backward(c, i, scalar):
+        outputs.sample()
+        t0, c0 = time.perf_counter(), time.thread_time()
+        scalar.backward()
         spans.append(("B", (c, i), t0, time.perf_counter(), time.thread_time() - c0))
 
     def schedule(m: int) -> int:
-        if chunks == 1:
-            return forward_backward_1f1b(
-                m, lambda i, r: forward(0, i, r), lambda i, o, gr: backward(0, i, o, gr), messages
-            )
-        return forward_backward_interleaved(m, chunks, forward, backward, messages)
+        return forward_backward(m, chunks, forward, backward, messages)
 
     results = {"layers": list(stage.layers), "one_microbatch_bytes": one, "runs": {}}
     for m in spec["microbatches"]:
@@ -245,15 +264,17 @@ def measure(rank: int, chunks: int, spec: dict) -> dict:
             dist.barrier()
             with tracker if step == 0 else contextlib.nullcontext():
                 tracker.reset()
+                outputs.reset()
                 start = time.perf_counter()
                 in_flight = schedule(m)
                 end = time.perf_counter()
             if step == 0:
                 assert tracker.live == 0, f"saved activations still alive after the schedule: {tracker.live} bytes"
-                peak = tracker.peak
+                peak, output_peak = tracker.peak, outputs.peak
             else:
                 steps.append({"start": start, "end": end, "spans": list(spans)})
-        results["runs"][m] = {"peak_bytes": peak, "peak_in_flight": in_flight, "steps": steps}
+        results["runs"][m] = {"peak_bytes": peak, "peak_output_bytes": output_peak, "peak_in_flight": in_flight,
+                              "steps": steps}  # fmt: skip
     return results
 
 
@@ -422,6 +443,7 @@ def summarize(pp: int, chunks: int, m: int, stages: list[dict]) -> list[dict]:
             "cpu_s_per_microbatch": cpu[rank] / (n_steps * m), "cpu_replay_idle": 1 - cpu[rank] / sum(cpu_replays),
             "peak_in_flight": run["peak_in_flight"],
             "one_microbatch_bytes": one, "peak_bytes": run["peak_bytes"],
+            "peak_output_bytes": run["peak_output_bytes"],
             "peak_vs_pp_x_one": run["peak_bytes"] / (pp * one),
             "expected_in_flight": expected, "peak_vs_expected": run["peak_bytes"] / (expected * one),
         })  # fmt: skip
@@ -431,8 +453,9 @@ def summarize(pp: int, chunks: int, m: int, stages: list[dict]) -> list[dict]:
 def print_table(rows: list[dict]) -> None:
     print(
         "\n| PP | chunks | m | stage | layers | F+B ms/mb | CPU ms/mb | idle | replay | CPU replay | analytical | "
-        "ratio | in flight | act. MB (1 mb) | peak act. MB | peak / (PP x 1 mb) | peak / (min(PP-stage,m) x 1 mb) |\n"
-        "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "ratio | in flight | act. MB (1 mb) | peak act. MB | peak / (PP x 1 mb) | peak / (min(PP-stage,m) x 1 mb) | "
+        "outputs held MB |\n"
+        "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     for r in rows:
         layers = ",".join(map(str, r["layers"]))
@@ -442,7 +465,7 @@ def print_table(rows: list[dict]) -> None:
             f"{1e3 * r['cpu_s_per_microbatch']:.0f} | {r['idle']:.3f} | {r['replay_idle']:.3f} | "
             f"{r['cpu_replay_idle']:.3f} | {r['analytical']:.3f} | {r['ratio']:.2f}x | {r['peak_in_flight']} | "
             f"{r['one_microbatch_bytes'] / 2**20:.1f} | {r['peak_bytes'] / 2**20:.1f} | "
-            f"{r['peak_vs_pp_x_one']:.2f}x | {r['peak_vs_expected']:.2f}x |"
+            f"{r['peak_vs_pp_x_one']:.2f}x | {r['peak_vs_expected']:.2f}x | {r['peak_output_bytes'] / 2**20:.2f} |"
         )
 
 

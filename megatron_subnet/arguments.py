@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 
 from megatron_subnet.cli import ArgumentParser, finite_float, fraction, nonnegative_int, positive_float, positive_int
-from megatron_subnet.parallel.losses import KD_TEMPERATURE_RANGE
+from megatron_subnet.parallel.losses import KD_LOSSES, KD_TEMPERATURE_RANGE
 
 
 class ArgumentError(ValueError):
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"softmax temperature T of the KL term, in [{KD_TEMPERATURE_RANGE[0]}, {KD_TEMPERATURE_RANGE[1]}] (beyond "
         "it T^2 and the tempered logits leave the range where fp32 computes the loss stably)",
     )  # fmt: skip
-    g.add_argument("--kd-loss", choices=["forward_kl", "reverse_kl", "topk_kl"], default="forward_kl")
+    g.add_argument("--kd-loss", choices=KD_LOSSES, default=KD_LOSSES[0])
     g.add_argument("--kd-topk", type=positive_int, default=64, help="teacher tokens kept by topk_kl")
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", required=True, help="prefix, or weighted prefixes '0.3 a 0.7 b'")

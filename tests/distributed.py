@@ -16,17 +16,16 @@ import queue
 import socket
 import traceback
 
-import torch
-import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on localhost now (the one helper every multi-process test uses)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def _worker(rank, world_size, port, tensor_parallel, pipeline_parallel, fn, args, results) -> None:
+    import torch
     import torch.distributed as dist
 
     from megatron_subnet.parallel import state
@@ -49,9 +48,11 @@ def run_distributed(
     fn, world_size: int, tensor_parallel: int = 1, pipeline_parallel: int = 1, args: tuple = (), timeout: float = 180
 ) -> list:
     """``[fn(rank, *args) for each rank]``, computed by ``world_size`` processes at once."""
+    import torch.multiprocessing as mp  # here: tests/spawn.py imports free_port without torch
+
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(
             target=_worker, args=(r, world_size, port, tensor_parallel, pipeline_parallel, fn, args, results)

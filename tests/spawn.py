@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from training_utils import free_port  # this script's own directory is first on sys.path
+from distributed import free_port  # this script's own directory is first on sys.path
 
 
 def main(argv: list[str]) -> int:

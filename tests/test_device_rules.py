@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from megatron_subnet.model.subnet import extract_state_dict
+from megatron_subnet.model.extract import extract_state_dict
 from megatron_subnet.parallel.losses import KD_LOSSES, distillation_loss
 from tests.devices import MixedDevices, one_device
 from tests.test_subnet import PARENTS, make_parent, random_subnet, tokens

@@ -19,10 +19,11 @@ from test_importance import LLAMA, NEOX, VOCAB, tiny_checkpoint, tiny_dataset, t
 from megatron_subnet.data.batches import load_batches
 from megatron_subnet.data.gpt_dataset import build_train_valid_test_datasets
 from megatron_subnet.model.config import ModelConfig
+from megatron_subnet.model.extract import extract_state_dict
 from megatron_subnet.model.gpt import GPTModel
 from megatron_subnet.model.hf import save_hf
 from megatron_subnet.model.importance import compute_importance
-from megatron_subnet.model.subnet import SubnetConfig, extract_state_dict
+from megatron_subnet.model.subnet import SubnetConfig
 from megatron_subnet.model.weights import save_checkpoint
 from tools.evaluate import main as evaluate_main
 

@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_subnet.model.config import ConfigError, ModelConfig
+from megatron_subnet.model.extract import extract_state_dict
 from megatron_subnet.model.gpt import GPTModel
 from megatron_subnet.model.hf import config_from_hf, config_to_hf, load_hf, save_hf, state_from_hf
-from megatron_subnet.model.subnet import SubnetConfig, extract_state_dict
+from megatron_subnet.model.subnet import SubnetConfig
 from megatron_subnet.model.weights import CheckpointError, load_checkpoint, save_checkpoint
 from tools.convert_checkpoint import main as convert_main
 
@@ -620,3 +621,16 @@ def test_cli_removes_the_temporary_directory_a_killed_run_left(tmp_path, hf_dir,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     config, _ = load_checkpoint(out)
     assert config == load_hf(hf_dir)[0]
+
+
+def test_every_architecture_has_one_family_and_an_unknown_one_is_named():
+    """hf.py reads every per-architecture fact from ``FAMILIES``: each ModelConfig architecture has an entry,
+    and a family without one is an error naming the supported ones (not silently another family's names)."""
+    from types import SimpleNamespace
+
+    from megatron_subnet.model.config import ARCHITECTURES, ConfigError
+    from megatron_subnet.model.hf import FAMILIES, family
+
+    assert set(FAMILIES) == set(ARCHITECTURES)
+    with pytest.raises(ConfigError, match=r"arch 'mamba': no Hugging Face mapping \(supported: llama, gpt_neox\)"):
+        family(SimpleNamespace(arch="mamba"))

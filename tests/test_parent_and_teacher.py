@@ -123,8 +123,9 @@ def first_batches(ws: Path) -> list[torch.Tensor]:
 def kl_of_first_step(ws: Path, parent: str, teacher: str) -> tuple[float, float]:
     """(CE, KL) of the first step computed here: the student cut from ``parent`` by subnet.json, ``teacher``
     frozen, averaged over the step's micro-batches (the student does not change within the step)."""
+    from megatron_subnet.model.extract import extract_state_dict
     from megatron_subnet.model.gpt import GPTModel
-    from megatron_subnet.model.subnet import SubnetConfig, extract_state_dict
+    from megatron_subnet.model.subnet import SubnetConfig
     from megatron_subnet.model.weights import load_checkpoint, load_model
     from megatron_subnet.parallel.losses import distillation_loss
 

@@ -70,7 +70,7 @@ def _stage(rank: int, pp: int):
 
 def _interleaved_case(rank, pp, m, student, teacher, data, targets) -> dict:
     """One interleaved run over ``CHUNKS`` chunks of one layer each (chunk c: layer ``c * pp + rank``)."""
-    from megatron_subnet.parallel.pipeline import Messages, forward_backward_interleaved, forward_only_interleaved
+    from megatron_subnet.parallel.pipeline_executor import Messages, forward_backward, forward_only
 
     layers = [rank + c * pp for c in range(CHUNKS)]
     for i in layers:
@@ -87,14 +87,12 @@ def _interleaved_case(rank, pp, m, student, teacher, data, targets) -> dict:
         s = _run([student[layer]], s_in)
         return _loss(s, t, targets[i]) if layer == CHUNKS * pp - 1 else [s, t]
 
-    def backward(chunk, i, outputs, grads):
+    def backward(chunk, i, scalar):
         events.append(("B", chunk, i))
-        if grads is None:
-            outputs.backward()
-        else:
-            torch.autograd.backward(outputs[0], grads[0])
+        scalar.backward()
 
-    peak = forward_backward_interleaved(m, CHUNKS, forward, backward, messages)
+    trace: list = []
+    peak = forward_backward(m, CHUNKS, forward, backward, messages, trace=trace)
     grads = {i: [p.grad.clone() for p in student[i].parameters()] for i in layers}
 
     outputs = []
@@ -108,14 +106,14 @@ def _interleaved_case(rank, pp, m, student, teacher, data, targets) -> dict:
             outputs.append((s.clone(), t.clone()))
         return [s, t]
 
-    forward_only_interleaved(m, CHUNKS, evaluate, messages)
-    return {"grads": grads, "events": events, "peak": peak, "forward_only": outputs}
+    forward_only(m, CHUNKS, evaluate, messages)
+    return {"grads": grads, "events": events, "peak": peak, "forward_only": outputs, "trace": trace}
 
 
 def _case(rank, pp, m, mine, mine_teacher, data, targets) -> dict:
     """One 1F1B run (gradients, events, peak, what was still alive at each backward and after) and one
     forward-only run (the last stage's outputs) of ``m`` micro-batches on this stage's layers."""
-    from megatron_subnet.parallel.pipeline import Messages, forward_backward_1f1b, forward_only
+    from megatron_subnet.parallel.pipeline_executor import Messages, forward_backward, forward_only
 
     params = [p for layer in mine for p in layer.parameters()]
     for p in params:
@@ -126,8 +124,9 @@ def _case(rank, pp, m, mine, mine_teacher, data, targets) -> dict:
     refs: dict[int, weakref.ref] = {}
     alive_at_backward: dict[int, list[int]] = {}
     received_grad_flags: list[tuple[bool, bool]] = []
+    output_grad_shapes: dict[int, tuple] = {}
 
-    def forward(i, received):
+    def forward(_chunk, i, received):
         events.append(f"F {i}")
         if first:
             s_in, t_in = data[i], data[i]
@@ -137,35 +136,36 @@ def _case(rank, pp, m, mine, mine_teacher, data, targets) -> dict:
         with torch.no_grad():
             t = _run(mine_teacher, t_in)
         s = _run(mine, s_in)
+        s.register_hook(lambda g: output_grad_shapes.__setitem__(i, tuple(g.shape)))
         result = _loss(s, t, targets[i]) if last else [s, t]
         refs[i] = weakref.ref(result if last else s)  # holds the micro-batch's graph until its backward
         return result
 
-    def backward(i, outputs, grads):
+    def backward(_chunk, i, scalar):
         events.append(f"B {i}")
         alive_at_backward[i] = sorted(k for k, r in refs.items() if r() is not None)
-        if last:
-            assert grads is None
-            outputs.backward()
-        else:
-            assert len(grads) == 1 and grads[0].shape == (MICRO_BATCH, WIDTH)
-            torch.autograd.backward(outputs[0], grads[0])
+        assert scalar.shape == () and (scalar is refs[i]() if last else scalar.item() == 0.0)
+        scalar.backward()
+        # off the last stage the stand-in hands the stage's output the gradient the next stage sent back
+        assert output_grad_shapes.pop(i) == (MICRO_BATCH, WIDTH)
 
-    peak = forward_backward_1f1b(m, forward, backward, messages)
+    trace: list = []
+    peak = forward_backward(m, 1, forward, backward, messages, trace=trace)
     alive_after = sorted(k for k, r in refs.items() if r() is not None)
 
     outputs = []
 
     @torch.no_grad()
-    def evaluate(i, received):
+    def evaluate(_chunk, i, received):
         s_in, t_in = (data[i], data[i]) if first else received
         s, t = _run(mine, s_in), _run(mine_teacher, t_in)
         if last:
             outputs.append((s.clone(), t.clone()))
         return [s, t]
 
-    forward_only(m, evaluate, messages)
+    forward_only(m, 1, evaluate, messages)
     return {
+        "trace": trace,
         "grads": [p.grad.clone() for p in params],
         "events": events,
         "peak": peak,
@@ -264,7 +264,7 @@ def test_forward_only_gives_one_process_outputs(pipeline, m):
 def test_interleaved_gradients_and_order(pipeline, times):
     """Interleaved 1F1B over 2 chunks a stage: each layer's accumulated gradient equals one process's, every
     stage runs ``interleaved_order``, and the peak in flight is that order's."""
-    from megatron_subnet.parallel.pipeline import interleaved_order
+    from megatron_subnet.parallel.pipeline_orders import interleaved_order
 
     pp, stages = pipeline
     m = times * pp
@@ -339,7 +339,7 @@ def _idle_of_order(pp: int, chunks: int, m: int, forward: float, backward: float
     """Every stage's idle fraction when each stage runs its ``interleaved_order`` and every chunk's forward
     (backward) takes ``forward / chunks`` (``backward / chunks``); a forward waits for the previous virtual
     stage's, a backward for the next one's."""
-    from megatron_subnet.parallel.pipeline import interleaved_order
+    from megatron_subnet.parallel.pipeline_orders import interleaved_order
 
     orders = [interleaved_order(pp, rank, chunks, m) for rank in range(pp)]
     done: dict[tuple[str, int, int], float] = {}
@@ -366,7 +366,8 @@ def test_interleaved_order_idles_the_analytical_bubble(pp, chunks, m):
     """With equal chunks the order idles exactly (PP - 1) / (chunks * m + PP - 1), every (chunk, micro-batch)
     runs one forward then one backward on every stage after Megatron's warm-up, and m not a multiple of PP is
     one clear error."""
-    from megatron_subnet.parallel.pipeline import PipelineError, interleaved_order
+    from megatron_subnet.parallel.pipeline import PipelineError
+    from megatron_subnet.parallel.pipeline_orders import interleaved_order
 
     assert _idle_of_order(pp, chunks, m, 1.0, 2.0) == pytest.approx((pp - 1) / (chunks * m + pp - 1), abs=1e-12)
     for rank in range(pp):
@@ -384,3 +385,57 @@ def test_interleaved_order_idles_the_analytical_bubble(pp, chunks, m):
         interleaved_order(pp, 0, chunks, m + 1)
     with pytest.raises(PipelineError, match="at least 2"):
         interleaved_order(pp, 0, 1, m)
+
+
+def _pairs_up(traces: list[list[tuple]], pp: int) -> None:
+    """Every send meets exactly one receive in the same position on its neighbour: per directed pair of
+    ranks, the sender's sends and the receiver's receives are the same messages (and shapes) in the same
+    order. ``traces[r]``: rank r's posted ``(Transfer, shapes)`` in order."""
+    for a in range(pp):
+        for b in range(pp):
+            sends = [(t.kind, t.virtual, t.microbatch, shapes) for t, shapes in traces[a] if t.send and t.peer == b]
+            recvs = [(t.kind, t.virtual, t.microbatch, shapes) for t, shapes in traces[b] if not t.send and t.peer == a]
+            assert sends == recvs, f"rank {a} -> rank {b}"
+            assert len(set(sends)) == len(sends), f"rank {a} -> rank {b}: a message twice"
+
+
+@pytest.mark.parametrize("pp, chunks, m", [(2, 1, 1), (2, 1, 8), (4, 1, 3), (4, 1, 8), (2, 2, 2), (2, 2, 8),
+                                           (2, 3, 4), (4, 2, 4), (4, 2, 8), (4, 4, 16)])  # fmt: skip
+def test_p2p_plan_pairs_every_send_with_a_receive_in_order(pp, chunks, m):
+    """The plan of rounds (training and forward-only orders): each rank runs exactly its order, a message
+    arrives in an earlier round than the action that needs it, and per directed pair of ranks the sends and
+    receives are the same messages in the same order, one per round at most (so no tags are needed)."""
+    from megatron_subnet.parallel.pipeline_orders import forward_only_order, p2p_plan, training_order
+
+    for orders in ([training_order(pp, r, chunks, m) for r in range(pp)], [forward_only_order(pp, chunks, m)] * pp):
+        plan = p2p_plan(orders, chunks)
+        _pairs_up([[(t, ()) for _, batch in rounds for t in batch] for rounds in plan], pp)
+        for r, rounds in enumerate(plan):
+            assert [a for a, _ in rounds if a is not None] == orders[r]
+            arrived: set = set()
+            for action, batch in rounds:
+                if action is not None:
+                    kind, chunk, i = action
+                    virtual = chunk * pp + r
+                    needs = ("F", virtual, i) if kind == "F" and virtual > 0 else None
+                    if kind == "B" and virtual < pp * chunks - 1:
+                        needs = ("B", virtual, i)
+                    assert needs is None or needs in arrived, f"rank {r}: {action} before its message"
+                arrived |= {(t.kind, t.virtual, t.microbatch) for t in batch if not t.send}
+                peers = [(t.peer, t.send) for t in batch]
+                assert len(set(peers)) == len(peers), f"rank {r}: two messages one way to one rank in a round"
+
+
+@pytest.mark.parametrize("m", MICROBATCHES)
+def test_1f1b_recorded_sends_and_receives_pair_up(pipeline, m):
+    """What each rank really posted in the 1F1B step, recorded by the executor, pairs up with its neighbours."""
+    pp, stages = pipeline
+    _pairs_up([stage[m]["trace"] for stage in stages], pp)
+    assert all(stage[m]["trace"] for stage in stages)
+
+
+@pytest.mark.parametrize("times", [1, 2], ids=["m=pp", "m=2pp"])
+def test_interleaved_recorded_sends_and_receives_pair_up(pipeline, times):
+    """The same for the interleaved step, where at PP=2 activations and gradients share each pair of ranks."""
+    pp, stages = pipeline
+    _pairs_up([stage["interleaved"][times * pp]["trace"] for stage in stages], pp)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.distributed import free_port
 from tests.training_utils import (
     BIN,
     EXAMPLES,
@@ -27,7 +28,6 @@ from tests.training_utils import (
     base_env,
     build_workspace,
     deepspeed_shm_files,
-    free_port,
     latest_tag,
     python_cmd,
     read_jsonl,

@@ -194,7 +194,7 @@ def test_index_space_follows_importance_when_sampling():
 
 
 def _check_splittable(space: SearchSpace, g: dict, d: int, seen_groups: set) -> None:
-    from megatron_subnet.model.weights import check_divisible
+    from megatron_subnet.model.shapes import check_divisible
 
     subnet = space.to_subnet(g)
     assert all(len(x) % d == 0 for x in subnet.query_groups + subnet.heads + subnet.mlp), subnet

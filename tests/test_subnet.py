@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from megatron_subnet.model.config import ConfigError, ModelConfig
+from megatron_subnet.model.extract import extract_state_dict
 from megatron_subnet.model.gpt import GPTModel
-from megatron_subnet.model.subnet import SubnetConfig, extract_state_dict, subnet_indices
+from megatron_subnet.model.subnet import SubnetConfig, subnet_indices
 
 VOCAB = 61
 

@@ -15,9 +15,10 @@ import torch
 
 from megatron_subnet.cache import cache_dir
 from megatron_subnet.model.config import ModelConfig
+from megatron_subnet.model.extract import extract_state_dict
 from megatron_subnet.model.gpt import GPTModel
 from megatron_subnet.model.hf import load_hf, save_hf
-from megatron_subnet.model.subnet import SubnetConfig, extract_state_dict
+from megatron_subnet.model.subnet import SubnetConfig
 from megatron_subnet.model.weights import CheckpointError, load_checkpoint
 
 HF_DIR = "smollm2-135m-instruct"

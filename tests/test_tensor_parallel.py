@@ -185,7 +185,7 @@ def test_each_rank_reads_its_shard_of_any_checkpoint_layout(saved_at, tmp_path):
 def test_student_shards_cut_from_checkpoint_slices_equal_the_extracted_student(saved_at, tmp_path):
     """extract_shard through a CheckpointReader (consolidated, or parent saved at TP=4) gives, rank by rank,
     the TP=2 shards of the student that extract_state_dict cuts from the whole parent in memory."""
-    from megatron_subnet.model.subnet import extract_shard, extract_state_dict
+    from megatron_subnet.model.extract import extract_shard, extract_state_dict
 
     config = ModelConfig(**CONFIGS["llama_gqa_tied"])
     state = parent_state(config)

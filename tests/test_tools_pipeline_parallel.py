@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from megatron_subnet.data.indexed import IndexedDatasetBuilder
 from megatron_subnet.model.config import ModelConfig
-from megatron_subnet.model.subnet import SubnetConfig, extract_state_dict
+from megatron_subnet.model.extract import extract_state_dict
+from megatron_subnet.model.subnet import SubnetConfig
 from megatron_subnet.model.weights import CheckpointReader, load_checkpoint, save_checkpoint
 from megatron_subnet.search.evolution import read_results
 from tests.distributed import run_distributed
@@ -208,7 +209,8 @@ def test_impossible_layouts_are_one_line_errors(ws, tmp_path, capsys):
 def _stage_results(rank: int, kwargs: dict, state: dict, batches: list, subnets: list) -> tuple[list, dict]:
     from megatron_subnet.model.evaluation import evaluate_model
     from megatron_subnet.model.importance import compute_importance
-    from megatron_subnet.model.weights import expected_shapes, model_from_state, shard_state_dict
+    from megatron_subnet.model.shapes import expected_shapes
+    from megatron_subnet.model.weights import model_from_state, shard_state_dict
     from megatron_subnet.parallel.layers import TPShard
     from megatron_subnet.parallel.pipeline import current_stage
 

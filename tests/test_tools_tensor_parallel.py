@@ -20,9 +20,10 @@ from safetensors.torch import load_file
 from megatron_subnet.data.batches import load_batches
 from megatron_subnet.data.indexed import IndexedDatasetBuilder
 from megatron_subnet.model.config import ModelConfig
+from megatron_subnet.model.extract import extract_state_dict
 from megatron_subnet.model.gpt import GPTModel
 from megatron_subnet.model.importance import compute_importance, load_importance
-from megatron_subnet.model.subnet import SubnetConfig, extract_state_dict
+from megatron_subnet.model.subnet import SubnetConfig
 from megatron_subnet.model.weights import (
     CheckpointReader,
     load_checkpoint,

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.distributed import free_port
 from tests.training_utils import (
     EXAMPLES,
     GLOBAL,
@@ -30,7 +31,6 @@ from tests.training_utils import (
     build_workspace,
     deepspeed_shm_files,
     file_sha256,
-    free_port,
     latest_tag,
     launch_cmd,
     ok,
@@ -161,8 +161,9 @@ def test_teacher_is_frozen_and_outside_the_optimizer_at_zero0_and_zero3(refs, ws
 def test_optimizer_never_sees_the_teacher(ws):
     """In process: the student cut from the teacher shares no storage with it; build_optimizer(student) holds
     exactly the student's trainable tensors; Teacher() freezes its model (eval, no grad)."""
+    from megatron_subnet.model.extract import extract_state_dict
     from megatron_subnet.model.gpt import GPTModel
-    from megatron_subnet.model.subnet import SubnetConfig, extract_state_dict
+    from megatron_subnet.model.subnet import SubnetConfig
     from megatron_subnet.model.weights import load_checkpoint
     from megatron_subnet.training.engine import Teacher, build_optimizer
 

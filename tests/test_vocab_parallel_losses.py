@@ -6,15 +6,12 @@ gets its vocabulary slice of the same seeded logits, and the gradient slices are
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from megatron_subnet.parallel import losses, state
+from megatron_subnet.parallel import losses
 from megatron_subnet.parallel.losses import cross_entropy, distillation_loss
+from tests.distributed import run_distributed
 
 VOCAB, SHAPE, CHUNK_TOKENS = 40, (2, 6), 5  # 12 tokens in chunks of 5, 5 and 2
 
@@ -55,35 +52,22 @@ def _run(case: dict, student: torch.Tensor, labels: torch.Tensor, teacher: torch
     return [v.detach() for v in values], grad
 
 
-def _worker(rank: int, world: int, port: int, cases: list[dict], out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        state.initialize_model_parallel(tensor_model_parallel_size=world)
-        local = VOCAB // world
-        losses._CHUNK_ELEMENTS_BY_DEVICE = {"cpu": CHUNK_TOKENS * local}  # several token chunks per call
-        results = []
-        for case in cases:
-            student, labels, teacher = _inputs(case)
-            piece = slice(rank * local, (rank + 1) * local)
-            results.append(_run(case, student[..., piece], labels, None if teacher is None else teacher[..., piece]))
-        torch.save(results, f"{out}/rank{rank}.pt")
-    finally:
-        state.destroy_model_parallel()
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _tp_losses(rank: int, world: int, cases: list[dict]) -> list:
+    """Every case on this rank's vocabulary slice (tensor-parallel group of ``world``)."""
+    local = VOCAB // world
+    losses._CHUNK_ELEMENTS_BY_DEVICE = {"cpu": CHUNK_TOKENS * local}  # several token chunks per call
+    results = []
+    for case in cases:
+        student, labels, teacher = _inputs(case)
+        piece = slice(rank * local, (rank + 1) * local)
+        results.append(_run(case, student[..., piece], labels, None if teacher is None else teacher[..., piece]))
+    return results
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_vocab_parallel_losses_match_single_process(world, tmp_path):
+def test_vocab_parallel_losses_match_single_process(world):
     cases = _cases()
-    mp.start_processes(_worker, args=(world, _free_port(), cases, str(tmp_path)), nprocs=world, start_method="spawn")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    ranks = run_distributed(_tp_losses, world, tensor_parallel=world, args=(world, cases))
     for i, case in enumerate(cases):
         values, grad = _run(case, *_inputs(case))
         for r in range(world):  # every rank reports the same values, bit for bit

@@ -154,14 +154,6 @@ def base_env(extra: dict | None = None) -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: float = 180, hooks: dict | None = None) -> Result:
     """Run a job in its own session; on timeout the whole process group (launcher and workers) is killed."""
     extra = dict(env or {})

@@ -107,7 +107,7 @@ def _shards_note(size: int, stages: int = 1) -> str:
 def _check_splits(config: ModelConfig, size: int, what: str, stages: int = 1) -> None:
     """ConvertError naming the dimension when ``config`` does not split into ``size`` tensor-parallel shards, or
     the flag and the sizes when it has fewer layers than ``stages`` pipeline stages."""
-    from megatron_subnet.model.weights import check_divisible
+    from megatron_subnet.model.shapes import check_divisible
     from megatron_subnet.parallel.pipeline import split_layers
 
     try:
@@ -208,7 +208,8 @@ def _open_checkpoint(path: str):
 
 
 def cmd_extract(args: argparse.Namespace) -> str:
-    from megatron_subnet.model.subnet import SubnetConfig, extract_shard
+    from megatron_subnet.model.extract import extract_shard
+    from megatron_subnet.model.subnet import SubnetConfig
     from megatron_subnet.model.weights import save_checkpoint
     from megatron_subnet.parallel.layers import WHOLE
 

@@ -54,8 +54,9 @@ from megatron_subnet.model.evaluation import (  # noqa: E402
     transformers_forward,
 )
 from megatron_subnet.model.importance import LAYER_METRICS, load_importance  # noqa: E402
+from megatron_subnet.model.shapes import check_divisible  # noqa: E402
 from megatron_subnet.model.subnet import SubnetConfig, subnet_indices  # noqa: E402
-from megatron_subnet.model.weights import check_divisible, load_config  # noqa: E402
+from megatron_subnet.model.weights import load_config  # noqa: E402
 from megatron_subnet.outputs import OutputError, check_not_nested, check_output  # noqa: E402
 from megatron_subnet.parallel import state as parallel_state  # noqa: E402
 from megatron_subnet.parallel.pipeline import split_layers  # noqa: E402

@@ -2,10 +2,10 @@
 
 Batches are token tensors ``[batch, seq + 1]``: inputs ``[:, :-1]``, labels ``[:, 1:]``. The loss is the
 fp32 cross-entropy averaged over every label token of every batch (token-weighted: batches of different
-sizes count by their tokens). ``evaluate`` is the one evaluation loop: ``tools/evaluate.py``, the search
-fitness, importance's drop loss (through ``lm_loss``) and the trainer's validation all use it.
-``evaluate_model`` runs our model (dense or a masked sub-network) through it, or, when the model is one
-pipeline stage, through the forward-only pipeline schedule with the same definition.
+sizes count by their tokens). ``loss_sum`` is the one loop for our models in every layout (whole, a
+tensor-parallel shard, one pipeline stage of one or several model chunks; dense or a masked sub-network):
+the trainer's validation, the search fitness, importance's drop loss and ``tools/evaluate.py`` (through
+``evaluate_model``) use it. ``evaluate`` scores any other forward (transformers') by the same definition.
 
 Under tensor parallelism our model's logits are this rank's vocabulary slice; ``lm_loss`` is
 ``parallel.losses.cross_entropy``, which takes such slices (no rank builds a whole-vocabulary row) and
@@ -13,7 +13,7 @@ gives the same value on every rank. With one tensor-parallel rank it is the plai
 transformers' full-vocabulary logits go through it too.
 
 Under pipeline parallelism each rank holds one stage (``GPTModel(..., stage=...)``): every micro-batch goes
-through the stages (``parallel.pipeline.forward_only``; a masked candidate's hidden states are
+through the stages (``parallel.pipeline_executor.forward_only``; a masked candidate's hidden states are
 ``[batch, seq, len(subnet.hidden)]`` between stages), the last stage sums the vocab-parallel cross-entropy
 batch by batch exactly as ``evaluate`` does, and the sum is broadcast from the last stage, so every rank
 returns the same ``EvalResult`` as a single process.
@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from megatron_subnet.model.shapes import expected_shapes
 from megatron_subnet.model.weights import (
     CONFIG_NAME,
     CheckpointError,
@@ -41,7 +42,8 @@ from megatron_subnet.model.weights import (
 from megatron_subnet.parallel import state as parallel_state
 from megatron_subnet.parallel.layers import TPShard
 from megatron_subnet.parallel.losses import cross_entropy
-from megatron_subnet.parallel.pipeline import Messages, broadcast_from_last_stage, current_stage, forward_only
+from megatron_subnet.parallel.pipeline import current_stage
+from megatron_subnet.parallel.pipeline_executor import Messages, broadcast_from_last_stage, forward_only
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # tokens [batch, seq] -> logits [batch, seq, vocab (/ TP)]
 
@@ -94,52 +96,43 @@ def evaluate_model(
     model, batches: Iterable[torch.Tensor], device: torch.device | str = "cpu", subnet=None,
     desc: str = "eval", progress: bool | None = None,
 ) -> EvalResult:
-    """``evaluate`` of our GPTModel, dense or the masked ``subnet`` (a SubnetConfig or SubnetIndices, parent
-    indices), whether ``model`` is the whole model (or a tensor-parallel shard of it) or one pipeline stage."""
+    """``evaluate``'s token-weighted loss of our GPTModel, dense or the masked ``subnet`` (a SubnetConfig or
+    SubnetIndices, parent indices), whether ``model`` is the whole model, a tensor-parallel shard of it, or
+    one pipeline stage: every rank returns the same result."""
     from megatron_subnet.model.subnet import SubnetConfig, subnet_indices
 
     index = subnet_indices(model.config, subnet, device, model.shard) if isinstance(subnet, SubnetConfig) else subnet
-    if model.stage.first and model.stage.last:
-        return evaluate(lambda tokens: model(tokens, subnet=index), batches, device, desc, progress)
-    return evaluate_pipelined(model, batches, device, index, desc, progress)
-
-
-@torch.no_grad()
-def evaluate_pipelined(
-    model, batches: Iterable[torch.Tensor], device: torch.device | str = "cpu", index=None,
-    desc: str = "eval", progress: bool | None = None,
-) -> EvalResult:
-    """``evaluate``'s token-weighted loss of a model split into pipeline stages (``model``: this rank's stage;
-    ``index``: a masked sub-network's ``SubnetIndices`` or None). Every stage runs every batch in the
-    forward-only schedule; the last stage sums the cross-entropy; every rank returns the same result."""
-    batches = [b.to(device) for b in batches]
+    batches = list(batches)
     if not batches:
         raise ValueError("no evaluation batches")
     with tqdm(total=len(batches), desc=desc, unit="batch", disable=_quiet(progress)) as bar:
-        total, tokens = pipelined_loss_sum(model, batches, device, index, bar)
+        total, tokens = loss_sum(model, batches, device, index, bar)
     total = float(broadcast_from_last_stage(torch.tensor([total], dtype=torch.float64, device=device)))
     return EvalResult(total / tokens, tokens)
 
 
 @torch.no_grad()
-def pipelined_loss_sum(
-    model, batches: Iterable[torch.Tensor], device: torch.device | str = "cpu", index=None, bar=None
+def loss_sum(
+    model, batches: Iterable[torch.Tensor], device: torch.device | str = "cpu", index=None, bar=None, call=None
 ) -> tuple[float, int]:
-    """(summed cross-entropy on the last stage, 0.0 on the others; label tokens) of ``batches`` run through
-    the pipeline stages in the forward-only schedule (``index``: a masked sub-network's SubnetIndices;
-    ``bar``: a tqdm bar advanced per batch)."""
+    """(summed cross-entropy on the last stage, 0.0 on the others; label tokens) of ``batches`` through our
+    ``model`` (this rank's shard of its pipeline stage, which may hold several model chunks) in the
+    forward-only schedule: one loop for every layout, one process included. ``index``: a masked
+    sub-network's SubnetIndices; ``bar``: a tqdm bar advanced per batch; ``call``: what runs the model
+    (default ``model``; the trainer passes its DeepSpeed engine)."""
+    call = model if call is None else call
     batches = [b.to(device) for b in batches]
     stage = model.stage
     width = model.config.hidden_size if index is None or index.hidden is None else len(index.hidden)
     dtype = next(model.parameters()).dtype
     sums: list[float] = []
 
-    def forward(i: int, received):
+    def forward(chunk: int, i: int, received):
         inputs, labels = batches[i][:, :-1], batches[i][:, 1:]
-        result = model(inputs if stage.first else received[0], subnet=index)
-        if bar is not None:
+        result = call(inputs if stage.holds_first(chunk) else received[0], subnet=index, chunk=chunk)
+        if bar is not None and chunk == stage.num_chunks - 1:
             bar.update()
-        if not stage.last:
+        if not stage.holds_last(chunk):
             return [result]
         sums.append(float(lm_loss(result, labels, reduction="sum")))
         return None
@@ -150,7 +143,7 @@ def pipelined_loss_sum(
         while end < len(batches) and batches[end].shape == batches[start].shape:
             end += 1
         b, t = batches[start].shape[0], batches[start].shape[1] - 1
-        forward_only(end - start, lambda i, received, s=start: forward(s + i, received),
+        forward_only(end - start, stage.num_chunks, lambda c, i, received, s=start: forward(c, s + i, received),
                      Messages([((b, t, width), dtype)]), device)  # fmt: skip
         start = end
     total = 0.0
@@ -180,7 +173,6 @@ def load_any(path: str | os.PathLike, device: torch.device | str = "cpu"):
     if checkpoint_kind(path) == "ours":
         return load_model(path, device)
     from megatron_subnet.model.hf import load_hf
-    from megatron_subnet.model.weights import expected_shapes
 
     config, state = load_hf(path)
     shard = TPShard.current()

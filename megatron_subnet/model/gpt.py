@@ -18,8 +18,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_subnet.model.config import ModelConfig
+from megatron_subnet.model.indices import LayerIndices, SubnetIndices
 from megatron_subnet.model.qkv import QKVLayout
-from megatron_subnet.model.subnet import LayerIndices, SubnetConfig, SubnetIndices, subnet_indices
+from megatron_subnet.model.subnet import SubnetConfig, subnet_indices
 from megatron_subnet.parallel.layers import (
     ColumnParallelLinear,
     LayerNorm,

@@ -1,21 +1,24 @@
 """Hugging Face <-> internal: configs and explicit per-architecture weight maps; GGUF through transformers.
 
-Supported: ``llama`` (and ``mistral``), ``qwen2`` (q/k/v bias) and ``gpt_neox`` (Pythia).
+Supported (``FAMILIES``, one entry per architecture family): ``llama`` (read from HF ``llama``, ``mistral``
+and ``qwen2``: q/k/v bias) and ``gpt_neox`` (Pythia).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from megatron_subnet.model.config import ConfigError, ModelConfig
 from megatron_subnet.model.qkv import QKVLayout
+from megatron_subnet.model.shapes import expected_shapes
 from megatron_subnet.model.weights import CheckpointError, check_state_dict, copy_tokenizer_files
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2")
 _ACT_FROM_HF = {
     "silu": "swiglu",
     "gelu": "gelu",
@@ -42,8 +45,11 @@ def _rope(hf) -> tuple[float, float]:
 def config_from_hf(hf) -> ModelConfig:
     """Our ModelConfig for a transformers config (``PretrainedConfig``)."""
     model_type = hf.model_type
+    fam = next((f for f in FAMILIES.values() if model_type in f.architectures), None)
+    if fam is None:
+        supported = ", ".join(t for f in FAMILIES.values() for t in f.architectures)
+        raise ConfigError(f"model_type {model_type!r} is not supported ({supported})")
     theta, pct = _rope(hf)
-    act = _ACT_FROM_HF.get(hf.hidden_act)
     common = dict(
         vocab_size=hf.vocab_size,
         hidden_size=hf.hidden_size,
@@ -59,43 +65,49 @@ def config_from_hf(hf) -> ModelConfig:
         eos_token_id=hf.eos_token_id if isinstance(hf.eos_token_id, int) else None,
         extra={"hf_model_type": model_type},
     )
-    if model_type in LLAMA_LIKE:
-        if act != "swiglu":
-            raise ConfigError(f"{model_type}: hidden_act {hf.hidden_act!r} is not supported (silu expected)")
-        if getattr(hf, "use_sliding_window", False):
-            raise ConfigError(f"{model_type}: sliding-window attention is not supported")
-        bias = bool(getattr(hf, "attention_bias", False))
-        return ModelConfig(
-            arch="llama",
-            num_query_groups=hf.num_key_value_heads or hf.num_attention_heads,
-            head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
-            activation="swiglu",
-            normalization="rmsnorm",
-            norm_eps=hf.rms_norm_eps,
-            qkv_bias=True if model_type == "qwen2" else bias,
-            proj_bias=False if model_type == "qwen2" else bias,
-            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-            parallel_residual=False,
-            **common,
-        )
-    if model_type == "gpt_neox":
-        if act is None:
-            raise ConfigError(f"gpt_neox: hidden_act {hf.hidden_act!r} is not supported")
-        bias = bool(getattr(hf, "attention_bias", True))
-        return ModelConfig(
-            arch="gpt_neox",
-            num_query_groups=hf.num_attention_heads,
-            head_dim=hf.hidden_size // hf.num_attention_heads,
-            activation=act,
-            normalization="layernorm",
-            norm_eps=hf.layer_norm_eps,
-            qkv_bias=bias,
-            proj_bias=bias,
-            mlp_bias=True,
-            parallel_residual=bool(hf.use_parallel_residual),
-            **common,
-        )
-    raise ConfigError(f"model_type {model_type!r} is not supported (llama, mistral, qwen2, gpt_neox)")
+    return fam.from_hf(hf, common)
+
+
+def _llama_from_hf(hf, common: dict) -> ModelConfig:
+    model_type = hf.model_type
+    if _ACT_FROM_HF.get(hf.hidden_act) != "swiglu":
+        raise ConfigError(f"{model_type}: hidden_act {hf.hidden_act!r} is not supported (silu expected)")
+    if getattr(hf, "use_sliding_window", False):
+        raise ConfigError(f"{model_type}: sliding-window attention is not supported")
+    bias = bool(getattr(hf, "attention_bias", False))
+    return ModelConfig(
+        arch="llama",
+        num_query_groups=hf.num_key_value_heads or hf.num_attention_heads,
+        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+        activation="swiglu",
+        normalization="rmsnorm",
+        norm_eps=hf.rms_norm_eps,
+        qkv_bias=True if model_type == "qwen2" else bias,
+        proj_bias=False if model_type == "qwen2" else bias,
+        mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+        parallel_residual=False,
+        **common,
+    )
+
+
+def _gpt_neox_from_hf(hf, common: dict) -> ModelConfig:
+    act = _ACT_FROM_HF.get(hf.hidden_act)
+    if act is None:
+        raise ConfigError(f"gpt_neox: hidden_act {hf.hidden_act!r} is not supported")
+    bias = bool(getattr(hf, "attention_bias", True))
+    return ModelConfig(
+        arch="gpt_neox",
+        num_query_groups=hf.num_attention_heads,
+        head_dim=hf.hidden_size // hf.num_attention_heads,
+        activation=act,
+        normalization="layernorm",
+        norm_eps=hf.layer_norm_eps,
+        qkv_bias=bias,
+        proj_bias=bias,
+        mlp_bias=True,
+        parallel_residual=bool(hf.use_parallel_residual),
+        **common,
+    )
 
 
 def _hf_config(cls, **kwargs):
@@ -109,14 +121,12 @@ def _hf_config(cls, **kwargs):
 
 def config_to_hf(config: ModelConfig):
     """A transformers config for our ModelConfig; ConfigError when HF cannot express it."""
-    from transformers import GPTNeoXConfig, LlamaConfig, Qwen2Config
-
     if not config.is_uniform:
         raise ConfigError(
             "per-layer sizes (heads, query groups, MLP width) cannot be expressed in a Hugging Face "
             "config; export needs a sub-network with the same shape in every layer"
         )
-    heads, groups, ffn = config.layer_heads(0), config.layer_query_groups(0), config.layer_ffn(0)
+    heads, ffn = config.layer_heads(0), config.layer_ffn(0)
     common = dict(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
@@ -130,28 +140,34 @@ def config_to_hf(config: ModelConfig):
         eos_token_id=config.eos_token_id,
     )
     rope = {"rope_type": "default", "rope_theta": config.rope_theta}
-    if config.arch == "llama":
-        if config.rotary_pct != 1.0:
-            raise ConfigError("llama export: partial rotary is not expressible")
-        kw = dict(
-            num_key_value_heads=groups,
-            head_dim=config.head_dim,
-            rms_norm_eps=config.norm_eps,
-            hidden_act="silu",
-            rope_parameters=rope,
-            **common,
+    return family(config).to_hf(config, common, rope)
+
+
+def _llama_to_hf(config: ModelConfig, common: dict, rope: dict):
+    from transformers import LlamaConfig, Qwen2Config
+
+    heads, groups = config.layer_heads(0), config.layer_query_groups(0)
+    if config.rotary_pct != 1.0:
+        raise ConfigError("llama export: partial rotary is not expressible")
+    kw = dict(num_key_value_heads=groups, head_dim=config.head_dim, rms_norm_eps=config.norm_eps, hidden_act="silu",
+              rope_parameters=rope, **common)  # fmt: skip
+    if config.hidden_size % heads:
+        # transformers' LlamaConfig / Qwen2Config validation demands it even though head_dim is stored apart
+        raise ConfigError(
+            f"llama export: transformers requires hidden_size ({config.hidden_size}) to be a multiple of "
+            f"num_attention_heads ({heads}); choose a sub-network whose hidden size is a multiple of its heads"
         )
-        if config.hidden_size % heads:
-            # transformers' LlamaConfig / Qwen2Config validation demands it even though head_dim is stored apart
-            raise ConfigError(
-                f"llama export: transformers requires hidden_size ({config.hidden_size}) to be a multiple of "
-                f"num_attention_heads ({heads}); choose a sub-network whose hidden size is a multiple of its heads"
-            )
-        if config.qkv_bias and not config.proj_bias and not config.mlp_bias:
-            return _hf_config(Qwen2Config, **kw)
-        if config.qkv_bias != config.proj_bias:
-            raise ConfigError("llama export: q/k/v and output-projection biases must agree (or be Qwen2's q/k/v only)")
-        return _hf_config(LlamaConfig, attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias, **kw)
+    if config.qkv_bias and not config.proj_bias and not config.mlp_bias:
+        return _hf_config(Qwen2Config, **kw)
+    if config.qkv_bias != config.proj_bias:
+        raise ConfigError("llama export: q/k/v and output-projection biases must agree (or be Qwen2's q/k/v only)")
+    return _hf_config(LlamaConfig, attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias, **kw)
+
+
+def _gpt_neox_to_hf(config: ModelConfig, common: dict, rope: dict):
+    from transformers import GPTNeoXConfig
+
+    heads, groups = config.layer_heads(0), config.layer_query_groups(0)
     if groups != heads or config.hidden_size != heads * config.head_dim:
         raise ConfigError(
             f"gpt_neox export: HF GPT-NeoX needs hidden_size == heads * head_dim and no grouped-query attention "
@@ -160,23 +176,34 @@ def config_to_hf(config: ModelConfig):
     if not (config.qkv_bias == config.proj_bias and config.mlp_bias):
         raise ConfigError("gpt_neox export: attention biases must agree and the MLP must have biases")
     act = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[config.activation]
-    rope["partial_rotary_factor"] = config.rotary_pct
     return _hf_config(
-        GPTNeoXConfig,
-        layer_norm_eps=config.norm_eps,
-        hidden_act=act,
-        use_parallel_residual=config.parallel_residual,
-        attention_bias=config.qkv_bias,
-        rope_parameters=rope,
+        GPTNeoXConfig, layer_norm_eps=config.norm_eps, hidden_act=act, use_parallel_residual=config.parallel_residual,
+        attention_bias=config.qkv_bias, rope_parameters={**rope, "partial_rotary_factor": config.rotary_pct},
         **common,
-    )
+    )  # fmt: skip
 
 
-def _layer_map(config: ModelConfig, i: int) -> dict[str, str]:
-    """Internal name -> HF name for the one-to-one tensors of layer ``i`` (QKV is handled apart)."""
-    if config.arch == "llama":
-        p = f"model.layers.{i}."
-        m = {
+@dataclass(frozen=True)
+class Family:
+    """One architecture family's facts: its HF tensor names (ours -> theirs, outside and inside layer ``i``)
+    and whether its q/k/v are three HF tensors (fused into our one QKV by query group) or already fused."""
+
+    top: dict[str, str]
+    layer_prefix: str  # HF name prefix of layer {i}
+    layer: dict[str, str]
+    architectures: dict[str, str]  # HF model_type read as this family -> its transformers model class
+    from_hf: Callable[..., ModelConfig]  # (HF config, common fields) -> ModelConfig
+    to_hf: Callable[..., object]  # (ModelConfig, common HF fields, RoPE parameters) -> HF config
+    split_qkv: str | None = None  # HF prefix of the q/k/v projections within a layer; None: fused as ours
+    output_aliases: tuple[str, ...] = ()  # other names of the output layer's HF tensor
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(
+        top={"embedding.weight": "model.embed_tokens.weight", "final_layernorm.weight": "model.norm.weight",
+             "output_layer.weight": "lm_head.weight"},
+        layer_prefix="model.layers.{i}.",
+        layer={
             "input_layernorm.weight": "input_layernorm.weight",
             "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
             "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
@@ -187,10 +214,18 @@ def _layer_map(config: ModelConfig, i: int) -> dict[str, str]:
             "mlp.linear_fc1.bias": "mlp.up_proj.bias",
             "mlp.linear_fc2.weight": "mlp.down_proj.weight",
             "mlp.linear_fc2.bias": "mlp.down_proj.bias",
-        }
-    else:
-        p = f"gpt_neox.layers.{i}."
-        m = {
+        },
+        architectures={"llama": "LlamaForCausalLM", "mistral": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"},
+        from_hf=_llama_from_hf,
+        to_hf=_llama_to_hf,
+        split_qkv="self_attn.",
+    ),
+    "gpt_neox": Family(
+        top={"embedding.weight": "gpt_neox.embed_in.weight",
+             "final_layernorm.weight": "gpt_neox.final_layer_norm.weight",
+             "final_layernorm.bias": "gpt_neox.final_layer_norm.bias", "output_layer.weight": "embed_out.weight"},
+        layer_prefix="gpt_neox.layers.{i}.",
+        layer={
             "input_layernorm.weight": "input_layernorm.weight",
             "input_layernorm.bias": "input_layernorm.bias",
             "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
@@ -203,27 +238,29 @@ def _layer_map(config: ModelConfig, i: int) -> dict[str, str]:
             "mlp.linear_fc1.bias": "mlp.dense_h_to_4h.bias",
             "mlp.linear_fc2.weight": "mlp.dense_4h_to_h.weight",
             "mlp.linear_fc2.bias": "mlp.dense_4h_to_h.bias",
-        }
-    return {f"layers.{i}.{k}": p + v for k, v in m.items()}
+        },
+        architectures={"gpt_neox": "GPTNeoXForCausalLM"},
+        from_hf=_gpt_neox_from_hf,
+        to_hf=_gpt_neox_to_hf,
+        output_aliases=("lm_head.weight",),  # transformers >= 5 names GPT-NeoX's embed_out so in memory
+    ),
+}  # fmt: skip
+
+
+def family(config: ModelConfig) -> Family:
+    """The table entry of ``config.arch``; ConfigError naming the supported families for any other."""
+    if config.arch not in FAMILIES:
+        raise ConfigError(f"arch {config.arch!r}: no Hugging Face mapping (supported: {', '.join(FAMILIES)})")
+    return FAMILIES[config.arch]
 
 
 def weight_map(config: ModelConfig) -> dict[str, str]:
-    """Internal name -> HF name for every one-to-one tensor (llama's q/k/v are split/fused apart)."""
-    if config.arch == "llama":
-        m = {
-            "embedding.weight": "model.embed_tokens.weight",
-            "final_layernorm.weight": "model.norm.weight",
-            "output_layer.weight": "lm_head.weight",
-        }
-    else:
-        m = {
-            "embedding.weight": "gpt_neox.embed_in.weight",
-            "final_layernorm.weight": "gpt_neox.final_layer_norm.weight",
-            "final_layernorm.bias": "gpt_neox.final_layer_norm.bias",
-            "output_layer.weight": "embed_out.weight",
-        }
+    """Internal name -> HF name for every one-to-one tensor (split q/k/v are fused apart)."""
+    fam = family(config)
+    m = dict(fam.top)
     for i in range(config.num_layers):
-        m.update(_layer_map(config, i))
+        prefix = fam.layer_prefix.format(i=i)
+        m.update({f"layers.{i}.{ours}": prefix + theirs for ours, theirs in fam.layer.items()})
     return m
 
 
@@ -233,22 +270,25 @@ def _qkv_layout(config: ModelConfig, i: int) -> QKVLayout:
 
 def state_from_hf(config: ModelConfig, hf_state: dict[str, torch.Tensor], source: str = "") -> dict[str, torch.Tensor]:
     """Our state dict from HF tensors; CheckpointError names missing and unexpected tensors."""
+    fam = family(config)
     hf_state = {k: v for k, v in hf_state.items() if not k.endswith(_IGNORED_SUFFIXES)}
-    if config.arch == "gpt_neox" and "lm_head.weight" in hf_state and "embed_out.weight" not in hf_state:
-        hf_state["embed_out.weight"] = hf_state.pop("lm_head.weight")  # transformers >= 5 names it so in memory
+    output = fam.top["output_layer.weight"]
+    for alias in fam.output_aliases:
+        if alias in hf_state and output not in hf_state:
+            hf_state[output] = hf_state.pop(alias)
     if config.tie_word_embeddings:
-        hf_state.pop("lm_head.weight", None)
-        hf_state.pop("embed_out.weight", None)
+        for name in (output, *fam.output_aliases):
+            hf_state.pop(name, None)
     expected = set(_expected(config))
     out, used = {}, set()
     for ours, theirs in weight_map(config).items():
         if ours in expected and theirs in hf_state:
             out[ours] = hf_state[theirs]
             used.add(theirs)
-    if config.arch == "llama":
+    if fam.split_qkv is not None:
         for i in range(config.num_layers):
             layout = _qkv_layout(config, i)
-            p = f"model.layers.{i}.self_attn."
+            p = fam.layer_prefix.format(i=i) + fam.split_qkv
             for kind in ("weight", "bias"):
                 names = [f"{p}{x}_proj.{kind}" for x in "qkv"]
                 if not all(n in hf_state for n in names):
@@ -270,23 +310,22 @@ def state_from_hf(config: ModelConfig, hf_state: dict[str, torch.Tensor], source
 
 def state_to_hf(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF tensors from our state dict (inverse of ``state_from_hf``)."""
+    fam = family(config)
     out = {theirs: state[ours] for ours, theirs in weight_map(config).items() if ours in state}
-    if config.arch == "llama":
+    if fam.split_qkv is not None:
         for i in range(config.num_layers):
             layout = _qkv_layout(config, i)
             for kind in ("weight", "bias"):
                 name = f"layers.{i}.self_attention.linear_qkv.{kind}"
                 if name not in state:
                     continue
-                p = f"model.layers.{i}.self_attn."
+                p = fam.layer_prefix.format(i=i) + fam.split_qkv
                 for x, part in zip("qkv", layout.split(state[name])):
                     out[f"{p}{x}_proj.{kind}"] = part
     return {k: v.contiguous() for k, v in out.items()}
 
 
 def _expected(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    from megatron_subnet.model.weights import expected_shapes
-
     return expected_shapes(config)
 
 
@@ -389,11 +428,7 @@ def save_hf(
     from megatron_subnet.outputs import write_directory_atomically
 
     hf_config = config_to_hf(config)
-    hf_config.architectures = [
-        {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}[
-            hf_config.model_type
-        ]
-    ]
+    hf_config.architectures = [family(config).architectures[hf_config.model_type]]
     hf_config.dtype = "float32"
     tensors = state_to_hf(config, state)
 

@@ -48,7 +48,7 @@ from torch import nn
 from tqdm import tqdm
 
 from megatron_subnet.model.config import ModelConfig
-from megatron_subnet.model.evaluation import lm_loss, pipelined_loss_sum
+from megatron_subnet.model.evaluation import lm_loss, loss_sum
 from megatron_subnet.model.flops import forward_flops_per_token, layer_linear_flops_per_token, logits_flops_per_token
 from megatron_subnet.model.gpt import GPTModel, rotary_cos_sin
 from megatron_subnet.outputs import write_file_atomically
@@ -309,7 +309,7 @@ def _drop_layer_losses(model: GPTModel, batch: torch.Tensor, device: torch.devic
                                query_groups=[full.query_groups[j] for j in keep],
                                mlp=[full.mlp[j] for j in keep])  # fmt: skip
         index = subnet_indices(c, dropped, device, model.shard)
-        out[i] = pipelined_loss_sum(model, [batch], device, index)[0]
+        out[i] = loss_sum(model, [batch], device, index)[0]
     return out
 
 
@@ -348,7 +348,7 @@ def compute_importance(
             inputs, labels = batch[:, :-1], batch[:, 1:]
             rec.keep_inputs = step < drop_iters and not pipelined
             if pipelined:  # the dense forward through the stages; the last stage holds the summed loss
-                base = pipelined_loss_sum(model, [batch], device)[0]
+                base = loss_sum(model, [batch], device)[0]
             else:
                 logits = model(inputs)
             tokens_seen += inputs.numel()

@@ -1,9 +1,9 @@
 """Sub-networks of a parent model: which layers, hidden channels, heads / query groups and MLP neurons.
 
 A ``SubnetConfig`` names parent indices explicitly. ``subnet_indices`` turns it into index tensors that
-the parent's layers compute with (masked mode), and ``extract_state_dict`` copies the same rows and
-columns into a dense student (extracted mode); both use ``parallel.layers.select``, so the two modes
-compute with identical numbers.
+the parent's layers compute with (masked mode, ``indices.py``), and ``extract.extract_state_dict`` copies
+the same rows and columns into a dense student (extracted mode); both use ``parallel.layers.select``, so the
+two modes compute with identical numbers.
 """
 
 from __future__ import annotations
@@ -11,17 +11,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from megatron_subnet.model.config import ConfigError, ModelConfig, is_int
+from megatron_subnet.model.indices import LayerIndices, SubnetIndices
 from megatron_subnet.model.qkv import QKVLayout
 from megatron_subnet.outputs import write_text_atomically
-from megatron_subnet.parallel.layers import WHOLE, TPShard, select
-from megatron_subnet.parallel.pipeline import PipelineStage
+from megatron_subnet.parallel.layers import TPShard
 
 Counts = int | Sequence[int] | None
 
@@ -261,24 +261,6 @@ def _top(scores: torch.Tensor | None, size: int, k: int) -> list[int]:
     return sorted(order[:k])
 
 
-@dataclass
-class LayerIndices:
-    """Index tensors for one kept layer; ``None`` keeps the whole dimension."""
-
-    num_heads: int
-    num_groups: int
-    qkv_rows: torch.Tensor | None
-    proj_cols: torch.Tensor | None
-    mlp_rows: torch.Tensor | None
-
-
-@dataclass
-class SubnetIndices:
-    layers: list[int]
-    hidden: torch.Tensor | None
-    per_layer: list[LayerIndices]
-
-
 def _as_index(indices: Sequence[int], size: int, device: torch.device) -> torch.Tensor | None:
     if len(indices) == size:
         return None  # validated ascending and unique, so this is everything
@@ -311,66 +293,3 @@ def subnet_indices(
             )
         )
     return SubnetIndices(list(subnet.layers), _as_index(subnet.hidden, parent.hidden_size, device), per_layer)
-
-
-def extract_state_dict(
-    parent: ModelConfig, state: dict[str, torch.Tensor], subnet: SubnetConfig
-) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The dense student's config and weights: the sub-network's rows and columns of the parent's."""
-    return extract_shard(parent, lambda name, rows, cols: select(state[name], rows, cols), subnet, WHOLE)
-
-
-def extract_shard(
-    parent: ModelConfig,
-    read: Callable[[str, torch.Tensor | None, torch.Tensor | None], torch.Tensor],
-    subnet: SubnetConfig,
-    shard: TPShard,
-    stage: PipelineStage | None = None,
-) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The student's config and the weights of its tensor-parallel ``shard`` and pipeline ``stage`` (default:
-    all layers), fetched through ``read(parent tensor name, rows, cols)`` in the parent's global numbering
-    (a ``CheckpointReader`` reads only those bytes): no rank needs the whole parent. ValueError when the
-    student does not split into ``shard.size`` ranks."""
-    from megatron_subnet.model.weights import expected_shapes, partition_dims
-
-    student = subnet.student_config(parent)
-    shapes = expected_shapes(student, shard, stage)  # raises, naming the dimension, when the student cannot split
-    dims = partition_dims(student)
-    index = subnet_indices(parent, subnet, "cpu", WHOLE)
-    hidden = index.hidden
-
-    out: dict[str, torch.Tensor] = {}
-
-    def take(src: str, dst: str, rows: torch.Tensor | None, cols: torch.Tensor | None = None) -> None:
-        if dst not in shapes:  # another pipeline stage's tensor (or a bias this architecture has not)
-            return
-        dim = dims.get(dst)
-        if dim is not None and shard.size > 1:  # this shard's chunk of the student's rows (or columns)
-            full = rows if dim == 0 else cols
-            n = shapes[dst][dim]
-            chunk = (torch.arange(n * shard.size) if full is None else full)[shard.rank * n : (shard.rank + 1) * n]
-            rows, cols = (chunk, cols) if dim == 0 else (rows, chunk)
-        out[dst] = read(src, rows, cols).clone().contiguous()
-
-    take("embedding.weight", "embedding.weight", None, hidden)
-    norm_params = ["weight"] + (["bias"] if parent.normalization == "layernorm" else [])
-    for j, (i, li) in enumerate(zip(index.layers, index.per_layer)):
-        src, dst = f"layers.{i}.", f"layers.{j}."
-        linears = {
-            "self_attention.linear_qkv": (li.qkv_rows, hidden),
-            "self_attention.linear_proj": (hidden, li.proj_cols),
-            "mlp.linear_fc1": (li.mlp_rows, hidden),
-            "mlp.linear_fc2": (hidden, li.mlp_rows),
-        }
-        if parent.gated_mlp:
-            linears["mlp.linear_gate"] = (li.mlp_rows, hidden)
-        for name, (rows, cols) in linears.items():
-            take(f"{src}{name}.weight", f"{dst}{name}.weight", rows, cols)
-            take(f"{src}{name}.bias", f"{dst}{name}.bias", rows)
-        for norm in ("input_layernorm", "pre_mlp_layernorm"):
-            for p in norm_params:
-                take(f"{src}{norm}.{p}", f"{dst}{norm}.{p}", hidden)
-    for p in norm_params:
-        take(f"final_layernorm.{p}", f"final_layernorm.{p}", hidden)
-    take("output_layer.weight", "output_layer.weight", None, hidden)
-    return student, out

@@ -31,9 +31,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from megatron_subnet.model.config import ConfigError, ModelConfig
+from megatron_subnet.model.gpt import GPTModel
+from megatron_subnet.model.shapes import check_divisible, expected_shapes, partition_dims
 from megatron_subnet.outputs import write_directory_atomically
-from megatron_subnet.parallel.layers import WHOLE, TPShard
-from megatron_subnet.parallel.pipeline import PipelineStage
+from megatron_subnet.parallel.layers import WHOLE, TPShard, select
+from megatron_subnet.parallel.pipeline import PipelineStage, current_stage, split_layers, stage_of
 
 CONFIG_NAME = "model_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -64,38 +66,7 @@ def shard_file(tp_rank: int, pp_rank: int | None = None) -> str:
     return f"mp_rank_{tp_rank:02d}{stage}.safetensors"
 
 
-# ----------------------------------------------------------------------------- shapes and splits
-
-
-def _meta_model(config: ModelConfig, shard: TPShard, stage: PipelineStage | None = None):
-    from megatron_subnet.model.gpt import GPTModel
-
-    with torch.device("meta"):
-        return GPTModel(config, shard, stage)
-
-
-def expected_shapes(
-    config: ModelConfig, shard: TPShard = WHOLE, stage: PipelineStage | None = None
-) -> dict[str, tuple[int, ...]]:
-    """Name and shape of every tensor a model of ``config`` holds on ``shard`` and pipeline ``stage`` (default:
-    the whole model), built on the meta device. ValueError naming the dimension when ``config`` does not split
-    into ``shard.size`` ranks."""
-    return {name: tuple(t.shape) for name, t in _meta_model(config, shard, stage).state_dict().items()}
-
-
-def partition_dims(config: ModelConfig) -> dict[str, int | None]:
-    """The dimension each tensor is split on under tensor parallelism (None: replicated), asked of the model."""
-    model = _meta_model(config, WHOLE)
-    return {
-        name: p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
-        for name, p in model.named_parameters()
-    }
-
-
-def check_divisible(config: ModelConfig, tp_size: int) -> None:
-    """ValueError naming the first dimension of ``config`` that does not split into ``tp_size`` ranks."""
-    if tp_size > 1:
-        _meta_model(config, TPShard(0, tp_size))
+# ----------------------------------------------------------------------------- checks and splits
 
 
 def check_state_dict(
@@ -335,8 +306,6 @@ def _dtype(name: str) -> torch.dtype:
 
 def state_source(state: dict[str, torch.Tensor]) -> TensorSource:
     """``read(name, rows, cols)`` over an in-memory consolidated state dict."""
-    from megatron_subnet.parallel.layers import select
-
     return lambda name, rows, cols: select(state[name], rows, cols)
 
 
@@ -368,8 +337,6 @@ def save_checkpoint(
     """Write config, weights (consolidated, or one file per TP rank and pipeline stage, the layers split
     evenly over the stages), the tokenizer's files and optionally the sub-network it came from; ``state``
     is consolidated."""
-    from megatron_subnet.parallel.pipeline import split_layers, stage_of
-
     check_state_dict(config, state, str(directory))
     tp, pp = tensor_parallel_size, pipeline_parallel_size
     try:
@@ -431,8 +398,6 @@ def model_from_state(
 ):
     """A GPTModel of tensor-parallel ``shard`` and pipeline ``stage`` holding ``state`` (exactly that
     part's tensors; no copy on CPU), in eval mode."""
-    from megatron_subnet.model.gpt import GPTModel
-
     with torch.device("meta"):
         model = GPTModel(config, shard, stage)
     check_state_dict(config, state, "weights", model.shard, model.stage)
@@ -457,8 +422,6 @@ def load_model(
     """The one loader: a GPTModel of this rank's tensor-parallel ``shard`` and pipeline ``stage`` (defaults:
     its place in the TP group, and its stage of the model's layers split evenly), built on the meta device,
     with only that part's weights read from the checkpoint (any saved layout); eval mode."""
-    from megatron_subnet.parallel.pipeline import current_stage
-
     shard = shard or TPShard.current()
     with CheckpointReader(directory) as reader:
         stage = stage or current_stage(reader.config.num_layers)

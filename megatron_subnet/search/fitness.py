@@ -60,9 +60,10 @@ from megatron_subnet.data.batches import load_batches
 from megatron_subnet.data.gpt_dataset import GPTDataset, build_train_valid_test_datasets
 from megatron_subnet.model.config import ModelConfig
 from megatron_subnet.model.evaluation import evaluate, evaluate_model
+from megatron_subnet.model.extract import extract_shard
 from megatron_subnet.model.flops import forward_flops_per_token, training_flops_per_token
 from megatron_subnet.model.gpt import GPTModel
-from megatron_subnet.model.subnet import SubnetConfig, extract_shard, subnet_indices
+from megatron_subnet.model.subnet import SubnetConfig, subnet_indices
 from megatron_subnet.model.weights import TensorSource, load_model, state_source
 from megatron_subnet.parallel import state as parallel_state
 from megatron_subnet.parallel.losses import distillation_loss

@@ -9,17 +9,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_subnet.model.config import ModelConfig
+from megatron_subnet.model.evaluation import loss_sum
 from megatron_subnet.model.gpt import GPTModel
 from megatron_subnet.parallel import state
-from megatron_subnet.parallel.losses import cross_entropy, distillation_loss
-from megatron_subnet.parallel.pipeline import (
-    Messages,
-    broadcast_from_last_stage,
-    forward_backward_1f1b,
-    forward_backward_interleaved,
-    forward_only,
-    forward_only_interleaved,
-)
+from megatron_subnet.parallel.losses import distillation_loss
+from megatron_subnet.parallel.pipeline_executor import Messages, broadcast_from_last_stage, forward_backward
 
 
 @dataclass(frozen=True)
@@ -176,35 +170,53 @@ def _loss_parts(loss: torch.Tensor, ce: torch.Tensor, kl: torch.Tensor | None) -
     return torch.stack([loss.detach(), ce.detach(), kl.detach() if kl is not None else torch.zeros_like(ce)]).double()
 
 
-def forward_step(
-    model, teacher: Teacher | None, batch: torch.Tensor, kd: KDConfig
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One micro-batch ``[b, seq + 1]``: the student's (and teacher's) vocab-sharded logits and the loss;
-    returns (loss, CE, KL or None). What a pipeline schedule runs on its last stage."""
-    tokens, labels = batch[:, :-1], batch[:, 1:]
-    teacher_logits = teacher(tokens) if teacher is not None else None
-    logits = model(tokens)
-    return distillation_loss(logits, labels, teacher_logits, kd.alpha, kd.kind, kd.temperature, kd.topk)
+def _messages(model: GPTModel, teacher: Teacher | None, batch: torch.Tensor) -> Messages:
+    """What travels between stages: the student's hidden states (with a gradient back), then the teacher's."""
+    b, t = batch.shape[0], batch.shape[1] - 1
+    shapes = [((b, t, model.config.hidden_size), next(model.parameters()).dtype)]
+    if teacher is not None:
+        shapes.append(((b, t, teacher.config.hidden_size), next(teacher.module.parameters()).dtype))
+    return Messages(shapes, with_grad=1)
 
 
 def train_step(
     engine, teacher: Teacher | None, micro_batches: list[torch.Tensor], lr: float, kd: KDConfig
 ) -> StepResult:
-    """One optimizer step over this rank's micro-batches (gradient accumulation; through the pipeline's
-    1F1B schedule when there are stages); losses are global means. The losses, the gradient norm and the
-    skip decision stay on the device until the step's one host sync, at its end."""
+    """One optimizer step over this rank's micro-batches, whatever the layout: the layout's schedule
+    (``training_order``: gradient accumulation, 1F1B, or interleaved 1F1B) runs one forward and one backward
+    callback; losses are global means. Each stage runs its layers of the student and of the teacher; both
+    models' hidden states travel to the next stage in one message; the last stage computes the loss. The
+    losses, the gradient norm and the skip decision stay on the device until the step's one host sync."""
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
     optimizer = _guard(engine)
     if optimizer is not None:
         optimizer.skipped = optimizer.veto = None
     batches = [b.to(engine.device) for b in micro_batches]
-    if state.get_pipeline_model_parallel_world_size() == 1:
-        totals, grad_norm = _accumulate(engine, teacher, batches, kd)
-    else:
-        totals, grad_norm = _accumulate_pipelined(engine, teacher, batches, kd)
-    if engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled():
-        grad_norm = _grad_norm(engine)
+    totals = torch.zeros(3, dtype=torch.float64, device=engine.device)
+    stage = engine.module.stage
+
+    def forward(chunk: int, i: int, received: list[torch.Tensor] | None):
+        first = stage.holds_first(chunk)
+        tokens, labels = batches[i][:, :-1], batches[i][:, 1:]
+        teacher_out = None if teacher is None else teacher(tokens if first else received[1], chunk=chunk)
+        out = engine(tokens if first else received[0], chunk=chunk)
+        if not stage.holds_last(chunk):
+            return [out] + ([] if teacher_out is None else [teacher_out])
+        loss, ce, kl = distillation_loss(out, labels, teacher_out, kd.alpha, kd.kind, kd.temperature, kd.topk)
+        totals.add_(_loss_parts(loss, ce, kl))
+        return loss
+
+    def backward(chunk: int, i: int, scalar: torch.Tensor) -> None:
+        # off the last stage the stand-in's gradient is the next stage's, already scaled for accumulation
+        engine.backward(scalar, scale_wrt_gas=stage.holds_last(chunk))
+        if chunk == 0 and i < len(batches) - 1:
+            engine.step()  # within the accumulation: DeepSpeed only counts the micro-batch (once per micro-batch)
+
+    forward_backward(len(batches), stage.num_chunks, forward, backward, _messages(engine.module, teacher, batches[0]),
+                     engine.device)  # fmt: skip
+    grad_norm = _reduce_and_step(engine, totals)
+    totals = broadcast_from_last_stage(totals)
     means = _sum_over_data_parallel(totals / len(batches)) / state.get_data_parallel_world_size()
     skip = optimizer.skipped if optimizer is not None else None
     skip = torch.zeros((), dtype=torch.float64, device=means.device) if skip is None else skip.to(means)
@@ -212,6 +224,22 @@ def train_step(
     # the guard skipped (gradients or losses not finite), or DeepSpeed did (its own overflow check of the norm)
     skipped = skipped > 0 or not all(map(math.isfinite, (loss, ce, kl, norm)))
     return StepResult(loss, ce, kl if teacher is not None else None, norm, skipped)
+
+
+def _reduce_and_step(engine, totals: torch.Tensor) -> torch.Tensor:
+    """Every stage is done with the schedule (no message in flight): the tied embedding's two copies get one
+    summed gradient, the data-parallel reduction the engine leaves for after the last backward runs
+    (DeepSpeed's own; under pipelining, and never twice), then the one gradient norm and skip decision, and
+    the optimizer step. Returns the norm (ours in plain fp32, taken before the step clears the gradients;
+    DeepSpeed's under ZeRO or bf16)."""
+    sync_tied_embedding(engine.module, gradients=True)
+    reduces = engine.zero_optimization_stage() > 0 or state.get_data_parallel_world_size() > 1
+    if reduces and not engine.enable_backward_allreduce:
+        engine.allreduce_gradients()
+    norm = _grad_norm(engine) if _plain_fp32(engine) else None
+    _veto_nonfinite_losses(engine, totals)  # the last stage's losses; the guard's all-reduce tells every stage
+    engine.step()
+    return _grad_norm(engine) if norm is None else norm
 
 
 def _guard(engine) -> GuardedAdamW | None:
@@ -232,74 +260,6 @@ def _plain_fp32(engine) -> bool:
     return engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
 
 
-def _accumulate(engine, teacher, batches, kd) -> tuple[torch.Tensor, torch.Tensor]:
-    totals = torch.zeros(3, dtype=torch.float64, device=engine.device)
-    grad_norm = torch.zeros((), dtype=torch.float64, device=engine.device)
-    for i, batch in enumerate(batches):
-        loss, ce, kl = forward_step(engine, teacher, batch, kd)
-        engine.backward(loss)
-        totals += _loss_parts(loss, ce, kl)
-        if i == len(batches) - 1:
-            _veto_nonfinite_losses(engine, totals)
-            if _plain_fp32(engine):
-                grad_norm = _grad_norm(engine)  # before step() clears the gradients
-        engine.step()
-    return totals, grad_norm
-
-
-def _accumulate_pipelined(engine, teacher, batches, kd) -> tuple[torch.Tensor, torch.Tensor]:
-    """The micro-batches through the stages, 1F1B (interleaved over the model chunks when a stage holds
-    several). Each stage runs its layers of the student and of the teacher; both models' hidden states travel
-    to the next stage in one message; the last stage computes the loss. Gradients are reduced once, after the
-    last backward: first the two copies of a tied embedding (first and last stage), then over the
-    data-parallel replicas (DeepSpeed's own reduction)."""
-    model = engine.module
-    stage = model.stage
-    totals = torch.zeros(3, dtype=torch.float64, device=engine.device)
-    b, t = batches[0].shape[0], batches[0].shape[1] - 1
-    dtype = next(model.parameters()).dtype
-    shapes = [((b, t, model.config.hidden_size), dtype)]
-    if teacher is not None:
-        shapes.append(((b, t, teacher.config.hidden_size), next(teacher.module.parameters()).dtype))
-
-    def forward(chunk: int, i: int, received: list[torch.Tensor] | None):
-        first, last = stage.holds_first(chunk), stage.holds_last(chunk)
-        tokens, labels = batches[i][:, :-1], batches[i][:, 1:]
-        teacher_out = None if teacher is None else teacher(tokens if first else received[1], chunk=chunk)
-        out = engine(tokens if first else received[0], chunk=chunk)
-        if not last:
-            return [out] + ([] if teacher_out is None else [teacher_out])
-        loss, ce, kl = distillation_loss(out, labels, teacher_out, kd.alpha, kd.kind, kd.temperature, kd.topk)
-        totals.add_(_loss_parts(loss, ce, kl))
-        return loss
-
-    def backward(chunk: int, i: int, outputs, grads: list[torch.Tensor] | None) -> None:
-        if stage.holds_last(chunk):
-            engine.backward(outputs)
-        else:  # d(out . g)/d(out) = g: the next stage's gradient, already scaled for accumulation
-            engine.backward((outputs[0] * grads[0]).sum(), scale_wrt_gas=False)
-        if chunk == 0 and i < len(batches) - 1:
-            engine.step()  # within the accumulation: DeepSpeed only counts the micro-batch (once per micro-batch)
-
-    messages = Messages(shapes, with_grad=1)
-    if stage.num_chunks == 1:
-        forward_backward_1f1b(
-            len(batches), lambda i, received: forward(0, i, received),
-            lambda i, outputs, grads: backward(0, i, outputs, grads), messages, engine.device,
-        )  # fmt: skip
-    else:
-        forward_backward_interleaved(len(batches), stage.num_chunks, forward, backward, messages, engine.device)
-    # every stage is done with the schedule (no message in flight): reduce, then the optimizer step
-    sync_tied_embedding(model, gradients=True)
-    if engine.zero_optimization_stage() > 0 or state.get_data_parallel_world_size() > 1:
-        engine.allreduce_gradients()
-    no_norm = torch.zeros((), dtype=torch.float64, device=engine.device)  # ZeRO / bf16: train_step asks DeepSpeed
-    grad_norm = _grad_norm(engine) if _plain_fp32(engine) else no_norm
-    _veto_nonfinite_losses(engine, totals)  # the last stage's losses; the guard's all-reduce tells every stage
-    engine.step()
-    return broadcast_from_last_stage(totals), grad_norm
-
-
 def sync_tied_embedding(model: GPTModel, gradients: bool = False) -> None:
     """Keep the tied embedding's two copies (first and last pipeline stage) equal: their gradients summed
     (``gradients``), or the first stage's weights copied to the last (at the start)."""
@@ -318,44 +278,12 @@ def sync_tied_embedding(model: GPTModel, gradients: bool = False) -> None:
 
 
 def evaluate(engine, batches: list[torch.Tensor], device) -> float:
-    """Cross-entropy per label token over this rank's batches and every data-parallel replica's (through the
-    pipeline's stages, forward only, when there are stages)."""
-    from megatron_subnet.model.evaluation import evaluate as evaluate_lm
-
+    """Cross-entropy per label token over this rank's batches and every data-parallel replica's, through the
+    stages in the forward-only schedule (``model.evaluation.loss_sum``, every layout's one loop)."""
     was_training = engine.module.training
     engine.module.eval()
-    if state.get_pipeline_model_parallel_world_size() == 1:
-        result = evaluate_lm(engine, batches, device, progress=False) if batches else None
-        sums = [result.loss * result.tokens, result.tokens] if result else [0.0, 0.0]
-        sums = torch.tensor(sums, dtype=torch.float64, device=engine.device)
-    else:
-        sums = _evaluate_pipelined(engine, [b.to(device) for b in batches])
+    total, tokens = loss_sum(engine.module, batches, device, call=engine)
     engine.module.train(was_training)
+    sums = broadcast_from_last_stage(torch.tensor([total, tokens], dtype=torch.float64, device=engine.device))
     total, tokens = _sum_over_data_parallel(sums).tolist()
     return total / max(tokens, 1.0)
-
-
-@torch.no_grad()
-def _evaluate_pipelined(engine, batches: list[torch.Tensor]) -> torch.Tensor:
-    model = engine.module
-    stage = model.stage
-    sums = torch.zeros(2, dtype=torch.float64, device=engine.device)
-    if not batches:
-        return sums
-    b, t = batches[0].shape[0], batches[0].shape[1] - 1
-    messages = Messages([((b, t, model.config.hidden_size), next(model.parameters()).dtype)])
-
-    def forward(chunk: int, i: int, received):
-        tokens, labels = batches[i][:, :-1], batches[i][:, 1:]
-        out = engine(tokens if stage.holds_first(chunk) else received[0], chunk=chunk)
-        if not stage.holds_last(chunk):
-            return [out]
-        sums[0] += cross_entropy(out, labels, reduction="sum").double()
-        sums[1] += labels.numel()
-        return None
-
-    if stage.num_chunks == 1:
-        forward_only(len(batches), lambda i, received: forward(0, i, received), messages, engine.device)
-    else:
-        forward_only_interleaved(len(batches), stage.num_chunks, forward, messages, engine.device)
-    return broadcast_from_last_stage(sums)

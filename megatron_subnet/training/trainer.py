@@ -19,11 +19,12 @@ from megatron_subnet.data.gpt_dataset import DATA_ORDER, PretrainingSampler, bui
 from megatron_subnet.initialize import initialize_distributed, set_seed
 from megatron_subnet.model.compile import compile_model
 from megatron_subnet.model.config import ModelConfig
+from megatron_subnet.model.extract import extract_shard
 from megatron_subnet.model.gpt import GPTModel
-from megatron_subnet.model.subnet import SubnetConfig, extract_shard
+from megatron_subnet.model.shapes import check_divisible
+from megatron_subnet.model.subnet import SubnetConfig
 from megatron_subnet.model.weights import (
     CheckpointReader,
-    check_divisible,
     check_finite,
     load_config,
     load_model,
