@@ -5,8 +5,8 @@ student's hidden states and, when distilling, the teacher's, in one message, so 
 models' outputs for the KD loss without an extra round trip. Tensor-parallel rank ``t`` of one stage talks
 to tensor-parallel rank ``t`` of the next. Each round of ``p2p_plan`` posts its sends and receives as one
 batch (``batch_isend_irecv``), in the order both neighbours computed, without tags: gloo and NCCL both
-accept it. Nothing waits on a send until the step's end and nothing waits on a receive before the action
-that needs it, so a stage waits only for data the schedule has not produced yet.
+accept it. Nothing waits on a receive before the action that needs it, and on a send only when more than PP
+messages are in flight (or at the end), so a stage waits only for data the schedule has not produced yet.
 
 Callbacks: ``forward(chunk, micro-batch, received tensors or None)`` returns the tensors to send on, or the
 loss on the last virtual stage; ``backward(chunk, micro-batch, scalar)`` backpropagates ``scalar``: the loss
@@ -107,7 +107,8 @@ class _Executor:
         self.trace = trace
         self.arrived: dict[tuple[str, int, int], tuple[list[torch.Tensor], list]] = {}
         self.in_flight: dict[tuple[int, int], tuple] = {}  # (chunk, micro-batch) -> inputs, outputs, scalar
-        self.sending: list[tuple[dist.Work, torch.Tensor]] = []  # a send's tensor lives until the send completed
+        # each posted send's works and tensors, oldest first: a sent tensor lives until its send completed
+        self.sending: list[tuple[list[dist.Work], list[torch.Tensor]]] = []
         self.peak = 0
 
     def run(self, rounds, forward: ForwardFn, backward: BackwardFn | None) -> int:
@@ -118,8 +119,7 @@ class _Executor:
             elif action is not None:
                 produced = self._backward(action, backward)
             self._post(transfers, produced)
-        for work, _ in self.sending:
-            work.wait()
+        self._wait_sends(0)
         return self.peak
 
     def _virtual(self, chunk: int) -> int:
@@ -180,12 +180,30 @@ class _Executor:
         works = dist.batch_isend_irecv(ops)
         # gloo: one work per operation; NCCL: one for the whole (coalesced) batch
         of = (lambda j: [works[j]]) if len(works) == len(ops) else (lambda j: works)
-        self.sending = [(w, x) for w, x in self.sending if not w.is_completed()]
-        self.sending += [(w, ops[j].tensor) for j in sent for w in of(j)]
+        if sent:
+            self.sending.append(([w for j in sent for w in of(j)], [ops[j].tensor for j in sent]))
+        self._wait_sends(self.pp)
         for key, (tensors, positions) in received.items():
             self.arrived[key] = (tensors, [w for j in positions for w in of(j)])
         if sent:
             _free(produced)
+
+    def _wait_sends(self, keep: int) -> None:
+        """Drop the sends that completed (waited on, so a failed one raises), then wait on the oldest until at
+        most ``keep`` messages are in flight: a stage that only sends (forward only) holds at most ``keep``
+        outputs. Waiting on a send of an earlier round cannot deadlock: its receiver posts that round's batch
+        after waiting only on rounds before it."""
+        pending = []
+        for works, tensors in self.sending:
+            if all(w.is_completed() for w in works):
+                for w in works:
+                    w.wait()
+            else:
+                pending.append((works, tensors))
+        while len(pending) > keep:
+            for w in pending.pop(0)[0]:
+                w.wait()
+        self.sending = pending
 
 
 def _free(outputs: list[torch.Tensor]) -> None:
