@@ -650,19 +650,21 @@ def plot(results: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(14, 6), sharey=True)
     first = results["data_seeds"][0]
+    inits = list(dict.fromkeys(arm["init"] for arm in results["arms"]))  # one colour per initialisation
     for arm in results["arms"]:
         if arm["seed"] != first:
             continue
         ev = arm["evaluations"]
         style = {"ce": "--", "kd": "-", "kdw": ":"}[arm["objective"]]
-        width = 2.5 if arm["init"] == "random" else 1.2
-        axes[0].plot([e["tokens"] for e in ev], [e["valid_loss"] for e in ev], style, lw=width, label=arm["label"])
-        axes[1].plot([e["flops"] for e in ev], [e["valid_loss"] for e in ev], style, lw=width)
+        line = dict(color=f"C{inits.index(arm['init']) % 10}", lw=2.5 if arm["init"] == "random" else 1.2)
+        axes[0].plot([e["tokens"] for e in ev], [e["valid_loss"] for e in ev], style, label=arm["label"], **line)
+        axes[1].plot([e["flops"] for e in ev], [e["valid_loss"] for e in ev], style, **line)
     tokens_per_step = results["scale"]["global_batch_size"] * results["scale"]["seq_length"]
     for ax in axes:
         ax.axhline(results["teacher"]["valid_loss"], color="k", lw=0.8)
         ax.grid(alpha=0.3)
     axes[0].set_xscale("symlog", linthresh=tokens_per_step)  # the start (0 tokens) stays on the plot
+    axes[0].set_xlim(left=0)
     axes[1].set_xscale("log")
     axes[0].set_xlabel("training tokens")
     axes[1].set_xlabel("FLOPs (training + teacher forwards + search and the importance parts used)")
