@@ -64,6 +64,10 @@ def initialize_distributed(
                 device = _device(use_cuda)
         else:
             dist.init_process_group(backend)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # every rank is through the rendezvous before any may fail and exit: rank 0 hosts the store the
+            # others connect through, and a rank still connecting would die with a traceback, not our one line
+            dist.barrier()
     state.initialize_model_parallel(tensor_parallel, pipeline_parallel)
     return device
 
