@@ -12,7 +12,7 @@ export MEGATRON_SUBNET_CACHE := $(CACHE)
 # DeepSpeed JIT-builds a small comm op on CPU; one build cache per venv stops two venvs rebuilding it in turn.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: test quickstart lint venv teacher corpus
+.PHONY: test test-fast quickstart lint venv teacher corpus
 
 venv: $(VENV)/.installed
 
@@ -36,6 +36,10 @@ data/demo_text_document.idx: $(CORPUS) $(TEACHER)/model.safetensors
 
 test: $(VENV)/.installed teacher
 	$(PY) -m pytest -q tests
+
+# the inner loop: everything but the end-to-end subprocess runs (marked slow); at least one equivalence test per area
+test-fast: $(VENV)/.installed teacher
+	$(PY) -m pytest -q -m "not slow" tests
 
 quickstart: data/demo_text_document.idx
 	PYTHON=$(PY) DEEPSPEED=$(VENV)/bin/deepspeed PATH=$(abspath $(VENV))/bin:$$PATH examples/quickstart.sh

@@ -79,6 +79,7 @@ def _train_step_host_reads(rank: int, zero_stage: int) -> tuple[list[str], bool]
     return reads.sites, math.isfinite(result.loss) and not result.skipped
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [0, 1])
 def test_a_training_step_reads_the_device_once(zero_stage):
     """Losses, CE and KD parts, gradient norm and the skip decision come to the host together at the end of

@@ -349,6 +349,7 @@ def run_case(name: str, case: Case, case_dir: Path) -> tuple[str, subprocess.Com
     return name, proc, before, after
 
 
+@pytest.mark.slow
 def test_every_tool_gives_one_line_and_loses_nothing(ws, tmp_path):
     """At least 40 bad inputs over every CLI; all run two at a time."""
     table = cases(ws)

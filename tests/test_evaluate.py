@@ -262,6 +262,7 @@ def test_a_non_finite_loss_fails_and_appends_nothing(tmp_path, capsys):
     assert out.read_text() == '{"loss": 1.0}\n'
 
 
+@pytest.mark.slow
 def test_a_subprocess_run_prints_one_line_and_no_traceback(tmp_path):
     data = tiny_dataset(tmp_path / "d")
     ckpt = nan_checkpoint(tmp_path / "nan")

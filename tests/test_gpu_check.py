@@ -9,6 +9,10 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # end-to-end runs of the entry points (make test-fast leaves them out)
+
 REPO = Path(__file__).resolve().parents[1]
 RUNS = ["smollm2_bf16", "smollm2_bf16_kd", "1b_bf16", "1b_bf16_kd", "1b_bf16_recompute", "smollm2_fp32", "1b_fp32"]
 

@@ -302,6 +302,7 @@ def hf_dir(tmp_path_factory, hf_tokenizer_dir) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_cli_import_export_extract(tmp_path, hf_dir, hf_tokenizer_dir, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -23,6 +23,8 @@ import pytest
 from tests.training_utils import GLOBAL, MICRO, SEQ, assert_one_line_error, base_env, build_workspace, ok, python_cmd
 from tests.training_utils import run as run_job
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the entry points (make test-fast leaves them out)
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "paper_experiment.py"
 USED = {"first_k": {"search"}, "paper": {"search"}, "width": {"search", "calibration"},

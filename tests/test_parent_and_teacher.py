@@ -34,6 +34,8 @@ from tests.training_utils import (
     train_records,
 )
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the entry points (make test-fast leaves them out)
+
 ITERS, SEED, SPLIT = 2, 1234, "80,10,10"
 KD_ALPHA = 0.5
 

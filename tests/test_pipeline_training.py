@@ -38,6 +38,8 @@ from tests.training_utils import (
     train_records,
 )
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the entry points (make test-fast leaves them out)
+
 ITERS = 5
 
 

@@ -33,6 +33,8 @@ from tests.training_utils import (
     train_records,
 )
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the entry points (make test-fast leaves them out)
+
 ITERS = 20
 BF16_REL = 0.01  # bf16 keeps 8 bits of mantissa (0.4%); over 20 steps the losses stay within 1% of fp32's
 

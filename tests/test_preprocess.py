@@ -353,6 +353,7 @@ def _has_bytes(directory: Path) -> bool:
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_ctrl_c_exits_130_and_leaves_nothing(tmp_path, hf_tokenizer_dir, corpus_texts, workers):
     line = json.dumps({"text": " ".join(corpus_texts[:20])}) + "\n"

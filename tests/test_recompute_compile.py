@@ -287,6 +287,7 @@ def _run_tp_compiled(rank: int, kwargs: dict, state: dict, subnet: SubnetConfig,
     return [loss_and_grads(model, tokens, subnet, granularity) for granularity in (None, "full")]
 
 
+@pytest.mark.slow
 def test_compiled_layers_at_tp2_equal_one_process():
     """TP=2, compiled, a sub-network whose heads and MLP neurons all sit on rank 0: rank 0's layers run
     compiled (their all-reduces traced), rank 1's, keeping nothing, eager (see compile.py); loss and merged

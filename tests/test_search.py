@@ -660,6 +660,7 @@ def test_kill_in_generation_zero_resumes_exactly(tmp_path):
     assert losses_and_configs(tmp_path / "full") == losses_and_configs(tmp_path / "part")
 
 
+@pytest.mark.slow
 def test_search_errors_in_a_subprocess_are_one_line(workdir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     for extra, code in ((["--tolerance", "nan"], 2), (["--device", "cuda:99"], 1)):

@@ -21,6 +21,8 @@ from megatron_subnet.model.hf import load_hf, save_hf
 from megatron_subnet.model.subnet import SubnetConfig
 from megatron_subnet.model.weights import CheckpointError, load_checkpoint
 
+pytestmark = pytest.mark.slow  # the real 135M teacher, end to end (make test-fast leaves it out)
+
 HF_DIR = "smollm2-135m-instruct"
 GGUF = "gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
 CKPT = "test_teacher_ckpt"

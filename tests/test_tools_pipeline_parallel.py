@@ -39,6 +39,8 @@ from tools.convert_checkpoint import main as convert_main
 from tools.evaluate import main as evaluate_main
 from tools.search_subnet import main as search_main
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the entry points (make test-fast leaves them out)
+
 SPLIT, SEQ, MBS = "80,20,0", "16", "2"
 
 

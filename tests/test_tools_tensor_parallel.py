@@ -39,6 +39,8 @@ from tools.convert_checkpoint import main as convert_main
 from tools.evaluate import main as evaluate_main
 from tools.search_subnet import main as search_main
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the entry points (make test-fast leaves them out)
+
 VOCAB = 64
 SPLIT, SEQ, MBS = "80,20,0", "16", "2"
 PARENT = dict(arch="llama", vocab_size=VOCAB, hidden_size=32, num_layers=3, num_attention_heads=4,

@@ -43,6 +43,8 @@ from tests.training_utils import (
     train_records,
 )
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the entry points (make test-fast leaves them out)
+
 ITERS, EVAL_INTERVAL, EVAL_ITERS, SAVE_INTERVAL, SEED = 6, 3, 2, 3, 1234
 SPLIT = "80,10,10"
 # Two ranks; "single" is one process with twice the accumulation (the same global batch of 4).

@@ -374,32 +374,37 @@ def compute_importance(
             drop_tokens += labels.numel()
             drop_flops += drop_loss_flops_per_token(c, inputs.shape[1], pipelined) * labels.numel()
     model.train(was_training)
-    n_batches = len(batches)
-    per_group = [c.layer_heads(i) // c.layer_query_groups(i) for i in range(c.num_layers)]
-    # this stage's layers (global vectors after the tensor-parallel gather), zeros for the others' layers
+    counts = {"num_tokens": tokens_seen, "num_batches": len(batches), "drop_loss_tokens": drop_tokens,
+              "calibration_flops": calibration_flops, "drop_loss_flops": drop_flops}  # fmt: skip
+    return _scores(model, rec, drop_loss if drop_iters else None, counts, layer_metric, batches[0].shape[1] - 1)
+
+
+def _scores(model: GPTModel, rec: _Recorder, drop_loss: torch.Tensor | None, counts: dict[str, int],
+            layer_metric: str, seq_length: int) -> Importance:  # fmt: skip
+    """The Importance of what ``rec`` recorded over ``counts["num_batches"]`` batches: this stage's layers
+    summed over the pipeline (global vectors after the tensor-parallel gather), means per token or batch."""
+    c, device = model.config, next(model.parameters()).device
+    tokens, n = counts["num_tokens"], c.num_layers
+    per_group = [c.layer_heads(i) // c.layer_query_groups(i) for i in range(n)]
     heads = [_gather_tp(rec.heads[i], device) if i in rec.heads else torch.zeros(c.layer_heads(i), dtype=torch.float64)
-             for i in range(c.num_layers)]  # fmt: skip
+             for i in range(n)]  # fmt: skip
     mlp = [_gather_tp(rec.mlp[i], device) if i in rec.mlp else torch.zeros(c.layer_ffn(i), dtype=torch.float64)
-           for i in range(c.num_layers)]  # fmt: skip
-    n = c.num_layers
-    hidden, block, drop_loss, *per_layer = _sum_over_pipeline([rec.hidden, rec.block, drop_loss, *heads, *mlp], device)
-    heads = [(h / n_batches).float() for h in per_layer[:n]]
+           for i in range(n)]  # fmt: skip
+    drops = torch.zeros(n, dtype=torch.float64) if drop_loss is None else drop_loss
+    hidden, block, drops, *per_layer = _sum_over_pipeline([rec.hidden, rec.block, drops, *heads, *mlp], device)
+    heads = [(h / counts["num_batches"]).float() for h in per_layer[:n]]
     return Importance(
-        hidden=(hidden / tokens_seen).float(),
+        hidden=(hidden / tokens).float(),
         heads=heads,
         query_groups=[h.view(-1, g).sum(1) for h, g in zip(heads, per_group)],
-        mlp=[(m / tokens_seen).float() for m in per_layer[n:]],
-        block=(block / tokens_seen).float(),
-        drop_loss=(drop_loss / drop_tokens).float() if drop_iters else None,
+        mlp=[(m / tokens).float() for m in per_layer[n:]],
+        block=(block / tokens).float(),
+        drop_loss=(drops / counts["drop_loss_tokens"]).float() if drop_loss is not None else None,
         layer_metric=layer_metric,
         metadata={
-            "num_tokens": str(tokens_seen),
-            "num_batches": str(n_batches),
-            "drop_loss_tokens": str(drop_tokens),
-            "calibration_flops": str(calibration_flops),
-            "drop_loss_flops": str(drop_flops),
-            "flops": str(calibration_flops + drop_flops),
-            "seq_length": str(batches[0].shape[1] - 1),
+            **{k: str(v) for k, v in counts.items()},
+            "flops": str(counts["calibration_flops"] + counts["drop_loss_flops"]),
+            "seq_length": str(seq_length),
             "parent_config_sha256": config_hash(c),
             "parent_shape": json.dumps({
                 "num_layers": c.num_layers, "hidden_size": c.hidden_size,
