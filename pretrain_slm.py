@@ -11,7 +11,7 @@ come from `--parent-load` (default: the teacher); `--bf16`, `--teacher-dtype`, `
 
 import sys
 
-from megatron_subnet.training.trainer import main
+from megatron_subnet.pretrain import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -251,7 +251,7 @@ def prepare_inputs(args: argparse.Namespace, out: Path) -> tuple[Path, str, str]
 def call(tool: str, argv: list[str]) -> None:
     """Run one of the project's entry points in this process; ExperimentError when it fails."""
     if tool == "pretrain_slm.py":
-        from megatron_subnet.training.trainer import main
+        from megatron_subnet.pretrain import main
     elif tool == "tools/search_subnet.py":
         from tools.search_subnet import main
     elif tool == "tools/compute_importance.py":

@@ -43,6 +43,12 @@ def same_on_every_rank(error: BaseException) -> BaseException:
     return error
 
 
+class ArgumentError(ValueError):
+    """A flag (or a key of a config file it names) with a bad value; the message names it."""
+
+    same_on_every_rank = True  # a check of flags and shared files: under a launcher rank 0 reports it
+
+
 def report(error: BaseException, code: int) -> None:
     """Print ``error: ...`` on stderr for a process about to exit with ``code``. An error every rank finds alike
     (its class or the instance says ``same_on_every_rank``) is printed by rank 0; the other ranks wait for the
@@ -146,8 +152,10 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
             _exit_if_in_process_group(code)
         return code
     except KeyboardInterrupt:
-        print("error: interrupted (Ctrl-C); finished outputs are intact, unfinished ones were not written",
-              file=sys.stderr)
+        print(
+            "error: interrupted (Ctrl-C); finished outputs are intact, unfinished ones were not written",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # stdout went away (`| head`): nothing to report on it; keep Python from complaining at exit too

@@ -286,31 +286,31 @@ def test_bad_parent_or_teacher_is_one_line(ws, tmp_path):
 def test_parent_load_flag_checks_in_process(ws, tmp_path):
     """Without a run: --init subnet with only --parent-load is valid at --kd-alpha 0; --kd-alpha > 0 with only
     --parent-load still needs --teacher-load; the parent is an input of the output checks."""
-    from megatron_subnet.arguments import ArgumentError, parse_args
+    from megatron_subnet.arguments import ArgumentError, parse_config
     from megatron_subnet.outputs import OutputError
-    from megatron_subnet.training.trainer import check_outputs, resolve_parent
+    from megatron_subnet.training.preflight import check_outputs, resolve_parent
 
-    args = parse_args(flags(ws, "teacher", None) + ["--kd-alpha", "0"])
-    assert resolve_parent(args, None) == (str(ws / "teacher"), None)
+    config = parse_config(flags(ws, "teacher", None) + ["--kd-alpha", "0"])
+    assert resolve_parent(config, None) == (str(ws / "teacher"), None)
     with pytest.raises(ArgumentError, match="--kd-alpha 0.5 needs a teacher .--teacher-load"):
-        parse_args(flags(ws, "teacher", None))
+        parse_config(flags(ws, "teacher", None))
     with pytest.raises(ArgumentError, match="--init subnet needs --teacher-load .or --parent-load. and --subnet"):
-        parse_args(flags(ws, None, None) + ["--kd-alpha", "0"])
-    default = parse_args(flags(ws, None, "teacher_y"))
+        parse_config(flags(ws, None, None) + ["--kd-alpha", "0"])
+    default = parse_config(flags(ws, None, "teacher_y"))
     assert resolve_parent(default, None) == (str(ws / "teacher_y"), None)
     # resuming without --parent-load: the checkpoint's parent; an old checkpoint's parent was its teacher
     assert resolve_parent(default, {"args": {"parent_load": str(ws / "teacher")}}) == (str(ws / "teacher"), None)
     assert resolve_parent(default, {"args": {"teacher_load": str(ws / "teacher")}}) == (str(ws / "teacher"), None)
-    explicit = parse_args(flags(ws, "teacher_y", "teacher_y"))
+    explicit = parse_config(flags(ws, "teacher_y", "teacher_y"))
     assert resolve_parent(explicit, {"args": {"parent_load": str(ws / "teacher")}})[1] == (
         f"--parent-load: {ws / 'teacher'} -> {ws / 'teacher_y'}"
     )
 
     save = tmp_path / "ckpt"
     (save / "final_model").mkdir(parents=True)
-    args = parse_args(flags(ws, None, "teacher") + ["--save", str(save), "--overwrite"])
-    args.parent_load = str(save / "final_model" / "sub")
+    config = parse_config(flags(ws, None, "teacher") + ["--save", str(save), "--overwrite"])
+    nested = config.replace("model", parent_load=str(save / "final_model" / "sub"))
     with pytest.raises(OutputError, match="--parent-load"):
-        check_outputs(args, save, None, False)
-    args.parent_load = args.teacher_load
-    assert check_outputs(args, save, None, False) is False
+        check_outputs(nested, save, None, False)
+    same = config.replace("model", parent_load=config.distill.teacher_load)
+    assert check_outputs(same, save, None, False) is False

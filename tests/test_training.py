@@ -276,9 +276,10 @@ def test_resume_is_bit_exact(name, ws, refs, tmp_path):
     ok(run(launch_cmd(nproc, flags + ["--log-dir", str(tmp_path / "a")]), tmp_path, hooks=hooks))
     assert latest_tag(save) == "iter_0000003"
     assert sorted(train_records(tmp_path / "a")) == [1, 2, 3]
-    hooks = {"record_dir": str(batches)}
+    hooks = {"record_dir": str(batches), "callback_log": str(tmp_path / "callbacks.jsonl")}
     flags += ["--load", str(save), "--log-dir", str(tmp_path / "b")]
     ok(run(launch_cmd(nproc, flags), tmp_path, hooks=hooks))
+    assert_callbacks_in_order(read_jsonl(tmp_path / "callbacks.jsonl"), tmp_path / "b", save, nproc)
 
     reference = train_records(refs(name))
     resumed = {**train_records(tmp_path / "a"), **train_records(tmp_path / "b")}
@@ -288,6 +289,20 @@ def test_resume_is_bit_exact(name, ws, refs, tmp_path):
     assert batch_records(batches) == batch_records(refs(name) / "batches")
     meta = json.loads((save / f"iter_{ITERS:07d}" / "megatron_subnet.json").read_text())
     assert meta["consumed_samples"] == ITERS * GLOBAL
+
+
+def assert_callbacks_in_order(events: list[dict], log_dir: Path, save: Path, nproc: int) -> None:
+    """The resumed run's callbacks: setup at the checkpoint's iteration 3, then each step's start and end
+    (with the step's micro-batches and logged loss), the evaluation and the checkpoint of step 6."""
+    names = [(e["event"], e["iteration"]) for e in events]
+    steps = [(event, i) for i in (4, 5, 6) for event in ("step_start", "step_end")]
+    assert names == [("setup_end", 3), *steps, ("evaluation", 6), ("checkpoint_saved", 6)], names
+    records = train_records(log_dir)
+    assert [e["loss"] for e in events if e["event"] == "step_end"] == [records[i]["loss"] for i in (4, 5, 6)]
+    assert {e["micro_batches"] for e in events if e["event"] == "step_start"} == {GLOBAL // (MICRO * nproc)}
+    valid = [r["valid_loss"] for r in read_jsonl(log_dir / "metrics.jsonl") if "valid_loss" in r]
+    assert [e["valid_loss"] for e in events if e["event"] == "evaluation"] == valid
+    assert events[-1]["path"] == str(save / "iter_0000006")
 
 
 def test_a_longer_run_starts_like_a_shorter_one_and_a_finished_run_can_be_extended(ws, refs, tmp_path):

@@ -2,7 +2,8 @@
 subprocess runs that cannot hang, metrics readers, and (run as a script) an instrumented ``pretrain_slm.py``.
 
 Run as ``python tests/training_utils.py <pretrain_slm.py flags>`` (directly, under torchrun or mpirun) this
-file is ``pretrain_slm.py`` plus test hooks chosen by the JSON in ``$MEGATRON_SUBNET_TEST_HOOKS``:
+file is ``pretrain_slm.py`` plus test hooks chosen by the JSON in ``$MEGATRON_SUBNET_TEST_HOOKS``: faults are
+injected into the components they break, everything else is observed through a trainer ``Callback``:
 
 ``record_dir``      each rank appends ``{"iteration", "batch"}`` (a hash of its micro-batches) per step
 ``nan_steps``       iterations whose student forward returns NaN logits (``nan_from``: that one and all later;
@@ -18,6 +19,8 @@ file is ``pretrain_slm.py`` plus test hooks chosen by the JSON in ``$MEGATRON_SU
 ``device_trace``    each rank writes, in order, where the student was moved (``to``; the run's device, on a
                     CPU, is spelled ``cpu:0``), the device of every tensor broadcast before training and the
                     engine's device, to ``device_trace/rank_R.json``
+``callback_log``    rank 0 appends each trainer callback (``setup_end``, ``step_start``, ``step_end``,
+                    ``evaluation``, ``checkpoint_saved``) with its iteration, in the order they came
 ``teacher_report``  after training: the teacher's tensors vs its safetensors file, and that none of them is
                     a student parameter, in the optimizer, trainable, or has a gradient
 """
@@ -261,22 +264,22 @@ def latest_tag(save: Path) -> str:
 # ----------------------------------------------------------------------------- hooks (script mode)
 
 
-def _install_hooks(hooks: dict) -> dict:
-    """Monkeypatch the trainer as ``hooks`` asks; returns the objects the post-run checks need."""
+def _install_faults(hooks: dict, captured: dict) -> None:
+    """The faults ``hooks`` asks for, injected into the components they break (the model's forward, the loss,
+    a checkpoint's rename); ``captured["iteration"]`` is the step being taken."""
     import torch
     import torch.distributed as dist
 
     from megatron_subnet.model.gpt import GPTModel
-    from megatron_subnet.training import checkpoint, trainer
-
-    captured: dict = {"iteration": 0}
+    from megatron_subnet.training import checkpoint
+    from megatron_subnet.training import engine as engine_module
 
     def rank() -> int:
         return dist.get_rank() if dist.is_initialized() else 0
 
-    nan_steps = set(hooks.get("nan_steps", []))
-    nan_from = hooks.get("nan_from")
-    nan_ranks = hooks.get("nan_ranks")
+    nan_steps, nan_from, nan_ranks = set(hooks.get("nan_steps", [])), hooks.get("nan_from"), hooks.get("nan_ranks")
+    kill_in_step, kill = hooks.get("kill_in_step"), hooks.get("kill_before_rename")
+    nan_loss_steps = set(hooks.get("nan_loss_steps", []))
 
     def nan_now() -> bool:
         it = captured["iteration"]
@@ -284,132 +287,109 @@ def _install_hooks(hooks: dict) -> dict:
             return False
         return it in nan_steps or (nan_from is not None and it >= nan_from)
 
-    if nan_steps or nan_from is not None:
-        forward = GPTModel.forward
+    forward, loss_fn, publish = GPTModel.forward, engine_module.distillation_loss, checkpoint.publish
 
-        def nan_forward(self, *args, **kwargs):
-            logits = forward(self, *args, **kwargs)
-            # Only the student's training forward: the teacher runs in eval mode, so does evaluation.
-            return logits * float("nan") if self.training and nan_now() else logits
+    def faulty_forward(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        # Only the student's training forward: the teacher runs in eval mode, so does evaluation.
+        if self.training and kill_in_step == {"iteration": captured["iteration"], "rank": rank()}:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out * float("nan") if self.training and nan_now() else out
 
-        GPTModel.forward = nan_forward
+    def nan_valued_loss(*args, **kwargs):
+        loss, ce, kl = loss_fn(*args, **kwargs)
+        if captured["iteration"] in nan_loss_steps and (nan_ranks is None or rank() in nan_ranks):
+            loss = loss + torch.tensor(float("nan"), device=loss.device)  # a constant: no gradient
+        return loss, ce, kl
 
-    nan_loss_steps = set(hooks.get("nan_loss_steps", []))
+    def publish_hook(save, tmp_tag, tag):
+        if tag == checkpoint.tag_for(kill):
+            os.kill(os.getpid(), signal.SIGKILL)
+        publish(save, tmp_tag, tag)
+
+    if nan_steps or nan_from is not None or kill_in_step is not None:
+        GPTModel.forward = faulty_forward
     if nan_loss_steps:
-        from megatron_subnet.training import engine as engine_module
-
-        loss_fn = engine_module.distillation_loss
-
-        def nan_valued_loss(*args, **kwargs):
-            loss, ce, kl = loss_fn(*args, **kwargs)
-            if captured["iteration"] in nan_loss_steps and (nan_ranks is None or rank() in nan_ranks):
-                loss = loss + torch.tensor(float("nan"), device=loss.device)  # a constant: no gradient
-            return loss, ce, kl
-
         engine_module.distillation_loss = nan_valued_loss
-
-    load = checkpoint.load_checkpoint
-
-    def load_hook(engine, load_dir):
-        meta = load(engine, load_dir)
-        captured["iteration"] = meta["iteration"]
-        return meta
-
-    checkpoint.load_checkpoint = load_hook
-
-    step = trainer.train_step
-    record_dir = hooks.get("record_dir")
-    trace = hooks.get("param_trace")
-
-    def adam_steps(engine) -> list[float]:
-        opt = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
-        return [float(s["step"]) for s in opt.state.values() if "step" in s]
-
-    kill_in_step = hooks.get("kill_in_step")
-    if kill_in_step is not None:
-        live_forward = GPTModel.forward
-
-        def dying_forward(self, *args, **kwargs):
-            out = live_forward(self, *args, **kwargs)
-            if self.training and captured["iteration"] == kill_in_step["iteration"] and rank() == kill_in_step["rank"]:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return out
-
-        GPTModel.forward = dying_forward
-
-    def step_hook(engine, teacher, micro_batches, lr, kd):
-        captured["iteration"] += 1
-        it = captured["iteration"]
-        if record_dir:
-            digest = hashlib.sha1(b"".join(b.numpy().tobytes() for b in micro_batches)).hexdigest()
-            Path(record_dir).mkdir(parents=True, exist_ok=True)
-            with open(Path(record_dir) / f"rank_{rank()}.jsonl", "a") as f:
-                f.write(json.dumps({"iteration": it, "batch": digest}) + "\n")
-        if trace:
-            before = [p.detach().clone() for p in engine.module.parameters()]
-            steps_before = adam_steps(engine)
-        result = step(engine, teacher, micro_batches, lr, kd)
-        if trace and rank() == 0:
-            after = list(engine.module.parameters())
-            record = {
-                "iteration": it,
-                "skipped": result.skipped,
-                "params_changed": any(not torch.equal(a, b) for a, b in zip(before, after)),
-                "params_finite": all(bool(torch.isfinite(p).all()) for p in after),
-                "adam_steps_before": steps_before,
-                "adam_steps_after": adam_steps(engine),
-            }
-            with open(trace, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        return result
-
-    trainer.train_step = step_hook
-
-    kill = hooks.get("kill_before_rename")
     if kill is not None:
-        publish = checkpoint.publish
-
-        def publish_hook(save, tmp_tag, tag):
-            if tag == checkpoint.tag_for(kill):
-                os.kill(os.getpid(), signal.SIGKILL)
-            publish(save, tmp_tag, tag)
-
         checkpoint.publish = publish_hook
 
-    stop = hooks.get("stop_after_save")
-    if stop is not None:
-        save = checkpoint.save_checkpoint
 
-        def save_hook(engine, save_dir, iteration, meta, keep_last):
-            path = save(engine, save_dir, iteration, meta, keep_last)  # collective; ends with a barrier
-            if iteration == stop:
+def _adam_steps(engine) -> list[float]:
+    opt = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
+    return [float(s["step"]) for s in opt.state.values() if "step" in s]
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def recording_callback(hooks: dict, captured: dict):
+    """The trainer callback that records what ``hooks`` asks for into files and ``captured``."""
+    import torch
+
+    from megatron_subnet.training.trainer import Callback
+
+    def log(event: str, iteration: int, **extra) -> None:
+        if hooks.get("callback_log") and _rank() == 0:
+            with open(hooks["callback_log"], "a") as f:
+                f.write(json.dumps({"event": event, "iteration": iteration, **extra}) + "\n")
+
+    class Recorder(Callback):
+        def on_setup_end(self, trainer) -> None:
+            log("setup_end", trainer.progress.iteration)
+            captured["iteration"] = trainer.progress.iteration
+            captured["student"], captured["optimizer"], captured["engine"] = (
+                trainer.student,
+                trainer.optimizer,
+                trainer.engine,
+            )
+            if trainer.teacher is not None:
+                module = trainer.teacher.module
+                captured["teacher_model"] = getattr(module, "module", module)  # under ZeRO-3 a DeepSpeed engine
+            captured.setdefault("events", []).append(["engine", str(trainer.engine.device)])
+
+        def on_step_start(self, trainer, iteration, micro_batches) -> None:
+            log("step_start", iteration, micro_batches=len(micro_batches))
+            captured["iteration"] = iteration
+            if hooks.get("record_dir"):
+                digest = hashlib.sha1(b"".join(b.numpy().tobytes() for b in micro_batches)).hexdigest()
+                Path(hooks["record_dir"]).mkdir(parents=True, exist_ok=True)
+                with open(Path(hooks["record_dir"]) / f"rank_{_rank()}.jsonl", "a") as f:
+                    f.write(json.dumps({"iteration": iteration, "batch": digest}) + "\n")
+            if hooks.get("param_trace"):
+                captured["before"] = [p.detach().clone() for p in trainer.engine.module.parameters()]
+                captured["adam_before"] = _adam_steps(trainer.engine)
+
+        def on_step_end(self, trainer, iteration, result) -> None:
+            log("step_end", iteration, loss=result.loss)
+            if not hooks.get("param_trace") or _rank() != 0:
+                return
+            after = list(trainer.engine.module.parameters())
+            record = {
+                "iteration": iteration,
+                "skipped": result.skipped,
+                "params_changed": any(not torch.equal(a, b) for a, b in zip(captured["before"], after)),
+                "params_finite": all(bool(torch.isfinite(p).all()) for p in after),
+                "adam_steps_before": captured["adam_before"],
+                "adam_steps_after": _adam_steps(trainer.engine),
+            }
+            with open(hooks["param_trace"], "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+        def on_evaluation(self, trainer, record) -> None:
+            log("evaluation", record["iteration"], valid_loss=record["valid_loss"])
+
+        def on_checkpoint_saved(self, trainer, iteration, path) -> None:
+            log("checkpoint_saved", iteration, path=str(path))
+            if iteration == hooks.get("stop_after_save"):  # every rank's part is written (a barrier)
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(0)  # a job that ran out of time right after its checkpoint
-            return path
 
-        checkpoint.save_checkpoint = save_hook
-
-    if hooks.get("device_trace"):
-        _trace_devices(captured)
-    if hooks.get("teacher_report") or hooks.get("state_dump") or hooks.get("device_trace"):
-        teacher_cls, init_student = trainer.Teacher, trainer.initialize_student
-
-        class RecordingTeacher(teacher_cls):
-            def __init__(self, model, *args, **kwargs):
-                captured["teacher_model"] = model
-                super().__init__(model, *args, **kwargs)
-                captured["teacher"] = self
-
-        def init_hook(model, optimizer, ds_config):
-            captured["student"], captured["optimizer"] = model, optimizer
-            engine = init_student(model, optimizer, ds_config)
-            captured["engine"] = engine
-            captured.setdefault("events", []).append(["engine", str(engine.device)])
-            return engine
-
-        trainer.Teacher, trainer.initialize_student = RecordingTeacher, init_hook
-    return captured
+    return Recorder()
 
 
 def _trace_devices(captured: dict) -> None:
@@ -418,14 +398,14 @@ def _trace_devices(captured: dict) -> None:
     renamed ``cpu:0`` (the same device), so that a move to it is told apart from a move to the default."""
     import torch.distributed as dist
 
+    from megatron_subnet import initialize
     from megatron_subnet.model.gpt import GPTModel
-    from megatron_subnet.training import trainer
 
     events = captured.setdefault("events", [])
-    move, broadcast, initialize = GPTModel.to, dist.broadcast, trainer.initialize_distributed
+    move, broadcast, initialize_distributed = GPTModel.to, dist.broadcast, initialize.initialize_distributed
 
     def initialize_hook(*args, **kwargs):
-        device = initialize(*args, **kwargs)
+        device = initialize_distributed(*args, **kwargs)
         return "cpu:0" if device == "cpu" else device
 
     def to_hook(self, *args, **kwargs):
@@ -438,7 +418,7 @@ def _trace_devices(captured: dict) -> None:
             events.append(["broadcast", str(tensor.device)])
         return broadcast(tensor, *args, **kwargs)
 
-    trainer.initialize_distributed, GPTModel.to, dist.broadcast = initialize_hook, to_hook, broadcast_hook
+    initialize.initialize_distributed, GPTModel.to, dist.broadcast = initialize_hook, to_hook, broadcast_hook
 
 
 def _teacher_report(captured: dict, hooks: dict, teacher_dir: str) -> None:
@@ -483,10 +463,13 @@ def _teacher_report(captured: dict, hooks: dict, teacher_dir: str) -> None:
 def _main(argv: list[str]) -> int:
     hooks = json.loads(os.environ.get(HOOKS_ENV) or "{}")
     sys.path.insert(0, str(REPO))
-    captured = _install_hooks(hooks)
-    from megatron_subnet.training.trainer import main
+    captured: dict = {"iteration": 0}
+    _install_faults(hooks, captured)
+    if hooks.get("device_trace"):
+        _trace_devices(captured)
+    from megatron_subnet.pretrain import main
 
-    code = main(argv)
+    code = main(argv, [recording_callback(hooks, captured)])
     if code == 0 and hooks.get("teacher_report"):
         teacher_dir = argv[argv.index("--teacher-load") + 1]
         _teacher_report(captured, hooks, teacher_dir)
