@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny tokenizers trained here (no downloads) and JSONL writers."""
+"""Shared fixtures: tiny tokenizers trained here (no downloads), JSONL writers, a tiny parent of each architecture."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import random
 from pathlib import Path
 
 import pytest
+
+from tests.tiny_models import SHAPES, tiny_shape
 
 WORDS = (
     "the model data layer token train search parent student teacher head group neuron channel loss "
@@ -58,3 +60,9 @@ def spm_model(tmp_path_factory, corpus_texts) -> Path:
     corpus = write_jsonl(tmp / "corpus.jsonl", [{"text": t} for t in corpus_texts])
     assert main(["--input", str(corpus), "--model-prefix", str(tmp / "spm"), "--vocab-size", "320"]) == 0
     return tmp / "spm.model"
+
+
+@pytest.fixture(params=sorted(SHAPES), ids=sorted(SHAPES))
+def tiny_config(request) -> dict:
+    """The ``ModelConfig`` keyword arguments of a tiny parent of each architecture in turn (``tiny_models.py``)."""
+    return tiny_shape(request.param)

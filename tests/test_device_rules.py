@@ -15,6 +15,7 @@ from megatron_subnet.model.extract import extract_state_dict
 from megatron_subnet.parallel.losses import KD_LOSSES, distillation_loss
 from tests.devices import MixedDevices, one_device
 from tests.test_subnet import PARENTS, make_parent, random_subnet, tokens
+from tests.tiny_models import tiny
 
 
 @pytest.mark.parametrize("name", list(PARENTS))
@@ -63,8 +64,10 @@ def _train_step_host_reads(rank: int, zero_stage: int) -> tuple[list[str], bool]
     from tests.devices import host_reads
 
     os.environ["LOCAL_RANK"] = str(rank)  # DeepSpeed's engine asks for it (a launcher's variable)
-    config = ModelConfig(arch="llama", vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4,
-                         num_query_groups=2, head_dim=8, ffn_hidden_size=64, tie_word_embeddings=True)  # fmt: skip
+    config = ModelConfig(**tiny(
+        "llama", vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4, num_query_groups=2,
+        head_dim=8, ffn_hidden_size=64, tie_word_embeddings=True,
+    ))
     torch.manual_seed(0)
     student = GPTModel(config)
     ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2, "train_batch_size": 2,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_importance import LLAMA, NEOX, VOCAB, tiny_checkpoint, tiny_dataset, tiny_model
+from test_importance import VOCAB, tiny_checkpoint, tiny_dataset, tiny_model
 
 from megatron_subnet.data.batches import load_batches
 from megatron_subnet.data.gpt_dataset import build_train_valid_test_datasets
@@ -96,10 +96,9 @@ def test_batches_come_from_the_requested_split(tmp_path):
     assert not torch.equal(batches[0], load_batches([data], SPLIT, "train", SEQ, MBS, ITERS, 1234)[0])
 
 
-@pytest.mark.parametrize("arch", [LLAMA, NEOX], ids=["llama", "gpt_neox"])
-def test_masked_subnet_equals_extracted_student(tmp_path, arch):
+def test_masked_subnet_equals_extracted_student(tmp_path, tiny_config):
     torch.manual_seed(0)
-    model = GPTModel(ModelConfig(**arch)).eval()
+    model = GPTModel(ModelConfig(**tiny_config)).eval()
     ckpt = tiny_checkpoint(tmp_path / "parent", model)
     data = tiny_dataset(tmp_path / "d")
     c = model.config
@@ -133,10 +132,9 @@ def test_subnet_counts_in_importance_order(tmp_path, setup):
     assert result["loss"] == pytest.approx(run(tmp_path, tmp_path / "student", data)["loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("arch", [LLAMA, NEOX], ids=["llama", "gpt_neox"])
-def test_ours_and_transformers_give_the_same_loss(tmp_path, arch):
+def test_ours_and_transformers_give_the_same_loss(tmp_path, tiny_config):
     torch.manual_seed(0)
-    model = GPTModel(ModelConfig(**arch)).eval()
+    model = GPTModel(ModelConfig(**tiny_config)).eval()
     save_hf(tmp_path / "hf", model.config, model.state_dict())
     data = tiny_dataset(tmp_path / "d")
     ours_from_hf = run(tmp_path, tmp_path / "hf", data)

@@ -28,6 +28,7 @@ from megatron_subnet.model.flops import (
 )
 from megatron_subnet.model.gpt import GPTModel
 from megatron_subnet.model.subnet import SubnetConfig
+from tests.tiny_models import tiny
 
 BATCH, SEQ = 2, 32
 BASE = dict(vocab_size=128, hidden_size=64, max_position_embeddings=64)
@@ -41,10 +42,8 @@ CONFIGS = {
     "qwen2": dict(
         num_layers=2, num_attention_heads=4, num_query_groups=2, head_dim=16, ffn_hidden_size=96, qkv_bias=True,
     ),
-    "gpt_neox": dict(
-        arch="gpt_neox", num_layers=2, num_attention_heads=4, num_query_groups=4, head_dim=16, ffn_hidden_size=256,
-        normalization="layernorm", activation="gelu", parallel_residual=True, rotary_pct=0.25, qkv_bias=True,
-        proj_bias=True, mlp_bias=True,
+    "gpt_neox": tiny(
+        "gpt_neox", num_layers=2, num_attention_heads=4, num_query_groups=4, head_dim=16, ffn_hidden_size=256,
     ),
     "per_layer": dict(
         num_layers=3, num_attention_heads=[4, 2, 6], num_query_groups=[2, 1, 3], head_dim=8,

@@ -23,17 +23,14 @@ from megatron_subnet.model.importance import (
 )
 from megatron_subnet.model.subnet import SubnetConfig
 from megatron_subnet.model.weights import save_checkpoint
+from tests.tiny_models import tiny_shape
 from tools.compute_importance import main as importance_main
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 64
 
-LLAMA = dict(arch="llama", vocab_size=VOCAB, hidden_size=32, num_layers=4, num_attention_heads=4, num_query_groups=2,
-             head_dim=8, ffn_hidden_size=48, init_std=0.2)
-NEOX = dict(arch="gpt_neox", vocab_size=VOCAB, hidden_size=32, num_layers=3, num_attention_heads=4,
-            num_query_groups=4, head_dim=8, ffn_hidden_size=40, activation="gelu", normalization="layernorm",
-            qkv_bias=True, proj_bias=True, mlp_bias=True, parallel_residual=True, rotary_pct=0.5,
-            tie_word_embeddings=True, init_std=0.2)
+LLAMA = tiny_shape("llama")
+NEOX = tiny_shape("gpt_neox")
 
 
 def tiny_model(seed: int = 0, **overrides) -> GPTModel:

@@ -23,6 +23,7 @@ from megatron_subnet.model.gpt import GPTModel
 from megatron_subnet.model.hf import config_from_hf, config_to_hf, load_hf, save_hf, state_from_hf
 from megatron_subnet.model.subnet import SubnetConfig
 from megatron_subnet.model.weights import CheckpointError, load_checkpoint, save_checkpoint
+from tests.tiny_models import tiny
 from tools.convert_checkpoint import main as convert_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,37 +148,14 @@ def test_round_trip_through_our_format_is_identical(tmp_path, kind):
 @pytest.mark.parametrize(
     "config",
     [
-        ModelConfig(
-            arch="llama",
-            vocab_size=VOCAB,
-            hidden_size=32,
-            num_layers=2,
-            num_attention_heads=4,
-            num_query_groups=1,
-            head_dim=16,
-            ffn_hidden_size=40,
-            tie_word_embeddings=True,
-            init_std=0.15,
-            eos_token_id=0,
-        ),
-        ModelConfig(
-            arch="gpt_neox",
-            vocab_size=VOCAB,
-            hidden_size=32,
-            num_layers=2,
-            num_attention_heads=4,
-            num_query_groups=4,
-            head_dim=8,
-            ffn_hidden_size=40,
-            activation="gelu_tanh",
-            normalization="layernorm",
-            qkv_bias=True,
-            proj_bias=True,
-            mlp_bias=True,
-            rotary_pct=0.5,
-            parallel_residual=True,
-            init_std=0.15,
-        ),
+        ModelConfig(**tiny(
+            "llama", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_attention_heads=4, num_query_groups=1,
+            head_dim=16, ffn_hidden_size=40, tie_word_embeddings=True, init_std=0.15, eos_token_id=0,
+        )),
+        ModelConfig(**tiny(
+            "gpt_neox", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_attention_heads=4, num_query_groups=4,
+            head_dim=8, ffn_hidden_size=40, activation="gelu_tanh", rotary_pct=0.5, init_std=0.15,
+        )),
     ],
     ids=["llama", "gpt_neox"],
 )
@@ -253,18 +231,10 @@ def test_load_hf_names_what_does_not_fit(tmp_path):
 
 def test_random_init_follows_megatron():
     layers = 4
-    config = ModelConfig(
-        arch="llama",
-        vocab_size=512,
-        hidden_size=256,
-        num_layers=layers,
-        num_attention_heads=4,
-        num_query_groups=2,
-        head_dim=64,
-        ffn_hidden_size=512,
-        qkv_bias=True,
-        init_std=0.02,
-    )
+    config = ModelConfig(**tiny(
+        "qwen2", vocab_size=512, hidden_size=256, num_layers=layers, num_attention_heads=4, num_query_groups=2,
+        head_dim=64, ffn_hidden_size=512, init_std=0.02,
+    ))
     torch.manual_seed(0)
     model = GPTModel(config)
     out_std = 0.02 / (2 * layers) ** 0.5

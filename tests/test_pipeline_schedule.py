@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from tests.distributed import run_distributed
+from tests.tiny_models import tiny
 
 WIDTH, MICRO_BATCH, LAYERS_PER_STAGE = 8, 2, 2
 MICROBATCHES = (1, 3, 8)
@@ -305,8 +306,10 @@ def test_chunked_stages_run_the_whole_model():
     from megatron_subnet.model.gpt import GPTModel
     from megatron_subnet.parallel.pipeline import PipelineError, split_layers, stage_of
 
-    config = ModelConfig(arch="llama", vocab_size=64, hidden_size=32, num_layers=5, num_attention_heads=4,
-                         num_query_groups=2, head_dim=8, ffn_hidden_size=48, tie_word_embeddings=True)  # fmt: skip
+    config = ModelConfig(**tiny(
+        "llama", vocab_size=64, hidden_size=32, num_layers=5, num_attention_heads=4, num_query_groups=2,
+        head_dim=8, ffn_hidden_size=48, tie_word_embeddings=True,
+    ))
     torch.manual_seed(0)
     whole = GPTModel(config).eval()
     counts = split_layers(5, 2, chunks=2)

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from tests.distributed import free_port
+from tests.tiny_models import tiny
 from tests.training_utils import (
     BIN,
     EXAMPLES,
@@ -59,12 +60,14 @@ def ws(tmp_path_factory) -> Path:
 
     root = build_workspace(tmp_path_factory.mktemp("pipeline"))
     teachers = {
-        "untied": dict(arch="llama", vocab_size=128, hidden_size=64, num_layers=4, num_attention_heads=4,
-                       num_query_groups=2, head_dim=16, ffn_hidden_size=128, tie_word_embeddings=False),
-        "neox": dict(arch="gpt_neox", vocab_size=128, hidden_size=64, num_layers=4, num_attention_heads=4,
-                     num_query_groups=4, head_dim=16, ffn_hidden_size=128, activation="gelu",
-                     normalization="layernorm", qkv_bias=True, proj_bias=True, mlp_bias=True, parallel_residual=True,
-                     rotary_pct=0.25),
+        "untied": tiny(
+            "llama", vocab_size=128, hidden_size=64, num_layers=4, num_attention_heads=4, num_query_groups=2,
+            head_dim=16, ffn_hidden_size=128, tie_word_embeddings=False,
+        ),
+        "neox": tiny(
+            "gpt_neox", vocab_size=128, hidden_size=64, num_layers=4, num_attention_heads=4, num_query_groups=4,
+            head_dim=16, ffn_hidden_size=128,
+        ),
     }  # fmt: skip
     for i, (name, kwargs) in enumerate(teachers.items()):
         torch.manual_seed(i + 1)

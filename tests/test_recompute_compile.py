@@ -23,15 +23,18 @@ from megatron_subnet.parallel.pipeline import PipelineStage
 from tests.distributed import run_distributed
 from tests.test_tensor_parallel import CONFIGS as TP_CONFIGS
 from tests.test_tensor_parallel import parent_state, uneven_subnets
+from tests.tiny_models import tiny
 
 VOCAB = 128
 CONFIGS = {
-    "llama": dict(arch="llama", vocab_size=VOCAB, hidden_size=64, num_layers=3, num_attention_heads=4,
-                  num_query_groups=2, head_dim=16, ffn_hidden_size=96, init_std=0.1),
-    "gpt_neox": dict(arch="gpt_neox", vocab_size=VOCAB, hidden_size=64, num_layers=2, num_attention_heads=4,
-                     num_query_groups=4, head_dim=16, ffn_hidden_size=128, activation="gelu",
-                     normalization="layernorm", qkv_bias=True, proj_bias=True, mlp_bias=True,
-                     parallel_residual=True, rotary_pct=0.25, tie_word_embeddings=True, init_std=0.1),
+    "llama": tiny(
+        "llama", vocab_size=VOCAB, hidden_size=64, num_layers=3, num_attention_heads=4, num_query_groups=2,
+        head_dim=16, ffn_hidden_size=96, init_std=0.1,
+    ),
+    "gpt_neox": tiny(
+        "gpt_neox", vocab_size=VOCAB, hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=4,
+        head_dim=16, ffn_hidden_size=128, tie_word_embeddings=True, init_std=0.1,
+    ),
 }  # fmt: skip
 GRANULARITIES = (None, "selective", "full")
 

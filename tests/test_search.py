@@ -29,6 +29,7 @@ from megatron_subnet.search.space import (
     check_budget,
     make_budget,
 )
+from tests.tiny_models import tiny
 from tools.search_subnet import main as search_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,35 +37,13 @@ VOCAB = 64
 
 PARENTS = {
     # grouped-query attention: 8 heads in 2 groups; hidden a multiple of 24 keeps 1..8 heads exportable
-    "llama": dict(
-        arch="llama",
-        vocab_size=VOCAB,
-        hidden_size=48,
-        num_layers=4,
-        num_attention_heads=8,
-        num_query_groups=2,
-        head_dim=6,
-        ffn_hidden_size=64,
-        tie_word_embeddings=True,
-        init_std=0.3,
+    "llama": tiny(
+        "llama", vocab_size=VOCAB, hidden_size=48, num_layers=4, num_attention_heads=8, num_query_groups=2,
+        head_dim=6, ffn_hidden_size=64, tie_word_embeddings=True, init_std=0.3,
     ),
-    "gpt_neox": dict(
-        arch="gpt_neox",
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_layers=4,
-        num_attention_heads=4,
-        num_query_groups=4,
-        head_dim=8,
-        ffn_hidden_size=48,
-        activation="gelu",
-        normalization="layernorm",
-        qkv_bias=True,
-        proj_bias=True,
-        mlp_bias=True,
-        parallel_residual=True,
-        rotary_pct=0.25,
-        init_std=0.3,
+    "gpt_neox": tiny(
+        "gpt_neox", vocab_size=VOCAB, hidden_size=32, num_layers=4, num_attention_heads=4, num_query_groups=4,
+        head_dim=8, ffn_hidden_size=48, init_std=0.3,
     ),
 }
 
@@ -258,16 +237,10 @@ def test_budget_and_space_errors():
 
 def synthetic_problem(kind: str):
     """A 12-layer parent (config only) and a fitness = distance to a hidden target sub-network in the budget."""
-    config = ModelConfig(
-        arch="llama",
-        vocab_size=100,
-        hidden_size=256,
-        num_layers=12,
-        num_attention_heads=8,
-        num_query_groups=4,
-        head_dim=32,
-        ffn_hidden_size=512,
-    )
+    config = ModelConfig(**tiny(
+        "llama", vocab_size=100, hidden_size=256, num_layers=12, num_attention_heads=8, num_query_groups=4,
+        head_dim=32, ffn_hidden_size=512,
+    ))
     space = SearchSpace(config, SpaceConfig(kind=kind, hidden_divisible_by_heads=False))
     budget = make_budget(space.parent_params(), target=0.5, tolerance=0.1)
 

@@ -13,54 +13,25 @@ from megatron_subnet.model.config import ConfigError, ModelConfig
 from megatron_subnet.model.extract import extract_state_dict
 from megatron_subnet.model.gpt import GPTModel
 from megatron_subnet.model.subnet import SubnetConfig, subnet_indices
+from tests.tiny_models import tiny
 
 VOCAB = 61
 
 PARENTS = {
     # llama: RMSNorm, SwiGLU, grouped-query attention (4 heads per group), tied embeddings, head_dim != hidden/heads
-    "llama_gqa_tied": dict(
-        arch="llama",
-        vocab_size=VOCAB,
-        hidden_size=24,
-        num_layers=4,
-        num_attention_heads=8,
-        num_query_groups=2,
-        head_dim=6,
-        ffn_hidden_size=40,
-        tie_word_embeddings=True,
-        init_std=0.3,
+    "llama_gqa_tied": tiny(
+        "llama", vocab_size=VOCAB, hidden_size=24, num_layers=4, num_attention_heads=8, num_query_groups=2,
+        head_dim=6, ffn_hidden_size=40, tie_word_embeddings=True, init_std=0.3,
     ),
     # Pythia: LayerNorm with bias, GELU, every bias, parallel residual, partial rotary
-    "gpt_neox": dict(
-        arch="gpt_neox",
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_layers=4,
-        num_attention_heads=4,
-        num_query_groups=4,
-        head_dim=8,
-        ffn_hidden_size=48,
-        activation="gelu",
-        normalization="layernorm",
-        qkv_bias=True,
-        proj_bias=True,
-        mlp_bias=True,
-        parallel_residual=True,
-        rotary_pct=0.25,
-        init_std=0.3,
+    "gpt_neox": tiny(
+        "gpt_neox", vocab_size=VOCAB, hidden_size=32, num_layers=4, num_attention_heads=4, num_query_groups=4,
+        head_dim=8, ffn_hidden_size=48, init_std=0.3,
     ),
     # a parent whose layers already differ (itself a per-layer student), untied, Qwen2-style q/k/v bias
-    "llama_per_layer": dict(
-        arch="llama",
-        vocab_size=VOCAB,
-        hidden_size=20,
-        num_layers=3,
-        num_attention_heads=[6, 4, 3],
-        num_query_groups=[3, 1, 3],
-        head_dim=4,
-        ffn_hidden_size=[16, 24, 8],
-        qkv_bias=True,
-        mlp_bias=True,
+    "llama_per_layer": tiny(
+        "llama", vocab_size=VOCAB, hidden_size=20, num_layers=3, num_attention_heads=[6, 4, 3],
+        num_query_groups=[3, 1, 3], head_dim=4, ffn_hidden_size=[16, 24, 8], qkv_bias=True, mlp_bias=True,
         init_std=0.3,
     ),
 }

@@ -26,20 +26,26 @@ from megatron_subnet.parallel.layers import TPShard
 from megatron_subnet.parallel.mappings import gather_from_tensor_model_parallel_region
 from tests.distributed import run_distributed
 from tests.test_subnet import random_subnet
+from tests.tiny_models import tiny
 
 VOCAB = 64
 CONFIGS = {
-    "llama_gqa_tied": dict(arch="llama", vocab_size=VOCAB, hidden_size=24, num_layers=3, num_attention_heads=8,
-                           num_query_groups=4, head_dim=6, ffn_hidden_size=32, tie_word_embeddings=True, init_std=0.3),
-    "qwen2_bias_untied": dict(arch="llama", vocab_size=VOCAB, hidden_size=24, num_layers=2, num_attention_heads=4,
-                              num_query_groups=4, head_dim=6, ffn_hidden_size=16, qkv_bias=True, init_std=0.3),
-    "llama_every_bias": dict(arch="llama", vocab_size=VOCAB, hidden_size=16, num_layers=2, num_attention_heads=8,
-                             num_query_groups=4, head_dim=4, ffn_hidden_size=24, qkv_bias=True, proj_bias=True,
-                             mlp_bias=True, init_std=0.3),
-    "gpt_neox": dict(arch="gpt_neox", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_attention_heads=4,
-                     num_query_groups=4, head_dim=8, ffn_hidden_size=48, activation="gelu", normalization="layernorm",
-                     qkv_bias=True, proj_bias=True, mlp_bias=True, parallel_residual=True, rotary_pct=0.25,
-                     init_std=0.3),
+    "llama_gqa_tied": tiny(
+        "llama", vocab_size=VOCAB, hidden_size=24, num_layers=3, num_attention_heads=8, num_query_groups=4,
+        head_dim=6, ffn_hidden_size=32, tie_word_embeddings=True, init_std=0.3,
+    ),
+    "qwen2_bias_untied": tiny(
+        "qwen2", vocab_size=VOCAB, hidden_size=24, num_layers=2, num_attention_heads=4, num_query_groups=4,
+        head_dim=6, ffn_hidden_size=16, init_std=0.3,
+    ),
+    "llama_every_bias": tiny(
+        "llama", vocab_size=VOCAB, hidden_size=16, num_layers=2, num_attention_heads=8, num_query_groups=4,
+        head_dim=4, ffn_hidden_size=24, qkv_bias=True, proj_bias=True, mlp_bias=True, init_std=0.3,
+    ),
+    "gpt_neox": tiny(
+        "gpt_neox", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_attention_heads=4, num_query_groups=4,
+        head_dim=8, ffn_hidden_size=48, init_std=0.3,
+    ),
 }  # fmt: skip
 SUBNETS_PER_CONFIG = 6
 

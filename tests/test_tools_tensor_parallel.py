@@ -33,6 +33,7 @@ from megatron_subnet.model.weights import (
 from megatron_subnet.parallel.layers import TPShard
 from megatron_subnet.search.evolution import read_results
 from tests.distributed import run_distributed
+from tests.tiny_models import tiny
 from tests.training_utils import REPO, run, spawn_cmd, torchrun_cmd
 from tools.compute_importance import main as importance_main
 from tools.convert_checkpoint import main as convert_main
@@ -43,12 +44,14 @@ pytestmark = pytest.mark.slow  # end-to-end runs of the entry points (make test-
 
 VOCAB = 64
 SPLIT, SEQ, MBS = "80,20,0", "16", "2"
-PARENT = dict(arch="llama", vocab_size=VOCAB, hidden_size=32, num_layers=3, num_attention_heads=4,
-              num_query_groups=2, head_dim=8, ffn_hidden_size=48, tie_word_embeddings=True, init_std=0.3)  # fmt: skip
-NEOX = dict(arch="gpt_neox", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_attention_heads=4,
-            num_query_groups=4, head_dim=8, ffn_hidden_size=40, activation="gelu", normalization="layernorm",
-            qkv_bias=True, proj_bias=True, mlp_bias=True, parallel_residual=True, rotary_pct=0.5,
-            init_std=0.3)  # fmt: skip
+PARENT = tiny(
+    "llama", vocab_size=VOCAB, hidden_size=32, num_layers=3, num_attention_heads=4, num_query_groups=2, head_dim=8,
+    ffn_hidden_size=48, tie_word_embeddings=True, init_std=0.3,
+)
+NEOX = tiny(
+    "gpt_neox", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_attention_heads=4, num_query_groups=4,
+    head_dim=8, ffn_hidden_size=40, rotary_pct=0.5, init_std=0.3,
+)
 
 
 def random_weights(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:

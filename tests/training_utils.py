@@ -63,20 +63,14 @@ def build_workspace(root: Path) -> Path:
     from megatron_subnet.model.gpt import GPTModel
     from megatron_subnet.model.subnet import SubnetConfig
     from megatron_subnet.model.weights import save_checkpoint
+    from tests.tiny_models import tiny
 
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    config = ModelConfig(
-        arch="llama",
-        vocab_size=128,
-        hidden_size=64,
-        num_layers=4,
-        num_attention_heads=4,
-        num_query_groups=2,
-        head_dim=16,
-        ffn_hidden_size=128,
-        tie_word_embeddings=True,
-    )
+    config = ModelConfig(**tiny(
+        "llama", vocab_size=128, hidden_size=64, num_layers=4, num_attention_heads=4, num_query_groups=2,
+        head_dim=16, ffn_hidden_size=128, tie_word_embeddings=True,
+    ))
     save_checkpoint(root / "teacher", config, GPTModel(config).state_dict())
     subnet = SubnetConfig.from_counts(
         config, num_layers=2, hidden_size=32, num_attention_heads=2, num_query_groups=1, ffn_hidden_size=64
@@ -292,7 +286,10 @@ def _install_faults(hooks: dict, captured: dict) -> None:
     def faulty_forward(self, *args, **kwargs):
         out = forward(self, *args, **kwargs)
         # Only the student's training forward: the teacher runs in eval mode, so does evaluation.
-        if self.training and kill_in_step == {"iteration": captured["iteration"], "rank": rank()}:
+        dies = kill_in_step is not None and (kill_in_step["iteration"], kill_in_step["rank"]) == (
+            captured["iteration"], rank()
+        )
+        if self.training and dies:
             os.kill(os.getpid(), signal.SIGKILL)
         return out * float("nan") if self.training and nan_now() else out
 
@@ -394,7 +391,8 @@ def recording_callback(hooks: dict, captured: dict):
 
 def _trace_devices(captured: dict) -> None:
     """Record in ``captured["events"]`` where the student is moved to (a model in training mode: the teacher is
-    in eval mode before it moves) and every broadcast until the engine exists. On a CPU the run's device is
+    in eval mode before it moves) and every broadcast until the trainer's setup ends (the engine is built,
+    and resumed when --load). On a CPU the run's device is
     renamed ``cpu:0`` (the same device), so that a move to it is told apart from a move to the default."""
     import torch.distributed as dist
 

@@ -242,7 +242,7 @@ def _check_schedule(o: OptimConfig) -> None:
 
 def _check_student(m: ModelSource, d: DistillConfig, c: CheckpointConfig) -> None:
     if c.load is not None:
-        return  # resuming: the checkpoint's student (and its parent: training/resume.py)
+        return  # resuming: the checkpoint's student (and its parent: preflight.resolve_parent)
     parent = m.parent_load or d.teacher_load  # the parent defaults to the teacher
     if m.init == "subnet" and not (parent and m.subnet):
         raise ArgumentError("--init subnet needs --teacher-load (or --parent-load) and --subnet")

@@ -148,6 +148,8 @@ class Trainer:
     def run(self) -> int:
         self.setup()
         try:
+            for callback in self.callbacks:
+                callback.on_setup_end(self)
             self._log_start()
             self.train()
             self.finish()
@@ -167,8 +169,6 @@ class Trainer:
         self._build_data()
         self._build_engine()
         self._build_logging()
-        for callback in self.callbacks:
-            callback.on_setup_end(self)
 
     def _start_job(self) -> None:
         """The process groups, the seed, the ds_config and batch plan, the checks that need the job."""
@@ -283,8 +283,7 @@ class Trainer:
         extra_valid_ds = build_train_valid_test_datasets(*extra_args)[1] if extra_args else None
         if self.train_ds is None:
             raise same_on_every_rank(ValueError(f"--split {data.split}: the train split is empty"))
-        self.valid_batches = self._fixed_batches(valid_ds)
-        self.extra_batches = self._fixed_batches(extra_valid_ds)
+        self.valid_ds, self.extra_valid_ds = valid_ds, extra_valid_ds
 
     def _fixed_batches(self, dataset) -> list[torch.Tensor]:
         micro = self.config.batch.micro_batch_size
@@ -377,10 +376,12 @@ class Trainer:
         p, micro = self.progress, self.config.batch.micro_batch_size
         accumulation = self.plan.gradient_accumulation_steps
         self.final: dict[str, float] = {}
-        if self.valid_batches and p.iteration == 0:
-            self.evaluate(0, 0)
+        self.valid_batches = self._fixed_batches(self.valid_ds)
+        self.extra_batches = self._fixed_batches(self.extra_valid_ds)
         sampler = PretrainingSampler(len(self.train_ds), p.consumed, micro, self.dp_rank, self.dp_size)
         batches = micro_batches(self.train_ds, sampler)
+        if self.valid_batches and p.iteration == 0:
+            self.evaluate(0, 0)
         p.window_start, p.window_steps = time.perf_counter(), 0
         while p.iteration < self.plan.train_iters:
             self.step([next(batches) for _ in range(accumulation)])
