@@ -65,15 +65,16 @@ def test_the_first_failing_check_is_reported(argv):
 
 def test_checks_that_need_the_launched_job(argv):
     """Interleaving needs a micro-batch count that is a multiple of the stages; ZeRO-3 cannot compile; the
-    pipeline runs ZeRO 0-1 in fp32 (issue 23 lifts the bf16 refusal)."""
+    pipeline runs ZeRO 0-1, in fp32 or bf16, interleaved or not, whatever the backend."""
     layout = ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2"]
     config = parse_config(argv + layout + ["--global-batch-size", "6"])
     ds_config, plan = reconcile_ds_config(config, {"zero_optimization": {"stage": 1}}, dp_size=1)
     assert (plan.gradient_accumulation_steps, ds_config["train_batch_size"]) == (3, 6)
     with pytest.raises(ArgumentError, match="the 3 micro-batches of a step"):
-        check_layout(config, plan.gradient_accumulation_steps, 1, 1, "gloo")
-    check_layout(config, 4, 1, 1, "gloo")
+        check_layout(config, plan.gradient_accumulation_steps, 1, 1)
+    for stage in (0, 1):
+        check_layout(parse_config(argv + layout + ["--bf16"]), 4, 1, stage)
     with pytest.raises(ArgumentError, match="--compile: not supported with ZeRO stage 3"):
-        check_layout(parse_config(argv + ["--compile"]), 1, 1, 3, None)
-    with pytest.raises(ArgumentError, match="this run has ZeRO stage 2$"):
-        check_layout(parse_config(argv + layout[:2]), 1, 1, 2, None)
+        check_layout(parse_config(argv + ["--compile"]), 1, 1, 3)
+    with pytest.raises(ArgumentError, match="needs ZeRO stage 0 or 1, this run.s ds_config has ZeRO stage 2 .as Deep"):
+        check_layout(parse_config(argv + layout[:2]), 1, 1, 2)

@@ -442,3 +442,26 @@ def test_interleaved_recorded_sends_and_receives_pair_up(pipeline, times):
     """The same for the interleaved step, where at PP=2 activations and gradients share each pair of ranks."""
     pp, stages = pipeline
     _pairs_up([stage["interleaved"][times * pp]["trace"] for stage in stages], pp)
+
+
+def test_the_schedules_run_one_code_path_on_every_backend():
+    """1F1B and interleaved run the same code on gloo and NCCL: nothing on the path from the trainer's checks to
+    the executor's sends asks which backend runs, and no send or receive carries a tag (NCCL ignores tags).
+    Comments and docstrings may name the backends; code may not."""
+    import inspect
+    import io
+    import tokenize
+
+    from megatron_subnet.parallel import pipeline_executor, pipeline_orders
+    from megatron_subnet.training import config, engine
+
+    path = [pipeline_orders, pipeline_executor.Messages, pipeline_executor._rounds, pipeline_executor.forward_backward,
+            pipeline_executor.forward_only, pipeline_executor._Executor, pipeline_executor._free, engine.train_step,
+            config.check_layout]  # fmt: skip
+    for part in path:
+        tokens = tokenize.generate_tokens(io.StringIO(inspect.getsource(part)).readline)
+        code = [t for t in tokens if t.type in (tokenize.NAME, tokenize.STRING, tokenize.OP)]
+        names = {t.string for t in code if t.type == tokenize.NAME}
+        strings = " ".join(t.string for t in code if t.type == tokenize.STRING and not t.string.startswith('"""'))
+        assert not names & {"get_backend", "tag"}, (part, names & {"get_backend", "tag"})
+        assert "gloo" not in strings.lower() and "nccl" not in strings.lower(), part

@@ -1,6 +1,7 @@
 """Pipeline parallelism end to end: PP=2, PP=4, TP=2 x PP=2 and TP=2 x PP=2 x DP=2 training with a teacher
 equal one process (losses of 5 steps and the final parameters), on tied and untied llama and GPT-NeoX, and
-PP=2 with 2 virtual stages each (interleaved 1F1B, stopped after step 3 and resumed);
+PP=2 with 2 virtual stages each (interleaved 1F1B, stopped after step 3 and resumed); in bf16, PP=2,
+TP=2 x PP=2 and 2 virtual stages track the one-process bf16 run within 1% a step;
 the tied embedding's two copies stay bit-identical; uneven stages; every launcher (deepspeed, mpirun, and
 torchrun on two "nodes" on loopback) runs a TP=2 x PP=2 job; a resume is bit-exact, also after one
 stage's process is SIGKILLed mid-step; impossible layouts are one line each.
@@ -207,6 +208,78 @@ def test_tied_embedding_copies_stay_bit_identical(runs):
     assert any(k.startswith("layers.") for k in first) and "final_layernorm.weight" in last
     _, expected = load_checkpoint(runs["ref"] / "ckpt" / "final_model")
     torch.testing.assert_close(first["embedding.weight"], expected["embedding.weight"], rtol=1e-5, atol=1e-6)
+
+
+BF16_ITERS, BF16_REL = 10, 0.01  # the suite's bf16 bound (tests/test_precision_and_speed.py): 1% a step
+
+
+@pytest.fixture(scope="module")
+def bf16_runs(ws) -> dict[str, Path]:
+    """10 distillation steps in bf16 (student and teacher; DeepSpeed's bf16 mode: fp32 master weights and
+    optimizer state) on one process and through the pipeline: PP=2 at ZeRO-1, TP=2 x PP=2 and PP=2 x 2 virtual
+    stages at ZeRO-0 (where the step takes the gradient norm: DeepSpeed's bf16 optimizer there counts
+    replicated tensors again), GPT-NeoX at PP=2 (ZeRO-1), each against one process at the same ZeRO stage
+    (DeepSpeed's bf16 optimizers of ZeRO-0 and -1 accumulate and round apart); each stage holding a tied copy
+    hashes it after every step."""
+    names = ("ref", "ref_z0", "pp2", "tp2pp2", "pp2v2", "neox_ref", "neox_pp2")
+    out = {name: ws / f"bf16_{name}" for name in names}
+
+    for stage in (0, 1):
+        config = json.loads((ws / f"zero{stage}.json").read_text())
+        (ws / f"bf16_zero{stage}.json").write_text(json.dumps({**config, "bf16": {"enabled": True}}))
+
+    def argv(name: str, teacher: str = "teacher", stage: int = 1) -> list[str]:
+        return flags(ws, teacher) + [
+            "--ds_config", str(ws / f"bf16_zero{stage}.json"), "--bf16", "--train-iters", str(BF16_ITERS),
+            "--eval-interval", str(BF16_ITERS), "--log-dir", str(out[name]),
+        ]  # fmt: skip
+
+    def tied(name: str) -> dict:
+        return {"tied_trace": str(out[name] / "tied")}
+
+    jobs = [
+        (spawn_cmd(4, argv("tp2pp2", stage=0) + layout(2, 2)), ws, None, 400, tied("tp2pp2")),
+        (python_cmd(argv("ref")), ws, None, 300, None),
+        (python_cmd(argv("ref_z0", stage=0)), ws, None, 300, None),
+        (spawn_cmd(2, argv("pp2") + layout(pp=2)), ws, None, 300, tied("pp2")),
+        (spawn_cmd(2, argv("pp2v2", stage=0) + layout(pp=2) + ["--virtual-pipeline-model-parallel-size", "2"]), ws,
+         None, 300, tied("pp2v2")),
+        (python_cmd(argv("neox_ref", "teacher_neox")), ws, None, 300, None),
+        (spawn_cmd(2, argv("neox_pp2", "teacher_neox") + layout(pp=2)), ws, None, 300, None),
+    ]  # fmt: skip
+    for result in run_many(jobs):
+        ok(result)
+    return out
+
+
+@pytest.mark.parametrize(
+    "name, ref", [("pp2", "ref"), ("tp2pp2", "ref_z0"), ("pp2v2", "ref_z0"), ("neox_pp2", "neox_ref")]
+)
+def test_bf16_through_the_pipeline_tracks_one_process(bf16_runs, runs, name, ref):
+    """Every step's loss, CE and KD parts and gradient norm within 1% of the one-process bf16 run's; the first
+    step's loss is not fp32's (bf16 really ran); no step skipped."""
+    got, expected = train_records(bf16_runs[name]), train_records(bf16_runs[ref])
+    assert sorted(got) == sorted(expected) == list(range(1, BF16_ITERS + 1)), name
+    for i in expected:
+        for key in ("loss", "ce", "kd", "grad_norm"):
+            assert got[i][key] == pytest.approx(expected[i][key], rel=BF16_REL), (name, i, key)
+        assert not got[i]["skipped"], (name, i)
+    fp32 = train_records(runs["neox_ref" if ref == "neox_ref" else "ref"])
+    assert got[1]["loss"] != fp32[1]["loss"], "the first bf16 loss is fp32's: was it bf16?"
+
+
+@pytest.mark.parametrize("name", ["pp2", "tp2pp2", "pp2v2"])
+def test_bf16_tied_copies_stay_bit_identical_after_every_step(bf16_runs, name):
+    """The first stage's embedding and the last stage's copy (each tensor-parallel shard) are the same bf16
+    bits after every one of the 10 steps: one summed gradient, one update."""
+    records = [r for path in (bf16_runs[name] / "tied").glob("rank_*.jsonl") for r in read_jsonl(path)]
+    by_shard: dict[tuple, dict[int, set]] = {}
+    for r in records:
+        by_shard.setdefault((r["iteration"], r["tp"], r["dp"]), {}).setdefault(r["pp"], set()).add(r["weight"])
+        assert r["dtype"] == "torch.bfloat16", r
+    assert {key[0] for key in by_shard} == set(range(1, BF16_ITERS + 1)), name
+    for key, stages in by_shard.items():
+        assert sorted(stages) == [0, 1] and stages[0] == stages[1], (name, key, stages)
 
 
 def test_tied_embedding_sync_runs_on_the_students_device(runs):

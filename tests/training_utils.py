@@ -19,6 +19,8 @@ injected into the components they break, everything else is observed through a t
 ``device_trace``    each rank writes, in order, where the student was moved (``to``; the run's device, on a
                     CPU, is spelled ``cpu:0``), the device of every tensor broadcast before training and the
                     engine's device, to ``device_trace/rank_R.json``
+``tied_trace``      after every step, each stage holding a copy of the tied embedding (the first and the
+                    last) appends a hash of its shard and the copy's dtype to ``tied_trace/rank_R.jsonl``
 ``callback_log``    rank 0 appends each trainer callback (``setup_end``, ``step_start``, ``step_end``,
                     ``evaluation``, ``checkpoint_saved``) with its iteration, in the order they came
 ``teacher_report``  after training: the teacher's tensors vs its safetensors file, and that none of them is
@@ -362,6 +364,8 @@ def recording_callback(hooks: dict, captured: dict):
 
         def on_step_end(self, trainer, iteration, result) -> None:
             log("step_end", iteration, loss=result.loss)
+            if hooks.get("tied_trace"):
+                _record_tied_copy(trainer.student, iteration, Path(hooks["tied_trace"]))
             if not hooks.get("param_trace") or _rank() != 0:
                 return
             after = list(trainer.engine.module.parameters())
@@ -387,6 +391,26 @@ def recording_callback(hooks: dict, captured: dict):
                 os._exit(0)  # a job that ran out of time right after its checkpoint
 
     return Recorder()
+
+
+def _record_tied_copy(model, iteration: int, out: Path) -> None:
+    """A stage holding a copy of the tied embedding (the first or the last) appends a hash of its shard."""
+    from megatron_subnet.parallel import state
+
+    if not model.config.tie_word_embeddings or not (model.stage.first or model.stage.last):
+        return
+    weight = model.embedding.weight.detach()
+    record = {
+        "iteration": iteration,
+        "pp": state.get_pipeline_model_parallel_rank(),
+        "tp": state.get_tensor_model_parallel_rank(),
+        "dp": state.get_data_parallel_rank(),
+        "dtype": str(weight.dtype),
+        "weight": hashlib.sha1(weight.float().cpu().numpy().tobytes()).hexdigest(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"rank_{_rank()}.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def _trace_devices(captured: dict) -> None:

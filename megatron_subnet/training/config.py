@@ -3,7 +3,7 @@
 Every field keeps its flag's name (``--tensor-model-parallel-size`` is ``parallel.tensor_model_parallel_size``),
 so ``TrainConfig.flat()`` is the flag dictionary a checkpoint records and a resume compares. ``validate()``
 holds every check across flags, one line each naming the flags; ``check_layout`` the few that need the
-launched job (its data-parallel size, backend and ZeRO stage); ``reconcile_ds_config`` fills the ds_config's
+launched job (its data-parallel size and ZeRO stage); ``reconcile_ds_config`` fills the ds_config's
 batch, clipping and precision keys from the flags (a disagreement is an error naming both).
 """
 
@@ -276,17 +276,10 @@ def _check_paths(config: TrainConfig) -> None:
             raise ArgumentError("--extra-valid-data-path: needs --eval-iters > 0 (no evaluation runs at 0)")
 
 
-def check_layout(
-    config: TrainConfig, accumulation: int, dp_size: int, zero_stage: int, pipeline_backend: str | None
-) -> None:
-    """The checks across flags that need the launched job: its data-parallel size, the pipeline group's
-    backend (None without interleaving) and the ds_config's ZeRO stage."""
+def check_layout(config: TrainConfig, accumulation: int, dp_size: int, zero_stage: int) -> None:
+    """The checks across flags that need the launched job: its data-parallel size and the ds_config's ZeRO
+    stage."""
     pp, chunks = config.parallel.pipeline_model_parallel_size, config.parallel.virtual_pipeline_model_parallel_size
-    if chunks > 1 and pipeline_backend not in (None, "gloo"):
-        raise ArgumentError(
-            f"--virtual-pipeline-model-parallel-size {chunks}: the interleaved schedule runs on gloo only for "
-            f"now, this run's backend is {pipeline_backend} (pass --distributed-backend gloo, or leave the flag out)"
-        )
     if chunks > 1 and accumulation % pp:
         raise ArgumentError(
             f"--virtual-pipeline-model-parallel-size {chunks}: the {accumulation} micro-batches of a step "
@@ -298,12 +291,11 @@ def check_layout(
             "--compile: not supported with ZeRO stage 3 (its parameter partitioning hooks run outside the "
             "compiled graph); use ZeRO stage 0-2, or leave out --compile"
         )
-    bf16 = config.precision.bf16
-    if pp > 1 and (zero_stage > 1 or bf16):
+    if pp > 1 and zero_stage > 1:
         raise ArgumentError(
-            f"--pipeline-model-parallel-size {pp}: supported with ZeRO stage 0 or 1 in fp32 (ZeRO-2/3 reduce "
-            f"gradients during the backward pass, before the pipeline's tied-embedding sum; bf16 keeps them in "
-            f"its own buffer); this run has ZeRO stage {zero_stage}{' and --bf16' if bf16 else ''}"
+            f"--pipeline-model-parallel-size {pp}: needs ZeRO stage 0 or 1, this run's ds_config has ZeRO stage "
+            f"{zero_stage} (as DeepSpeed's own pipeline engine: ZeRO-2/3 partition and reduce gradients during "
+            "the backward pass, which conflicts with the pipeline's reduction after the last micro-batch)"
         )
 
 

@@ -38,6 +38,8 @@ class GuardedAdamW(torch.optim.AdamW):
 
     skipped: torch.Tensor | None = None  # 1.0 where any call since the last reset (to None) skipped
     veto: torch.Tensor | None = None  # 1.0: skip whatever the gradients (the step's loss was not finite)
+    max_grad_norm: float = 0.0  # > 0: the trainer clips (``clip_coefficient``), not DeepSpeed
+    clip_coefficient: torch.Tensor | None = None  # the next step's gradients are scaled by it, then it is reset
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -57,6 +59,9 @@ class GuardedAdamW(torch.optim.AdamW):
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self.found_inf = flag
         self.skipped = flag if self.skipped is None else torch.maximum(self.skipped, flag)  # ZeRO-3: per sub-group
+        if self.clip_coefficient is not None and grads:
+            torch._foreach_mul_(grads, self.clip_coefficient.to(grads[0]))
+        self.clip_coefficient = None
         return super().step(closure)
 
 
@@ -83,9 +88,15 @@ def _mpu():
     return state.mpu if state.DeepSpeedMPU.get_model_parallel_world_size() > 1 else None
 
 
-def initialize_student(model: GPTModel, optimizer: torch.optim.Optimizer, ds_config: dict):
+def initialize_student(model: GPTModel, optimizer: GuardedAdamW, ds_config: dict):
+    """The student's DeepSpeed engine. In bf16 at ZeRO-0 DeepSpeed's (unfused) bf16 optimizer counts tensors
+    replicated over tensor-parallel ranks, and the tied embedding's second copy, again in its gradient norm;
+    there the step takes the norm itself (as in fp32 at ZeRO-0) and clips through the optimizer."""
     import deepspeed
 
+    if ds_config.get("bf16", {}).get("enabled") and ds_config.get("zero_optimization", {}).get("stage", 0) == 0:
+        optimizer.max_grad_norm = ds_config.get("gradient_clipping", 0.0)
+        ds_config = {**ds_config, "gradient_clipping": 0.0}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=_mpu())
     if state.get_pipeline_model_parallel_world_size() > 1:
         engine.enable_backward_allreduce = False  # the pipeline schedule reduces once, after the last backward
@@ -143,12 +154,16 @@ def _sum_over_data_parallel(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def _deepspeed_grad_norm(engine) -> torch.Tensor:
+    """The global gradient norm DeepSpeed's optimizer took in its step (ZeRO 1-3), a float64 scalar."""
+    return torch.as_tensor(engine.get_global_grad_norm(), dtype=torch.float64, device=engine.device)
+
+
 def _grad_norm(engine) -> torch.Tensor:
-    """The global gradient norm, a float64 scalar on the engine's device (no host sync of our own)."""
-    norm = engine.get_global_grad_norm()
-    if norm is not None:
-        return torch.as_tensor(norm, dtype=torch.float64, device=engine.device)
-    # Plain data parallelism in fp32: gradients are already averaged across replicas after the last backward.
+    """The global gradient norm of the gradients the engine holds, a float64 scalar on the engine's device (no
+    host sync)."""
+    # ZeRO-0 (fp32, or bf16's gradients before DeepSpeed copies them to fp32): gradients are already averaged
+    # across replicas after the last backward.
     # Squares are summed over the model-parallel (TP x PP) group; a tensor replicated over TP is counted on TP
     # rank 0 only, and the last stage's copy of a tied embedding not at all (as DeepSpeed counts them).
     grads = []
@@ -230,16 +245,19 @@ def _reduce_and_step(engine, totals: torch.Tensor) -> torch.Tensor:
     """Every stage is done with the schedule (no message in flight): the tied embedding's two copies get one
     summed gradient, the data-parallel reduction the engine leaves for after the last backward runs
     (DeepSpeed's own; under pipelining, and never twice), then the one gradient norm and skip decision, and
-    the optimizer step. Returns the norm (ours in plain fp32, taken before the step clears the gradients;
-    DeepSpeed's under ZeRO or bf16)."""
+    the optimizer step. Returns the norm: ours at ZeRO-0 (taken before the step clears the gradients; in bf16
+    it also sets the optimizer's clipping), DeepSpeed's at ZeRO 1-3."""
     sync_tied_embedding(engine.module, gradients=True)
     reduces = engine.zero_optimization_stage() > 0 or state.get_data_parallel_world_size() > 1
     if reduces and not engine.enable_backward_allreduce:
         engine.allreduce_gradients()
-    norm = _grad_norm(engine) if _plain_fp32(engine) else None
+    norm = _grad_norm(engine) if engine.zero_optimization_stage() == 0 else None
+    optimizer = _guard(engine)
+    if norm is not None and optimizer is not None and optimizer.max_grad_norm > 0:
+        optimizer.clip_coefficient = (optimizer.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
     _veto_nonfinite_losses(engine, totals)  # the last stage's losses; the guard's all-reduce tells every stage
     engine.step()
-    return _grad_norm(engine) if norm is None else norm
+    return _deepspeed_grad_norm(engine) if norm is None else norm
 
 
 def _guard(engine) -> GuardedAdamW | None:
@@ -254,10 +272,6 @@ def _veto_nonfinite_losses(engine, totals: torch.Tensor) -> None:
     optimizer = _guard(engine)
     if optimizer is not None:
         optimizer.veto = totals.isfinite().all().logical_not().float()
-
-
-def _plain_fp32(engine) -> bool:
-    return engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
 
 
 def sync_tied_embedding(model: GPTModel, gradients: bool = False) -> None:

@@ -181,9 +181,7 @@ class Trainer:
         self.dp_rank, self.dp_size = state.get_data_parallel_rank(), state.get_data_parallel_world_size()
         self.ds_config, self.plan = reconcile_ds_config(c, load_ds_config(c.ds_config), self.dp_size)
         self.zero_stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
-        interleaved = p.virtual_pipeline_model_parallel_size > 1
-        backend = torch.distributed.get_backend(state.get_pipeline_model_parallel_group()) if interleaved else None
-        check_layout(c, self.plan.gradient_accumulation_steps, self.dp_size, self.zero_stage, backend)
+        check_layout(c, self.plan.gradient_accumulation_steps, self.dp_size, self.zero_stage)
         self.layout = {
             "world_size": self.dp_size, "tensor_model_parallel_size": p.tensor_model_parallel_size,
             "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
