@@ -78,3 +78,11 @@ def test_checks_that_need_the_launched_job(argv):
         check_layout(parse_config(argv + ["--compile"]), 1, 1, 3)
     with pytest.raises(ArgumentError, match="needs ZeRO stage 0 or 1, this run.s ds_config has ZeRO stage 2 .as Deep"):
         check_layout(parse_config(argv + layout[:2]), 1, 1, 2)
+
+
+def test_fp16_is_refused_with_its_reason(tmp_path):
+    from megatron_subnet.training.ds_config import check_ds_config
+
+    with pytest.raises(ArgumentError, match="ds.json: fp16 is not supported .DeepSpeed's fp16 mode does not run"):
+        check_ds_config({"fp16": {"enabled": True}}, str(tmp_path / "ds.json"))
+    check_ds_config({"fp16": {"enabled": False}, "bf16": {"enabled": True}}, str(tmp_path / "ds.json"))

@@ -197,7 +197,7 @@ def test_impossible_layouts_are_one_line_errors(ws, tmp_path, capsys):
         (search_main, ["--load", ws.ckpt_pp2, *search, *pp(2)], 1, ["needs that many processes"]),
         (evaluate_main, ["--load", ws.ckpt, *data, "--hf", *pp(2)], 2, ["--hf", "--pipeline-model-parallel-size 2"]),
         (search_main, ["--load", ws.ckpt_pp2, *search, *pp(2), "--fitness-train-steps", "1"], 2,
-         ["--fitness-train-steps is not supported at --pipeline-model-parallel-size 2"]),
+         ["--fitness-train-steps at --pipeline-model-parallel-size 2", "--min-layers 2 or more (got 1)"]),
     ]  # fmt: skip
     for main, argv, code, texts in cases:
         assert _exit_code(main, argv) == code, argv
@@ -312,3 +312,61 @@ def test_search_at_pp2_and_pp2_dp2_equals_one_process(ws, tmp_path):
         np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in reference], rtol=1e-5, atol=0)
         best = (tmp_path / run_dir / "best_subnet.json").read_text()
         assert best == (tmp_path / "one" / "best_subnet.json").read_text(), run_dir
+
+
+def test_search_with_distilled_fitness_at_pp2_equals_one_process(ws, tmp_path):
+    """tools/search_subnet.py --fitness-train-steps 2 at PP=2 (each candidate's student trained through the
+    stages): the same candidates, losses within 1e-5 and the same best sub-network as one process."""
+    common = ["--data-path", ws.data, "--split", SPLIT, "--seq-length", SEQ, "--micro-batch-size", MBS,
+              "--fitness-batches", "2", "--fitness-train-steps", "2", "--fitness-lr", "1e-3", "--min-layers", "2",
+              "--space", "per_layer", "--target-params", "0.5", "--tolerance", "0.1", "--population", "4",
+              "--elite", "1", "--generations", "1"]  # fmt: skip
+    assert search_main(["--load", ws.ckpt, *common, "--output", str(tmp_path / "one")]) == 0
+    torchrun(2, "search_subnet.py", ["--load", ws.ckpt_pp2, *common, "--pipeline-model-parallel-size", "2",
+                                     "--output", tmp_path / "pp2"], tmp_path)  # fmt: skip
+    reference, got = (read_results(tmp_path / name / "results.jsonl") for name in ("one", "pp2"))
+    assert _search_records(tmp_path / "pp2") == _search_records(tmp_path / "one")
+    np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in reference], rtol=1e-5, atol=0)
+    assert (tmp_path / "pp2" / "best_subnet.json").read_text() == (tmp_path / "one" / "best_subnet.json").read_text()
+
+
+def _distilled_fitness(rank: int, ckpt: str, data: str, subnets: list[SubnetConfig]) -> list[float]:
+    from megatron_subnet.data.batches import load_batches
+    from megatron_subnet.model.weights import CheckpointReader
+    from megatron_subnet.search.fitness import FitnessConfig, SubnetFitness, load_parent
+
+    parent = load_parent(ckpt)
+    valid = load_batches(data, SPLIT, "valid", int(SEQ), int(MBS), 2, 1234)
+    train = load_batches(data, SPLIT, "train", int(SEQ), int(MBS), 2, 1234)
+    with CheckpointReader(ckpt) as reader:
+        fitness = SubnetFitness(parent, valid, train, FitnessConfig(train_steps=3, lr=1e-3), read=reader.read)
+        return [fitness.loss(s) for s in subnets]
+
+
+def test_distilled_fitness_through_the_stages_equals_one_process(ws):
+    """--fitness-train-steps at PP=2: each stage cuts its part of the student from the parent's file and three
+    distillation steps run through the stages beside the parent's (tied embedding: one summed gradient); the
+    validation loss equals one process's for three candidates, one of them split unevenly (3 layers: 2 + 1)."""
+    config = ws.config
+    subnets = [
+        SubnetConfig.from_counts(config, num_layers=3, hidden_size=24, num_attention_heads=2, num_query_groups=2,
+                                 ffn_hidden_size=32),
+        SubnetConfig(layers=[0, 2], hidden=list(range(0, 32, 2)), heads=[[1, 2], [0, 1, 2, 3]],
+                     query_groups=[[0, 1], [0, 1]], mlp=[list(range(5, 37)), list(range(0, 48, 3))]),
+        SubnetConfig.from_counts(config, num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                                 ffn_hidden_size=48),
+    ]  # fmt: skip
+    expected = _distilled_fitness(0, ws.ckpt, ws.data, subnets)
+    for got in run_distributed(_distilled_fitness, 2, pipeline_parallel=2, args=(ws.ckpt_pp2, ws.data, subnets)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
+    masked = [evaluate_model_loss(ws, s) for s in subnets]
+    assert all(abs(d - m) > 1e-4 * abs(m) for d, m in zip(expected, masked)), (expected, masked)  # it trained
+
+
+def evaluate_model_loss(ws, subnet: SubnetConfig) -> float:
+    """The masked (untrained) candidate's validation loss on one process."""
+    from megatron_subnet.data.batches import load_batches
+    from megatron_subnet.search.fitness import SubnetFitness, load_parent
+
+    valid = load_batches(ws.data, SPLIT, "valid", int(SEQ), int(MBS), 2, 1234)
+    return SubnetFitness(load_parent(ws.ckpt), valid).loss(subnet)

@@ -72,7 +72,8 @@ Global rank 0 writes the outputs.
 evenly over P stages, each rank loads only its (TP shard, stage) of ``--load`` (consolidated or any TP x
 PP layout), a candidate's validation forward runs through the stages (forward-only schedule) and the D
 data-parallel replicas split the candidates; results equal a single process's. ``--fitness-train-steps``
-is refused at P > 1 (the short distillation trains the student in one pipeline stage only).
+at P > 1 splits each student's kept layers evenly over the stages (so ``--min-layers`` >= P), cuts every
+stage's shard from ``--load``'s file and trains it through the stages beside the parent's.
 """
 
 from __future__ import annotations
@@ -223,13 +224,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error("--importance: --mode first_k keeps the first units of every dimension; it uses no scores")
     args.space = args.space or "uniform"
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    if args.fitness_train_steps and pp > 1:
-        p.error(f"--fitness-train-steps is not supported at --pipeline-model-parallel-size {pp}: the short "
-                "distillation trains each student in one pipeline stage (search with masked fitness, "
-                "--fitness-train-steps 0, or at --pipeline-model-parallel-size 1)")
     if args.fitness_train_steps and tp > 1 and args.divisible_by % tp:
         p.error(f"--fitness-train-steps at --tensor-model-parallel-size {tp} trains each student split over {tp} "
                 f"ranks: pass --divisible-by a multiple of {tp} (got {args.divisible_by})")
+    if args.fitness_train_steps and args.min_layers < pp:
+        p.error(f"--fitness-train-steps at --pipeline-model-parallel-size {pp} trains each student split over {pp} "
+                f"stages: pass --min-layers {pp} or more (got {args.min_layers})")
     return args
 
 
@@ -275,8 +275,8 @@ def _main(argv: list[str] | None) -> int:
             hint = " (a Hugging Face directory: import it with tools/convert_checkpoint.py import)"
         raise ValueError(f"--load: {e}{hint}") from None
     parent_config.check_seq_length(args.seq_length)
-    tp = args.tensor_model_parallel_size
-    device = start_model_parallel(args.load, parent_config, tp, device, args.pipeline_model_parallel_size)
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    device = start_model_parallel(args.load, parent_config, tp, device, pp)
     importance = importance_sha256 = None
     oneshot = args.mode in ONESHOT_MODES
     layer_metric = args.layer_metric
@@ -375,7 +375,7 @@ def _main(argv: list[str] | None) -> int:
     reader = None
     try:
         parent = load_parent(args.load, device)
-        if args.fitness_train_steps and tp > 1:  # each rank cuts its student shards from the file
+        if args.fitness_train_steps and tp * pp > 1:  # each rank cuts its student shards from the file
             reader = CheckpointReader(args.load)
     except CheckpointError as e:
         raise ValueError(f"--load: {e}") from None

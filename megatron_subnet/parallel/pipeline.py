@@ -8,6 +8,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+import torch.distributed as dist
+
 from megatron_subnet.parallel import state
 
 
@@ -99,9 +102,7 @@ def split_layers(
     return counts
 
 
-def stage_of(
-    counts: Sequence[int], rank: int, layers: Sequence[int] | None = None, chunks: int = 1
-) -> PipelineStage:
+def stage_of(counts: Sequence[int], rank: int, layers: Sequence[int] | None = None, chunks: int = 1) -> PipelineStage:
     """Stage ``rank``'s layers: positions from ``counts`` (one per virtual stage when ``chunks`` > 1: rank ``r``
     holds virtual stages ``r, PP + r, ...``), named by ``layers`` (default ``0..n-1``)."""
     names = list(range(sum(counts))) if layers is None else list(layers)
@@ -120,3 +121,20 @@ def current_stage(num_layers: int, split: Sequence[int] | None = None, first: in
     pp = state.get_pipeline_model_parallel_world_size()
     counts = split_layers(num_layers, pp, split, first, last, chunks)
     return stage_of(counts, state.get_pipeline_model_parallel_rank(), chunks=chunks)
+
+
+def sync_tied_embedding(model, gradients: bool = False) -> None:
+    """Keep a ``GPTModel``'s tied embedding's two copies (first and last pipeline stage) equal: their gradients
+    summed (``gradients``), or the first stage's weights copied to the last (at the start)."""
+    group = state.get_embedding_group()
+    if not model.config.tie_word_embeddings or state.get_pipeline_model_parallel_world_size() == 1:
+        return
+    if not (model.stage.first or model.stage.last):
+        return
+    weight = model.embedding.weight
+    if gradients:
+        if weight.grad is not None:
+            dist.all_reduce(weight.grad, group=group)
+    else:
+        with torch.no_grad():
+            dist.broadcast(weight.data, state.get_pipeline_model_parallel_ranks()[0], group=group)

@@ -29,8 +29,10 @@ trained sharded with the vocab-parallel ``distillation_loss``; the student must 
 Under pipeline parallelism the parent is this rank's stage (TP shard of it) and a masked candidate's
 validation forward runs through the stages in the forward-only schedule (``evaluation.evaluate_model``):
 the TP x PP ranks of one data-parallel replica evaluate the same candidates together, and the last
-stage's loss is broadcast to every stage. The distilled fitness (``train_steps > 0``) is not built for
-pipeline stages: it is refused.
+stage's loss is broadcast to every stage. The distilled fitness (``train_steps > 0``) runs through the
+pipeline stages too: the student's kept layers are split evenly over the stages, cut stage by stage from the
+parent's checkpoint, and each training step runs through the stages in the 1F1B schedule (one micro-batch),
+the parent's stage beside the student's, as the trainer's step does; the result is a single process's.
 
 Every evaluation also reports the FLOPs it ran (``model/flops.py``'s count, all ranks of a replica together):
 the candidate's validation forwards cost ``forward_flops_per_token(student) x tokens`` (the masked forward
@@ -67,6 +69,8 @@ from megatron_subnet.model.subnet import SubnetConfig, subnet_indices
 from megatron_subnet.model.weights import TensorSource, load_model, state_source
 from megatron_subnet.parallel import state as parallel_state
 from megatron_subnet.parallel.losses import distillation_loss
+from megatron_subnet.parallel.pipeline import current_stage, sync_tied_embedding
+from megatron_subnet.parallel.pipeline_executor import Messages, forward_backward
 
 
 def load_parent(path: str | os.PathLike, device: torch.device | str = "cpu") -> GPTModel:
@@ -111,15 +115,11 @@ class SubnetFitness:
         self.read = read
         if self.config.train_steps > 0 and not self.train:
             raise ValueError("--fitness-train-steps needs train batches")
-        if self.config.train_steps > 0 and not (parent.stage.first and parent.stage.last):
+        split = parent.shard.size > 1 or not (parent.stage.first and parent.stage.last)
+        if self.config.train_steps > 0 and split and read is None:
             raise ValueError(
-                "--fitness-train-steps is not supported under pipeline parallelism (the distilled student is "
-                "trained in one pipeline stage): use --pipeline-model-parallel-size 1"
-            )
-        if self.config.train_steps > 0 and parent.shard.size > 1 and read is None:
-            raise ValueError(
-                "--fitness-train-steps under tensor parallelism cuts each student from the parent's checkpoint: "
-                "pass read=CheckpointReader(load).read"
+                "--fitness-train-steps with tensor or pipeline parallelism cuts each student from the parent's "
+                "checkpoint: pass read=CheckpointReader(load).read"
             )
         self._teacher_logits: dict[int, torch.Tensor] = {}
         self._cpu_state: dict[str, torch.Tensor] | None = None
@@ -163,27 +163,63 @@ class SubnetFitness:
         return evaluate(forward, self.valid, self.device, progress=False).loss
 
     def distilled_loss(self, subnet: SubnetConfig) -> float:
-        """Validation loss of the extracted student after ``train_steps`` of distillation from the parent."""
-        cfg = self.config
-        shard = self.parent.shard
+        """Validation loss of the extracted student after ``train_steps`` of distillation from the parent. Under
+        pipeline parallelism the student's kept layers are split evenly over the stages and each step runs
+        through them (one micro-batch), the parent's stage beside the student's."""
+        cfg, shard = self.config, self.parent.shard
         read = self.read if self.read is not None else state_source(self._parent_state())
-        student_config, weights = extract_shard(self.parent.config, read, subnet, shard)
+        stage = current_stage(len(subnet.layers))
+        student_config, weights = extract_shard(self.parent.config, read, subnet, shard, stage)
         with torch.device("meta"):
-            student = GPTModel(student_config, shard)
+            student = GPTModel(student_config, shard, stage)
         student.load_state_dict(weights, assign=True)
         student = student.to(self.device).train()
         optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        staged = parallel_state.get_pipeline_model_parallel_world_size() > 1
         for step in range(cfg.train_steps):
-            i = step % len(self.train)
-            batch = self.train[i]
-            loss, _, _ = distillation_loss(
-                student(batch[:, :-1]), batch[:, 1:], self._teacher(i), cfg.kd_alpha, cfg.kd_loss, cfg.temperature
-            )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if staged:
+                self._staged_backward(student, step % len(self.train))
+            else:
+                i = step % len(self.train)
+                batch = self.train[i]
+                loss, _, _ = distillation_loss(
+                    student(batch[:, :-1]), batch[:, 1:], self._teacher(i), cfg.kd_alpha, cfg.kd_loss, cfg.temperature
+                )
+                loss.backward()
             optimizer.step()
         student.eval()
+        if staged:
+            return evaluate_model(student, self.valid, self.device, progress=False).loss
         return self._valid_loss(student)
+
+    def _staged_backward(self, student: GPTModel, i: int) -> None:
+        """The distillation loss's gradients on train batch ``i`` through the stages: each stage runs its layers
+        of the student and of the parent, both hidden states travel on, the last stage takes the loss; the tied
+        embedding's copies get one summed gradient."""
+        cfg, batch, first = self.config, self.train[i], student.stage.first
+        tokens, labels = batch[:, :-1], batch[:, 1:]
+        distil = cfg.kd_alpha > 0
+
+        def forward(chunk: int, microbatch: int, received: list[torch.Tensor] | None):
+            with torch.no_grad():
+                teacher = self.parent(tokens if first else received[1]) if distil else None
+            out = student(tokens if first else received[0])
+            if not student.stage.last:
+                return [out] + ([teacher] if distil else [])
+            loss, _, _ = distillation_loss(out, labels, teacher, cfg.kd_alpha, cfg.kd_loss, cfg.temperature)
+            return loss
+
+        def backward(chunk: int, microbatch: int, scalar: torch.Tensor) -> None:
+            scalar.backward()
+
+        b, t = tokens.shape
+        shapes = [((b, t, student.config.hidden_size), next(student.parameters()).dtype)]
+        if distil:  # the parent's forward on the batch, all stages together (not cached: it runs each step)
+            shapes.append(((b, t, self.parent.config.hidden_size), next(self.parent.parameters()).dtype))
+            self.teacher_flops += batches_flops(self.parent.config, [batch])
+        forward_backward(1, 1, forward, backward, Messages(shapes, with_grad=1), self.device)
+        sync_tied_embedding(student, gradients=True)
 
     def _parent_state(self) -> dict[str, torch.Tensor]:
         if self.device.type == "cpu":

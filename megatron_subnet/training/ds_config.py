@@ -50,7 +50,10 @@ def check_ds_config(config: dict, path: str) -> None:
         if "enabled" in section and not isinstance(section["enabled"], bool):
             raise ArgumentError(f"{where}: {key}.enabled must be true or false, got {section['enabled']!r}")
     if config.get("fp16", {}).get("enabled"):
-        raise ArgumentError(f"{where}: fp16 is not supported; use bf16")
+        raise ArgumentError(
+            f"{where}: fp16 is not supported (DeepSpeed's fp16 mode does not run on CPUs, and bf16 needs no loss "
+            "scaling); use bf16"
+        )
     zero = config.get("zero_optimization", {})
     if not isinstance(zero, dict):
         raise ArgumentError(f"{where}: zero_optimization must be an object, got {zero!r}")

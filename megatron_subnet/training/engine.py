@@ -13,6 +13,7 @@ from megatron_subnet.model.evaluation import loss_sum
 from megatron_subnet.model.gpt import GPTModel
 from megatron_subnet.parallel import state
 from megatron_subnet.parallel.losses import distillation_loss
+from megatron_subnet.parallel.pipeline import sync_tied_embedding
 from megatron_subnet.parallel.pipeline_executor import Messages, broadcast_from_last_stage, forward_backward
 
 
@@ -272,23 +273,6 @@ def _veto_nonfinite_losses(engine, totals: torch.Tensor) -> None:
     optimizer = _guard(engine)
     if optimizer is not None:
         optimizer.veto = totals.isfinite().all().logical_not().float()
-
-
-def sync_tied_embedding(model: GPTModel, gradients: bool = False) -> None:
-    """Keep the tied embedding's two copies (first and last pipeline stage) equal: their gradients summed
-    (``gradients``), or the first stage's weights copied to the last (at the start)."""
-    group = state.get_embedding_group()
-    if not model.config.tie_word_embeddings or state.get_pipeline_model_parallel_world_size() == 1:
-        return
-    if not (model.stage.first or model.stage.last):
-        return
-    weight = model.embedding.weight
-    if gradients:
-        if weight.grad is not None:
-            dist.all_reduce(weight.grad, group=group)
-    else:
-        with torch.no_grad():
-            dist.broadcast(weight.data, state.get_pipeline_model_parallel_ranks()[0], group=group)
 
 
 def evaluate(engine, batches: list[torch.Tensor], device) -> float:

@@ -26,7 +26,7 @@ from megatron_subnet.model.weights import CheckpointReader, check_finite, load_c
 from megatron_subnet.model.weights import save_checkpoint as save_model_checkpoint
 from megatron_subnet.parallel import state
 from megatron_subnet.parallel.layers import TPShard
-from megatron_subnet.parallel.pipeline import PipelineStage, current_stage
+from megatron_subnet.parallel.pipeline import PipelineStage, current_stage, sync_tied_embedding
 from megatron_subnet.training import checkpoint, preflight
 from megatron_subnet.training.config import TrainConfig, check_layout, reconcile_ds_config
 from megatron_subnet.training.ds_config import load_ds_config
@@ -37,7 +37,6 @@ from megatron_subnet.training.engine import (
     build_optimizer,
     evaluate,
     initialize_student,
-    sync_tied_embedding,
     train_step,
 )
 from megatron_subnet.training.metrics import MetricsLogger, peak_memory_mb
