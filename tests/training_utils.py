@@ -267,8 +267,8 @@ def _install_faults(hooks: dict, captured: dict) -> None:
     import torch.distributed as dist
 
     from megatron_subnet.model.gpt import GPTModel
+    from megatron_subnet.parallel import distill_step
     from megatron_subnet.training import checkpoint
-    from megatron_subnet.training import engine as engine_module
 
     def rank() -> int:
         return dist.get_rank() if dist.is_initialized() else 0
@@ -283,7 +283,7 @@ def _install_faults(hooks: dict, captured: dict) -> None:
             return False
         return it in nan_steps or (nan_from is not None and it >= nan_from)
 
-    forward, loss_fn, publish = GPTModel.forward, engine_module.distillation_loss, checkpoint.publish
+    forward, loss_fn, publish = GPTModel.forward, distill_step.distillation_loss, checkpoint.publish
 
     def faulty_forward(self, *args, **kwargs):
         out = forward(self, *args, **kwargs)
@@ -309,7 +309,7 @@ def _install_faults(hooks: dict, captured: dict) -> None:
     if nan_steps or nan_from is not None or kill_in_step is not None:
         GPTModel.forward = faulty_forward
     if nan_loss_steps:
-        engine_module.distillation_loss = nan_valued_loss
+        distill_step.distillation_loss = nan_valued_loss
     if kill is not None:
         checkpoint.publish = publish_hook
 

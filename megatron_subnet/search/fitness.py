@@ -68,9 +68,10 @@ from megatron_subnet.model.gpt import GPTModel
 from megatron_subnet.model.subnet import SubnetConfig, subnet_indices
 from megatron_subnet.model.weights import TensorSource, load_model, state_source
 from megatron_subnet.parallel import state as parallel_state
+from megatron_subnet.parallel.distill_step import KDConfig, distillation_forward, distillation_messages
 from megatron_subnet.parallel.losses import distillation_loss
 from megatron_subnet.parallel.pipeline import current_stage, sync_tied_embedding
-from megatron_subnet.parallel.pipeline_executor import Messages, forward_backward
+from megatron_subnet.parallel.pipeline_executor import forward_backward
 
 
 def load_parent(path: str | os.PathLike, device: torch.device | str = "cpu") -> GPTModel:
@@ -194,31 +195,22 @@ class SubnetFitness:
         return self._valid_loss(student)
 
     def _staged_backward(self, student: GPTModel, i: int) -> None:
-        """The distillation loss's gradients on train batch ``i`` through the stages: each stage runs its layers
-        of the student and of the parent, both hidden states travel on, the last stage takes the loss; the tied
-        embedding's copies get one summed gradient."""
-        cfg, batch, first = self.config, self.train[i], student.stage.first
-        tokens, labels = batch[:, :-1], batch[:, 1:]
-        distil = cfg.kd_alpha > 0
-
-        def forward(chunk: int, microbatch: int, received: list[torch.Tensor] | None):
-            with torch.no_grad():
-                teacher = self.parent(tokens if first else received[1]) if distil else None
-            out = student(tokens if first else received[0])
-            if not student.stage.last:
-                return [out] + ([teacher] if distil else [])
-            loss, _, _ = distillation_loss(out, labels, teacher, cfg.kd_alpha, cfg.kd_loss, cfg.temperature)
-            return loss
+        """The distillation loss's gradients on train batch ``i`` through the stages (``distill_step``: the
+        parent's stage beside the student's); the tied embedding's copies get one summed gradient."""
+        cfg, batch = self.config, self.train[i]
+        teacher = self.parent if cfg.kd_alpha > 0 else None
+        kd = KDConfig(cfg.kd_alpha, cfg.kd_loss, cfg.temperature)
+        forward = distillation_forward(student, student.stage, teacher, [batch], kd)
 
         def backward(chunk: int, microbatch: int, scalar: torch.Tensor) -> None:
             scalar.backward()
 
-        b, t = tokens.shape
-        shapes = [((b, t, student.config.hidden_size), next(student.parameters()).dtype)]
-        if distil:  # the parent's forward on the batch, all stages together (not cached: it runs each step)
-            shapes.append(((b, t, self.parent.config.hidden_size), next(self.parent.parameters()).dtype))
+        spec = None
+        if teacher is not None:  # the parent's forward on the batch, all stages together (not cached: each step)
+            spec = (teacher.config.hidden_size, next(teacher.parameters()).dtype)
             self.teacher_flops += batches_flops(self.parent.config, [batch])
-        forward_backward(1, 1, forward, backward, Messages(shapes, with_grad=1), self.device)
+        student_spec = (student.config.hidden_size, next(student.parameters()).dtype)
+        forward_backward(1, 1, forward, backward, distillation_messages(batch, student_spec, spec), self.device)
         sync_tied_embedding(student, gradients=True)
 
     def _parent_state(self) -> dict[str, torch.Tensor]:

@@ -12,19 +12,9 @@ from megatron_subnet.model.config import ModelConfig
 from megatron_subnet.model.evaluation import loss_sum
 from megatron_subnet.model.gpt import GPTModel
 from megatron_subnet.parallel import state
-from megatron_subnet.parallel.losses import distillation_loss
+from megatron_subnet.parallel.distill_step import KDConfig, distillation_forward, distillation_messages
 from megatron_subnet.parallel.pipeline import sync_tied_embedding
-from megatron_subnet.parallel.pipeline_executor import Messages, broadcast_from_last_stage, forward_backward
-
-
-@dataclass(frozen=True)
-class KDConfig:
-    """The training objective: ``(1 - alpha) * CE + alpha * T^2 * KL`` (``alpha`` 0: CE alone, no teacher)."""
-
-    alpha: float = 0.5
-    kind: str = "forward_kl"
-    temperature: float = 1.0
-    topk: int = 64
+from megatron_subnet.parallel.pipeline_executor import broadcast_from_last_stage, forward_backward
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -186,15 +176,6 @@ def _loss_parts(loss: torch.Tensor, ce: torch.Tensor, kl: torch.Tensor | None) -
     return torch.stack([loss.detach(), ce.detach(), kl.detach() if kl is not None else torch.zeros_like(ce)]).double()
 
 
-def _messages(model: GPTModel, teacher: Teacher | None, batch: torch.Tensor) -> Messages:
-    """What travels between stages: the student's hidden states (with a gradient back), then the teacher's."""
-    b, t = batch.shape[0], batch.shape[1] - 1
-    shapes = [((b, t, model.config.hidden_size), next(model.parameters()).dtype)]
-    if teacher is not None:
-        shapes.append(((b, t, teacher.config.hidden_size), next(teacher.module.parameters()).dtype))
-    return Messages(shapes, with_grad=1)
-
-
 def train_step(
     engine, teacher: Teacher | None, micro_batches: list[torch.Tensor], lr: float, kd: KDConfig
 ) -> StepResult:
@@ -210,18 +191,8 @@ def train_step(
         optimizer.skipped = optimizer.veto = None
     batches = [b.to(engine.device) for b in micro_batches]
     totals = torch.zeros(3, dtype=torch.float64, device=engine.device)
-    stage = engine.module.stage
-
-    def forward(chunk: int, i: int, received: list[torch.Tensor] | None):
-        first = stage.holds_first(chunk)
-        tokens, labels = batches[i][:, :-1], batches[i][:, 1:]
-        teacher_out = None if teacher is None else teacher(tokens if first else received[1], chunk=chunk)
-        out = engine(tokens if first else received[0], chunk=chunk)
-        if not stage.holds_last(chunk):
-            return [out] + ([] if teacher_out is None else [teacher_out])
-        loss, ce, kl = distillation_loss(out, labels, teacher_out, kd.alpha, kd.kind, kd.temperature, kd.topk)
-        totals.add_(_loss_parts(loss, ce, kl))
-        return loss
+    stage, model = engine.module.stage, engine.module
+    forward = distillation_forward(engine, stage, teacher, batches, kd, lambda *parts: totals.add_(_loss_parts(*parts)))
 
     def backward(chunk: int, i: int, scalar: torch.Tensor) -> None:
         # off the last stage the stand-in's gradient is the next stage's, already scaled for accumulation
@@ -229,8 +200,9 @@ def train_step(
         if chunk == 0 and i < len(batches) - 1:
             engine.step()  # within the accumulation: DeepSpeed only counts the micro-batch (once per micro-batch)
 
-    forward_backward(len(batches), stage.num_chunks, forward, backward, _messages(engine.module, teacher, batches[0]),
-                     engine.device)  # fmt: skip
+    spec = None if teacher is None else (teacher.config.hidden_size, next(teacher.module.parameters()).dtype)
+    messages = distillation_messages(batches[0], (model.config.hidden_size, next(model.parameters()).dtype), spec)
+    forward_backward(len(batches), stage.num_chunks, forward, backward, messages, engine.device)
     grad_norm = _reduce_and_step(engine, totals)
     totals = broadcast_from_last_stage(totals)
     means = _sum_over_data_parallel(totals / len(batches)) / state.get_data_parallel_world_size()
