@@ -128,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-last", type=positive_int, default=2, help="checkpoints kept in --save")
     g.add_argument("--load", help="resume from this checkpoint directory (its 'latest')")
     g.add_argument(
+        "--universal-checkpoint",
+        action="store_true",
+        help="--load is a universal checkpoint (tools/convert_checkpoint.py universal): resume at any TP x PP x "
+        "DP layout and ZeRO stage 1-2",
+    )
+    g.add_argument(
         "--overwrite",
         action="store_true",
         help="start a new run in a --save (or --log-dir) that holds another run's checkpoints (or metrics); "

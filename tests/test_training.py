@@ -461,7 +461,8 @@ def test_bad_launches_fail_with_one_line_errors(ws, refs, tmp_path):
         "batch": (flags(ds_config=bad_batch), ("train_batch_size 8", "--global-batch-size 4")),
         "optimizer": (flags(ds_config=with_optimizer), ("'optimizer'", str(with_optimizer))),
         # a checkpoint of 2 ranks at ZeRO-1, resumed by 1 process at ZeRO-1
-        "world_size": (flags(1) + ["--load", str(refs("z1") / "ckpt")], ("world_size=2", "world_size=1")),
+        "world_size": (flags(1) + ["--load", str(refs("z1") / "ckpt")],
+                       ("world_size=2", "world_size=1", "tools/convert_checkpoint.py universal --input")),
         # a checkpoint of 1 process at ZeRO-0, resumed by 1 process at ZeRO-1
         "zero_stage": (flags(1) + ["--load", str(refs("single") / "ckpt")], ("zero_stage=0", "zero_stage=1")),
         "kd_alpha": (no_teacher + ["--kd-alpha", "0.5"], ("--kd-alpha 0.5", "--teacher-load")),

@@ -23,6 +23,9 @@ injected into the components they break, everything else is observed through a t
                     last) appends a hash of its shard and the copy's dtype to ``tied_trace/rank_R.jsonl``
 ``callback_log``    rank 0 appends each trainer callback (``setup_end``, ``step_start``, ``step_end``,
                     ``evaluation``, ``checkpoint_saved``) with its iteration, in the order they came
+``optimizer_dump``  after setup (a resumed run: what it loaded), every rank gathers each student parameter's
+                    fp32 weight and Adam moments (DeepSpeed's ``safe_get_full_*``, collective over the
+                    data-parallel group) and writes them with the Adam step to ``optimizer_dump/rank_R.safetensors``
 ``teacher_report``  after training: the teacher's tensors vs its safetensors file, and that none of them is
                     a student parameter, in the optimizer, trainable, or has a gradient
 """
@@ -349,6 +352,8 @@ def recording_callback(hooks: dict, captured: dict):
                 module = trainer.teacher.module
                 captured["teacher_model"] = getattr(module, "module", module)  # under ZeRO-3 a DeepSpeed engine
             captured.setdefault("events", []).append(["engine", str(trainer.engine.device)])
+            if hooks.get("optimizer_dump"):
+                _dump_optimizer(trainer.engine, Path(hooks["optimizer_dump"]))
 
         def on_step_start(self, trainer, iteration, micro_batches) -> None:
             log("step_start", iteration, micro_batches=len(micro_batches))
@@ -391,6 +396,24 @@ def recording_callback(hooks: dict, captured: dict):
                 os._exit(0)  # a job that ran out of time right after its checkpoint
 
     return Recorder()
+
+
+def _dump_optimizer(engine, out: Path) -> None:
+    """This rank's student parameters as DeepSpeed's optimizer holds them, gathered whole over the data-parallel
+    group: ``NAME/fp32``, ``NAME/exp_avg``, ``NAME/exp_avg_sq``, and ``step`` (Adam's step count)."""
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, param in engine.module.named_parameters():
+        tensors[f"{name}/fp32"] = safe_get_full_fp32_param(param)
+        for key in ("exp_avg", "exp_avg_sq"):
+            tensors[f"{name}/{key}"] = safe_get_full_optimizer_state(param, key)
+    tensors["step"] = torch.tensor(_adam_steps(engine))
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+    save_file(tensors, out / f"rank_{_rank()}.safetensors")
 
 
 def _record_tied_copy(model, iteration: int, out: Path) -> None:

@@ -8,6 +8,7 @@
         [--pipeline-model-parallel-size P]
     python tools/convert_checkpoint.py reshard --input ckpt/teacher --output ckpt/teacher_tp4 \\
         --tensor-model-parallel-size 4 [--pipeline-model-parallel-size 2]
+    python tools/convert_checkpoint.py universal --input runs/save [--iteration N] --output runs/save_universal
 
 ``import`` reads a Hugging Face directory (llama, mistral, qwen2, gpt_neox) or a ``.gguf`` file (through
 transformers) and writes ``model_config.json`` + ``model.safetensors`` + the tokenizer's files.
@@ -26,6 +27,10 @@ checkpoint saved at any TP x PP layout into one at any other (the tensors are bi
 not given keeps the input's). A layout the model cannot take (heads, query groups, MLP width or vocabulary
 not divisible by T; more stages than layers) is refused, naming the flag and the sizes.
 
+``universal`` turns a training checkpoint of ``pretrain_slm.py`` (``--save``; ZeRO stage 1-2) into DeepSpeed's
+universal checkpoint (weights, Adam moments and step as whole tensors, with our metadata and RNG states), from
+which ``pretrain_slm.py --load OUTPUT --universal-checkpoint`` resumes at any TP x PP x DP layout.
+
 Every output directory is written under a hidden temporary name and renamed into place: a failure leaves
 nothing behind, and the temporary directory of a killed run is removed by the next write of the same
 output. An existing non-empty ``--output`` is replaced only with ``--overwrite``, and never when it is,
@@ -42,7 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_subnet.cli import ArgumentParser, positive_int, run_main  # noqa: E402
+from megatron_subnet.cli import ArgumentParser, nonnegative_int, positive_int, run_main  # noqa: E402
 from megatron_subnet.model.config import ConfigError, ModelConfig  # noqa: E402
 from megatron_subnet.model.weights import CheckpointError  # noqa: E402
 from megatron_subnet.outputs import check_output  # noqa: E402
@@ -266,9 +271,15 @@ def cmd_reshard(args: argparse.Namespace) -> str:
     return f"wrote checkpoint {args.output} ({_layout(*saved_at)} -> {_layout(size, stages)}): {_describe(config)}"
 
 
+def cmd_universal(args: argparse.Namespace) -> str:
+    from megatron_subnet.training.universal import convert
+
+    return convert(args.input, args.iteration, args.output, args.workers)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{import,export,extract,reshard}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{import,export,extract,reshard,universal}")
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--output", required=True, help="output directory (written atomically)")
@@ -309,6 +320,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     common(sp)
     shards(sp, keep=True)
     sp.set_defaults(func=cmd_reshard)
+    sp = sub.add_parser("universal", help="pretrain_slm.py's checkpoint -> DeepSpeed universal checkpoint")
+    sp.add_argument("--input", required=True, help="pretrain_slm.py's --save directory")
+    sp.add_argument("--iteration", type=nonnegative_int, help="the checkpoint to convert (default: its 'latest')")
+    sp.add_argument("--output", required=True, help="output directory (written atomically)")
+    sp.add_argument("--overwrite", action="store_true", help="replace --output when it exists and is not empty")
+    sp.add_argument("--workers", type=positive_int, default=1, help="processes of DeepSpeed's converter")
+    sp.set_defaults(func=cmd_universal)
     args = p.parse_args(argv)
     if args.command == "reshard" and args.tensor_model_parallel_size is args.pipeline_model_parallel_size is None:
         sp.error("give --tensor-model-parallel-size and/or --pipeline-model-parallel-size (a size not given keeps "

@@ -107,7 +107,7 @@ def publish(save: Path, tmp_tag: str, tag: str) -> None:
     write_text_atomically(save / LATEST, tag)
 
 
-def _checkpoints(save: Path) -> list[tuple[int, Path]]:
+def complete_checkpoints(save: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints in ``save``, by iteration number."""
     found = []
     for path in save.iterdir() if save.is_dir() else []:
@@ -127,7 +127,7 @@ def _run_id(checkpoint: Path) -> str | None:
 def _prune(save: Path, run_id: str, keep_last: int) -> None:
     """Delete this run's checkpoints but the newest ``keep_last`` (and never the one ``latest`` names)."""
     latest = (save / LATEST).read_text().strip() if (save / LATEST).is_file() else None
-    ours = [path for _, path in _checkpoints(save) if _run_id(path) == run_id]
+    ours = [path for _, path in complete_checkpoints(save) if _run_id(path) == run_id]
     for old in ours[:-keep_last]:
         if old.name != latest:
             shutil.rmtree(old, ignore_errors=True)
@@ -144,7 +144,7 @@ def check_save_dir(save_dir: str, load_dir: str | None, run_id: str | None, over
         return
     if load_dir is not None and Path(load_dir).resolve() == save.resolve():
         return
-    checkpoints = _checkpoints(save)
+    checkpoints = complete_checkpoints(save)
     held = [p.name for _, p in checkpoints[-2:]] + [n for n in (LATEST, FINAL_MODEL) if (save / n).exists()]
     if not held:
         return
@@ -205,39 +205,69 @@ def _same_schedule_so_far(meta: dict, args: dict) -> bool:
         return False
 
 
-def latest_checkpoint(load_dir: str) -> Path:
-    """The directory ``latest`` names; ResumeError when there is none or it is incomplete."""
+def latest_checkpoint(load_dir: str, flag: str = "--load") -> Path:
+    """The directory ``latest`` names; ResumeError (naming ``flag``) when there is none or it is incomplete."""
     load = Path(load_dir)
     latest = load / LATEST
     if not latest.is_file():
-        raise ResumeError(f"--load {load_dir}: no '{LATEST}' file, so no complete checkpoint")
+        raise ResumeError(f"{flag} {load_dir}: no '{LATEST}' file, so no complete checkpoint")
     path = load / latest.read_text().strip()
     if not path.is_dir():
-        raise ResumeError(f"--load {load_dir}: '{LATEST}' names {path.name}, which does not exist")
+        raise ResumeError(f"{flag} {load_dir}: '{LATEST}' names {path.name}, which does not exist")
     if not (path / META_NAME).is_file():
-        raise ResumeError(f"--load {load_dir}: {path.name} is incomplete (no {META_NAME})")
+        raise ResumeError(f"{flag} {load_dir}: {path.name} is incomplete (no {META_NAME})")
     return path
 
 
 def read_meta(load_dir: str) -> dict:
-    path = latest_checkpoint(load_dir) / META_NAME
+    return read_meta_file(latest_checkpoint(load_dir), f"--load {load_dir}")
+
+
+def read_meta_file(checkpoint: Path, where: str) -> dict:
+    """The metadata of the checkpoint directory ``checkpoint``; ResumeError starting with ``where``."""
+    path = checkpoint / META_NAME
     try:
         meta = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ResumeError(f"--load {load_dir}: {path} is corrupt ({e})") from None
+        raise ResumeError(f"{where}: {path} is corrupt ({e})") from None
     if not isinstance(meta, dict) or not {"iteration", "layout", "model_config"} <= meta.keys():
-        raise ResumeError(f"--load {load_dir}: {path} is not a checkpoint's metadata")
+        raise ResumeError(f"{where}: {path} is not a checkpoint's metadata")
     return meta
 
 
-def check_layout(meta: dict, layout: dict, model_config: ModelConfig | None, load_dir: str) -> None:
-    """ResumeError naming the first setting where the checkpoint and this launch differ."""
+# The layout a universal checkpoint is free of (``training/universal.py``).
+PARALLEL_LAYOUT = (
+    "world_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+    "virtual_pipeline_model_parallel_size", "zero_stage", "pipeline_layer_split",
+)  # fmt: skip
+
+
+def conversion_command(load_dir: str) -> str:
+    """The command line that makes a universal checkpoint of ``load_dir``."""
+    return f"python tools/convert_checkpoint.py universal --input {load_dir} --output {load_dir.rstrip('/')}_universal"
+
+
+def check_layout(meta: dict, layout: dict, model_config: ModelConfig | None, load_dir: str,
+                 universal: bool = False) -> None:  # fmt: skip
+    """ResumeError naming the first setting where the checkpoint and this launch differ. A universal checkpoint
+    (``universal``: the launch says it loads one) resumes at any parallel layout and ZeRO stage."""
+    if "universal" in meta and not universal:
+        raise ResumeError(f"--load {load_dir}: is a universal checkpoint; resume from it with --universal-checkpoint")
+    if universal and "universal" not in meta:
+        raise ResumeError(f"--universal-checkpoint: --load {load_dir} is not a universal checkpoint; make one "
+                          f"with: {conversion_command(load_dir)}")  # fmt: skip
     for key, value in layout.items():
+        if universal and key in PARALLEL_LAYOUT:
+            continue
         saved = meta["layout"].get(key, 1 if key.endswith("_parallel_size") else None)  # older checkpoints
         if saved != value:
+            hint = ""
+            if key in PARALLEL_LAYOUT:
+                hint = (f"; to resume at another layout, convert it ({conversion_command(load_dir)}) and resume "
+                        "with --load on the output and --universal-checkpoint")  # fmt: skip
             raise ResumeError(
                 f"--load {load_dir}: checkpoint was written with {key}={saved}, "
-                f"this launch has {key}={value}"
+                f"this launch has {key}={value}{hint}"
             )
     if model_config is not None and meta["model_config"] != model_config.to_dict():
         raise ResumeError(f"--load {load_dir}: the checkpoint's model config differs from this launch's student")
@@ -268,11 +298,13 @@ def _rank_files(engine, load_dir: str, tag: str) -> list[str]:
 
 
 def load_checkpoint(engine, load_dir: str) -> dict:
-    """Restore engine, optimizer and this rank's RNG; returns our metadata (iteration, consumed samples...)."""
+    """Restore engine, optimizer and this rank's RNG; returns our metadata (iteration, consumed samples...).
+    A universal checkpoint is cut for this launch's layout by DeepSpeed (``checkpoint.load_universal``)."""
     path, meta = latest_checkpoint(load_dir), read_meta(load_dir)
+    universal = "universal" in meta
+    files = [str(path / "zero" / "optimizer_state.pt")] if universal else _rank_files(engine, load_dir, path.name)
     # every rank learns of any rank's missing file, so that all stop alike (none waits in a collective)
-    missing = sorted({n for names in state.all_gather_object(_rank_files(engine, load_dir, path.name))
-                      for n in names if not os.path.isfile(n)})  # fmt: skip
+    missing = sorted({n for names in state.all_gather_object(files) for n in names if not os.path.isfile(n)})
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ResumeError(f"--load {load_dir}: {missing[0]} is missing{more}")
@@ -282,6 +314,8 @@ def load_checkpoint(engine, load_dir: str) -> dict:
     if loaded is None:
         raise ResumeError(f"--load {load_dir}: DeepSpeed could not load {path.name}")
     rng_file = path / "rng" / f"rank_{state.get_rank():05d}.json"
+    if universal and not rng_file.is_file():  # saved by fewer ranks; training draws no random numbers
+        rng_file = path / "rng" / "rank_00000.json"
     if rng_file.is_file():
         set_rng_state(json.loads(rng_file.read_text()))
     return meta

@@ -103,6 +103,7 @@ class CheckpointConfig:
     save_interval: int | None = None
     keep_last: int = 2
     load: str | None = None
+    universal_checkpoint: bool = False
     overwrite: bool = False
     override_checkpoint_args: bool = False
 
@@ -241,6 +242,8 @@ def _check_schedule(o: OptimConfig) -> None:
 
 
 def _check_student(m: ModelSource, d: DistillConfig, c: CheckpointConfig) -> None:
+    if c.universal_checkpoint and c.load is None:
+        raise ArgumentError("--universal-checkpoint: needs --load (the universal checkpoint to resume from)")
     if c.load is not None:
         return  # resuming: the checkpoint's student (and its parent: preflight.resolve_parent)
     parent = m.parent_load or d.teacher_load  # the parent defaults to the teacher
@@ -290,6 +293,12 @@ def check_layout(config: TrainConfig, accumulation: int, dp_size: int, zero_stag
         raise ArgumentError(
             "--compile: not supported with ZeRO stage 3 (its parameter partitioning hooks run outside the "
             "compiled graph); use ZeRO stage 0-2, or leave out --compile"
+        )
+    if config.checkpoint.universal_checkpoint and zero_stage not in (1, 2):
+        raise ArgumentError(
+            f"--universal-checkpoint: needs ZeRO stage 1 or 2, this run's ds_config has ZeRO stage {zero_stage} "
+            "(DeepSpeed loads universal checkpoints into the ZeRO-1/2 optimizer's partitions; stage 0 keeps none, "
+            "and loading at stage 3 is not tested here)"
         )
     if pp > 1 and zero_stage > 1:
         raise ArgumentError(
@@ -352,6 +361,8 @@ def reconcile_ds_config(run: TrainConfig, config: dict, dp_size: int) -> tuple[d
         gradient_clipping=clip,
         bf16={**config.get("bf16", {}), "enabled": bf16},
     )
+    if run.checkpoint.universal_checkpoint:
+        config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
     config.setdefault("steps_per_print", 10**9)  # we log ourselves
     config["zero_allow_untested_optimizer"] = True  # our AdamW subclass only adds a NaN/Inf guard
     optim = run.optim

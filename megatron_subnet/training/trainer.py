@@ -200,7 +200,7 @@ class Trainer:
                          "train_iters": self.plan.train_iters, "data_order": DATA_ORDER}  # fmt: skip
         self.changes, self.extensions = [], []
         if self.resume_meta is not None:
-            checkpoint.check_layout(self.resume_meta, self.layout, None, load)
+            checkpoint.check_layout(self.resume_meta, self.layout, None, load, c.checkpoint.universal_checkpoint)
             self.changes, self.extensions = preflight.resume_changes(c, self.resume_meta, self.settings, parent_change)
         run_id = self.resume_meta.get("run_id") if self.resume_meta is not None else None
         self.log_dir = Path(c.logging.log_dir or c.checkpoint.save or "runs/latest")
@@ -230,7 +230,7 @@ class Trainer:
         self.layout["pipeline_layer_split"] = preflight.stage_split(c, "student", self.student_config)
         if self.teacher_config is not None:
             preflight.stage_split(c, "teacher", self.teacher_config)
-        if meta is not None:
+        if meta is not None and not c.checkpoint.universal_checkpoint:
             checkpoint.check_layer_split(meta, self.layout["pipeline_layer_split"], c.checkpoint.load)
         check_token_ids(c.data.data_path, self.student_config.vocab_size)
         if c.data.extra_valid_data_path:
@@ -321,6 +321,7 @@ class Trainer:
             "subnet": self.subnet.to_dict() if self.subnet is not None else None,
             "layout": self.layout,
             "run_id": self.run_id,
+            "universal_checkpoint_info": self.student.universal_checkpoint_info,
         }
 
     @property
