@@ -4,7 +4,8 @@ A tiny llama student with grouped-query attention (4 heads in 2 query groups) an
 from its parent, is saved after step 3 at one layout, converted (``tools/convert_checkpoint.py universal``) and
 resumed at another; its steps 4-8 equal an uninterrupted run at the new layout (loss, KD part, gradient norm
 within 1e-5): TP=2 x PP=2 x DP=1 (ZeRO-1) to TP=1 x PP=1 x DP=2 (ZeRO-2) and to TP=1 x PP=2 x DP=2 (ZeRO-1),
-TP=1 x PP=1 x DP=2 (ZeRO-2) to TP=2 x PP=2, and in bf16 within the suite's bf16 bound. The Adam moments a
+TP=1 x PP=1 x DP=2 (ZeRO-2) to TP=2 x PP=2, and in bf16 within the suite's bf16 bound; GPT-NeoX (biases, an
+untied output layer) from TP=2 to DP=2. The Adam moments a
 resumed run holds are the saved ones, reassembled from the source's ZeRO partitions and tensor-parallel shards
 by our own merge. The refusals are one line each, and come before any work.
 """
@@ -36,14 +37,24 @@ TOOL = Path(__file__).resolve().parents[1] / "tools" / "convert_checkpoint.py"
 def ws(tmp_path_factory) -> Path:
     """The training workspace, a GQA student of 4 layers that splits over 2 TP ranks and 2 stages, and the
     ds_configs (ZeRO-1 and -2, fp32 and bf16)."""
+    from megatron_subnet.model.config import ModelConfig
+    from megatron_subnet.model.gpt import GPTModel
     from megatron_subnet.model.subnet import SubnetConfig
-    from megatron_subnet.model.weights import load_config
+    from megatron_subnet.model.weights import load_config, save_checkpoint
+    from tests.tiny_models import tiny
 
     root = build_workspace(tmp_path_factory.mktemp("universal"))
     SubnetConfig.from_counts(
         load_config(root / "teacher"), num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2,
         ffn_hidden_size=64,
     ).save(root / "subnet_gqa.json")  # fmt: skip
+    torch.manual_seed(3)
+    neox = ModelConfig(**tiny("gpt_neox", vocab_size=128, hidden_size=64, num_layers=4, num_attention_heads=4,
+                              num_query_groups=4, head_dim=16, ffn_hidden_size=128))  # fmt: skip
+    save_checkpoint(root / "teacher_neox", neox, GPTModel(neox).state_dict())
+    SubnetConfig.from_counts(
+        neox, num_layers=2, hidden_size=32, num_attention_heads=2, num_query_groups=2, ffn_hidden_size=64
+    ).save(root / "subnet_neox.json")
     for stage in (1, 2):
         config = json.loads((root / f"zero{stage}.json").read_text())
         (root / f"bf16_zero{stage}.json").write_text(json.dumps({**config, "bf16": {"enabled": True}}))
@@ -51,9 +62,10 @@ def ws(tmp_path_factory) -> Path:
 
 
 def flags(ws: Path, out: Path, stage: int = 1, bf16: bool = False) -> list[str]:
+    neox = out.name.startswith("neox")
     return [
         "--ds_config", str(ws / f"{'bf16_' * bf16}zero{stage}.json"), *(["--bf16"] if bf16 else []),
-        "--teacher-load", f"{ws}/teacher", "--subnet", f"{ws}/subnet_gqa.json",
+        "--teacher-load", f"{ws}/teacher{'_neox' * neox}", "--subnet", f"{ws}/subnet_{'neox' if neox else 'gqa'}.json",
         "--data-path", f"{ws}/data", "--split", "80,10,10",
         "--micro-batch-size", "1", "--global-batch-size", "4", "--seq-length", "32",
         "--train-iters", str(ITERS), "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "2",
@@ -81,22 +93,24 @@ def runs(ws) -> dict[str, Path]:
     """The uninterrupted runs (each saving at step 3), the universal checkpoints of their step 3, and the
     runs resumed from them at another layout."""
     out = {name: ws / name for name in (
-        "tp2pp2", "dp2", "pp2dp2", "bf16_tp2pp2", "bf16_dp2",
-        "tp2pp2_to_dp2", "tp2pp2_to_pp2dp2", "dp2_to_tp2pp2", "bf16_tp2pp2_to_dp2")}  # fmt: skip
+        "tp2pp2", "dp2", "pp2dp2", "bf16_tp2pp2", "bf16_dp2", "neox_tp2", "neox_dp2",
+        "tp2pp2_to_dp2", "tp2pp2_to_pp2dp2", "dp2_to_tp2pp2", "bf16_tp2pp2_to_dp2", "neox_tp2_to_dp2")}  # fmt: skip
     uninterrupted = [
         ("tp2pp2", 4, layout(2, 2), 1, False), ("dp2", 2, layout(1, 1), 2, False),
         ("pp2dp2", 4, layout(1, 2), 1, False), ("bf16_tp2pp2", 4, layout(2, 2), 1, True),
-        ("bf16_dp2", 2, layout(1, 1), 2, True),
+        ("bf16_dp2", 2, layout(1, 1), 2, True), ("neox_tp2", 2, layout(2, 1), 1, False),
+        ("neox_dp2", 2, layout(1, 1), 1, False),
     ]  # fmt: skip
     for name, nproc, where, stage, bf16 in uninterrupted:
         ok(run(spawn_cmd(nproc, flags(ws, out[name], stage, bf16) + where + saving(out[name])), ws, timeout=400))
-    for name in ("tp2pp2", "dp2", "bf16_tp2pp2"):
+    for name in ("tp2pp2", "dp2", "bf16_tp2pp2", "neox_tp2"):
         convert(out[name] / "ckpt", ws / f"{name}_universal")
     resumed = [
         ("tp2pp2_to_dp2", "tp2pp2", 2, layout(1, 1), 2, False, {"optimizer_dump": str(out["tp2pp2_to_dp2"] / "adam")}),
         ("tp2pp2_to_pp2dp2", "tp2pp2", 4, layout(1, 2), 1, False, None),
         ("dp2_to_tp2pp2", "dp2", 4, layout(2, 2), 1, False, None),
         ("bf16_tp2pp2_to_dp2", "bf16_tp2pp2", 2, layout(1, 1), 2, True, None),
+        ("neox_tp2_to_dp2", "neox_tp2", 2, layout(1, 1), 1, False, None),
     ]  # fmt: skip
     for name, source, nproc, where, stage, bf16, hooks in resumed:
         argv = flags(ws, out[name], stage, bf16) + where + ["--load", str(ws / f"{source}_universal"),
@@ -109,7 +123,7 @@ def runs(ws) -> dict[str, Path]:
 @pytest.mark.parametrize(
     "resumed, uninterrupted, rel",
     [("tp2pp2_to_dp2", "dp2", REL), ("tp2pp2_to_pp2dp2", "pp2dp2", REL), ("dp2_to_tp2pp2", "tp2pp2", REL),
-     ("bf16_tp2pp2_to_dp2", "bf16_dp2", BF16_REL)],
+     ("bf16_tp2pp2_to_dp2", "bf16_dp2", BF16_REL), ("neox_tp2_to_dp2", "neox_dp2", REL)],
 )  # fmt: skip
 def test_a_universal_resume_at_another_layout_equals_the_uninterrupted_run(runs, resumed, uninterrupted, rel):
     """Steps 4-8 after the resume: loss, KD part and gradient norm as the run at the new layout that never
