@@ -311,6 +311,6 @@ def test_parent_load_flag_checks_in_process(ws, tmp_path):
     config = parse_config(flags(ws, None, "teacher") + ["--save", str(save), "--overwrite"])
     nested = config.replace("model", parent_load=str(save / "final_model" / "sub"))
     with pytest.raises(OutputError, match="--parent-load"):
-        check_outputs(nested, save, None, False)
+        check_outputs(nested, save, None, None)
     same = config.replace("model", parent_load=config.distill.teacher_load)
-    assert check_outputs(same, save, None, False) is False
+    assert check_outputs(same, save, None, None) is False

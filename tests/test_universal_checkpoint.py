@@ -113,8 +113,14 @@ def runs(ws) -> dict[str, Path]:
         ("neox_tp2_to_dp2", "neox_tp2", 2, layout(1, 1), 1, False, None),
     ]  # fmt: skip
     for name, source, nproc, where, stage, bf16, hooks in resumed:
-        argv = flags(ws, out[name], stage, bf16) + where + ["--load", str(ws / f"{source}_universal"),
-                                                             "--universal-checkpoint"]  # fmt: skip
+        resume = [
+            "--load",
+            str(ws / f"{source}_universal"),
+            "--universal-checkpoint",
+            "--save",
+            str(out[name] / "ckpt"),
+        ]
+        argv = flags(ws, out[name], stage, bf16) + where + resume
         ok(run(spawn_cmd(nproc, argv), ws, timeout=400, hooks=hooks))
     return out
 
@@ -139,8 +145,25 @@ def test_a_universal_resume_at_another_layout_equals_the_uninterrupted_run(runs,
 
 @pytest.mark.slow  # end-to-end runs (make test-fast leaves them out)
 def test_the_bf16_runs_were_bf16(runs):
-    """The bf16 pair is not the fp32 pair (the precision was really changed)."""
-    assert train_records(runs["bf16_dp2"])[1]["loss"] != train_records(runs["dp2"])[1]["loss"]
+    """No step of the bf16 pair has the fp32 pair's loss (the precision was really changed)."""
+    bf16, fp32 = train_records(runs["bf16_dp2"]), train_records(runs["dp2"])
+    assert all(bf16[i]["loss"] != fp32[i]["loss"] for i in fp32)
+
+
+@pytest.mark.slow  # end-to-end runs (make test-fast leaves them out)
+def test_a_run_resumed_from_a_universal_checkpoint_saves_plain_checkpoints_at_its_layout(runs):
+    """Its checkpoint is an ordinary one of the new layout (resumable without the flag), of the same run; the
+    universal checkpoint it came from is untouched."""
+    source = json.loads((runs["tp2pp2"] / "ckpt" / f"iter_{SAVED:07d}" / "megatron_subnet.json").read_text())
+    save = runs["tp2pp2_to_dp2"] / "ckpt"
+    meta = json.loads((save / f"iter_{ITERS:07d}" / "megatron_subnet.json").read_text())
+    assert "universal" not in meta and meta["run_id"] == source["run_id"]
+    assert meta["iteration"] == ITERS and meta["consumed_samples"] == ITERS * 4
+    assert (meta["layout"]["world_size"], meta["layout"]["tensor_model_parallel_size"]) == (2, 1)
+    assert (save / "final_model" / "model.safetensors").is_file()
+    universal = runs["tp2pp2"].parent / "tp2pp2_universal"
+    assert (universal / "latest").read_text() == f"iter_{SAVED:07d}"
+    assert json.loads((universal / f"iter_{SAVED:07d}" / "megatron_subnet.json").read_text())["universal"]
 
 
 def _saved_optimizer(iteration_dir: Path, config, tp: int, pp: int) -> dict[str, dict[str, torch.Tensor]]:
@@ -208,38 +231,67 @@ def test_the_adam_moments_after_a_universal_resume_are_the_saved_ones(ws, runs):
 # ----------------------------------------------------------------------------- what DeepSpeed is told
 
 
+def _deepspeed_join(info: dict, name: str, slices: list[torch.Tensor]) -> torch.Tensor:
+    """DeepSpeed's converter on one tensor's TP slices (``ds_to_universal.merge_tp_slices``): a replicated
+    tensor is taken once, a row-parallel one joined on dim 1, any other on dim 0; the vocabulary unpadded."""
+    import re
+
+    def matches(key: str) -> bool:
+        return any(re.match(pattern, name) for pattern in info.get(key, []))
+
+    if matches("tp_replicated_parameter_patterns"):
+        return slices[0]
+    whole = torch.cat(slices, dim=1 if matches("parameter_with_row_parallelism_patterns") else 0)
+    return whole[: info["original_vocab_size"]] if matches("vocabulary_parameter_patterns") else whole
+
+
+def _deepspeed_cut(info: dict, name: str, whole: torch.Tensor, shape: tuple, rank: int, size: int) -> torch.Tensor:
+    """DeepSpeed's loader on one whole tensor (``universal_checkpoint.load_hp_checkpoint_state``): a rank whose
+    tensor has the whole's shape takes it whole, others their chunk along the dimension it was joined on."""
+    import re
+
+    if tuple(whole.shape) == tuple(shape):
+        return whole
+    rows = any(re.match(p, name) for p in info["parameter_with_row_parallelism_patterns"])
+    return whole.chunk(size, dim=1 if rows else 0)[rank]
+
+
 @pytest.mark.parametrize("family, tied", [("llama", True), ("llama", False), ("gpt_neox", False)])
-def test_the_universal_checkpoint_info_describes_every_parameter(family, tied):
-    """Every parameter of a whole model matches exactly one of DeepSpeed's categories, the one its tensor
-    parallelism says (row-parallel: split on dim 1; replicated; vocabulary; split on dim 0 otherwise), and
-    every pattern matches a parameter (DeepSpeed's converter refuses unused ones)."""
+def test_the_universal_checkpoint_info_moves_every_tensor_to_another_tp_size(family, tied):
+    """What our checkpoints tell DeepSpeed is right for every tensor: a random model's TP=2 shards (as our
+    sharding cuts them: QKV rows by query group, GQA, biases, vocabulary), joined by DeepSpeed's rules for
+    that info, are the whole model; cut by DeepSpeed's loader for TP=4 they are our TP=4 shards. Every pattern
+    matches a parameter (DeepSpeed's converter refuses unused ones)."""
     import re
 
     from megatron_subnet.model.config import ModelConfig
     from megatron_subnet.model.gpt import GPTModel
+    from megatron_subnet.model.shapes import expected_shapes
+    from megatron_subnet.model.weights import shard_state_dict
+    from megatron_subnet.parallel.layers import TPShard
     from megatron_subnet.training.universal import checkpoint_info
     from tests.tiny_models import tiny
 
-    shape = dict(vocab_size=128, hidden_size=64, num_layers=3, num_attention_heads=4, num_query_groups=2, head_dim=16,
-                 ffn_hidden_size=128)  # fmt: skip
+    shape = dict(vocab_size=128, hidden_size=64, num_layers=2, num_attention_heads=8, head_dim=8, ffn_hidden_size=128)
     if family == "gpt_neox":
-        shape["num_query_groups"] = 4
-    config = ModelConfig(**tiny(family, **shape, **({"tie_word_embeddings": tied} if family == "llama" else {})))
+        shape["num_query_groups"] = 8  # one head per group
+    else:
+        shape.update(num_query_groups=4, tie_word_embeddings=tied)  # grouped-query attention: 2 heads a group
+    config = ModelConfig(**tiny(family, **shape))
     info = checkpoint_info(config)
-    with torch.device("meta"):
-        params = dict(GPTModel(config).named_parameters())
-    categories = {"tp_replicated_parameter_patterns": [], "parameter_with_row_parallelism_patterns": [],
-                  "vocabulary_parameter_patterns": []}  # fmt: skip
-    used = set()
-    for name, param in params.items():
-        found = [key for key in categories for pattern in info[key] if re.match(pattern, name)]
-        used.update(pattern for key in categories for pattern in info[key] if re.match(pattern, name))
-        split = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
-        expected = (["vocabulary_parameter_patterns"] if name.split(".")[0] in ("embedding", "output_layer")
-                    else ["tp_replicated_parameter_patterns"] if split is None
-                    else ["parameter_with_row_parallelism_patterns"] if split == 1 else [])  # fmt: skip
-        assert found == expected, (name, found)
-    assert used == {p for key in categories for p in info[key]}
+    torch.manual_seed(0)
+    model = GPTModel(config)
+    whole = {name: p.detach() for name, p in model.named_parameters()}
+    halves = [shard_state_dict(config, whole, TPShard(r, 2)) for r in range(2)]
+    quarters = [shard_state_dict(config, whole, TPShard(r, 4)) for r in range(4)]
+    shapes = [expected_shapes(config, TPShard(r, 4)) for r in range(4)]
+    for name, tensor in whole.items():
+        joined = _deepspeed_join(info, name, [half[name] for half in halves])
+        assert torch.equal(joined, tensor), name
+        for r in range(4):
+            assert torch.equal(_deepspeed_cut(info, name, joined, shapes[r][name], r, 4), quarters[r][name]), name
+    patterns = [p for key, value in info.items() if key.endswith("_patterns") for p in value]
+    assert all(any(re.match(p, name) for name in whole) for p in patterns), patterns
     assert info.get("pipeline_replicated_parameter_patterns") == (["^embedding\\.weight$"] if tied else None)
     assert info["original_vocab_size"] == info["padded_vocab_size"] == 128
 
@@ -265,11 +317,13 @@ def _checkpoint(root: Path, iteration: int = 2, **meta) -> Path:
         ("missing", "--input {save}: no such directory"),
         ("no_latest", "--input {save}: no 'latest' file"),
         ("iteration", "--iteration 7: {save} holds no complete iter_0000007 (it holds: iter_0000002)"),
-        ("zero0", "iter_0000002 was saved at ZeRO stage 0; DeepSpeed's universal checkpoints are made from ZeRO"),
-        ("zero3", "iter_0000002 was saved at ZeRO stage 3"),
+        ("zero0", "iter_0000002 was saved at ZeRO stage 0, which keeps no optimizer partitions for DeepSpeed's "
+                  "universal checkpoint (its converter reads ZeRO stage 1-2 partitions): it resumes only at its own"),
+        ("zero3", "iter_0000002 was saved at ZeRO stage 3; converting ZeRO-3 checkpoints is not tested here"),
         ("universal", "iter_0000002 is already a universal checkpoint"),
         ("old", "iter_0000002 was written before checkpoints recorded how their tensors are split"),
         ("output", "--output {out}: exists and is not empty"),
+        ("files", "--input {save}: iter_0000002: mp_rank_00_model_states.pt is missing"),
     ],
 )
 def test_the_conversion_refuses_what_it_cannot_convert_in_one_line(tmp_path, capsys, case, message):
@@ -344,9 +398,39 @@ def test_the_universal_flag_needs_a_load_and_a_zero_optimizer(tmp_path):
     config = parse_config(argv + ["--load", str(tmp_path)])
     ds_config, _ = reconcile_ds_config(config, {"zero_optimization": {"stage": 1}}, dp_size=1)
     assert ds_config["checkpoint"] == {"load_universal": True}
+    plain = parse_config(argv[:-1])
+    with pytest.raises(ArgumentError, match="checkpoint.load_universal is True but --universal-checkpoint is not set"):
+        reconcile_ds_config(plain, {"checkpoint": {"load_universal": True}}, dp_size=1)
     for stage in (1, 2):
         check_layout(config, 1, 1, stage)
     for stage in (0, 3):  # stage 0 has no optimizer partitions; stage 3's loading is not tested here
         expected = f"needs ZeRO stage 1 or 2, this run.s ds_config has ZeRO stage {stage} "
         with pytest.raises(ArgumentError, match=expected):
             check_layout(config, 1, 1, stage)
+
+
+def test_a_resume_into_a_save_that_holds_later_steps_is_refused(tmp_path):
+    """A universal checkpoint of an earlier iteration keeps its run's id: resumed into the --save of that run,
+    its steps would replace the later checkpoints there. Refused unless --overwrite."""
+    from megatron_subnet.training.checkpoint import ResumeError, check_save_dir
+
+    save = tmp_path / "save"
+    for iteration in (3, 6):
+        _checkpoint(save, iteration, run_id="run")
+    with pytest.raises(ResumeError, match="--save .*: holds iter_0000006, later than the checkpoint this run resumes "
+                                          "from .iteration 3.; the resumed steps would replace it"):  # fmt: skip
+        check_save_dir(str(save), str(tmp_path / "universal"), "run", False, resumes_at=3)
+    check_save_dir(str(save), str(tmp_path / "universal"), "run", True, resumes_at=3)
+    check_save_dir(str(save), str(save), "run", False, resumes_at=6)  # the ordinary resume of its latest
+
+
+def test_pruning_never_deletes_a_universal_checkpoint(tmp_path):
+    """A run resumed from a universal checkpoint and saving into its directory (same run id) prunes its own
+    checkpoints, never the universal one."""
+    from megatron_subnet.training.checkpoint import _prune
+
+    save = _checkpoint(tmp_path / "save", 3, run_id="run", universal={"from": "x"})
+    for iteration in (4, 5, 6):
+        _checkpoint(save, iteration, run_id="run")
+    _prune(save, "run", keep_last=1)
+    assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000003", "iter_0000006"]

@@ -20,6 +20,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import uuid
 from pathlib import Path
@@ -117,24 +118,41 @@ def complete_checkpoints(save: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _run_id(checkpoint: Path) -> str | None:
+def _meta(checkpoint: Path) -> dict:
+    """The checkpoint's metadata, or {} when it cannot be read."""
     try:
-        return json.loads((checkpoint / META_NAME).read_text()).get("run_id")
+        meta = json.loads((checkpoint / META_NAME).read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _run_id(checkpoint: Path) -> str | None:
+    return _meta(checkpoint).get("run_id")
+
+
+def is_universal(meta: dict) -> bool:
+    """Whether the checkpoint of ``meta`` is a universal one (``tools/convert_checkpoint.py universal``)."""
+    return "universal" in meta
 
 
 def _prune(save: Path, run_id: str, keep_last: int) -> None:
-    """Delete this run's checkpoints but the newest ``keep_last`` (and never the one ``latest`` names)."""
+    """Delete this run's checkpoints but the newest ``keep_last`` (and never the one ``latest`` names, nor a
+    universal checkpoint: the user made it)."""
     latest = (save / LATEST).read_text().strip() if (save / LATEST).is_file() else None
-    ours = [path for _, path in complete_checkpoints(save) if _run_id(path) == run_id]
+    ours = [path for _, path in complete_checkpoints(save)
+            if _run_id(path) == run_id and not is_universal(_meta(path))]  # fmt: skip
     for old in ours[:-keep_last]:
         if old.name != latest:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def check_save_dir(save_dir: str, load_dir: str | None, run_id: str | None, overwrite: bool) -> None:
-    """ResumeError when ``--save`` holds another run's checkpoints or final model and ``--overwrite`` is not given.
+def check_save_dir(
+    save_dir: str, load_dir: str | None, run_id: str | None, overwrite: bool, resumes_at: int | None = None
+) -> None:
+    """ResumeError when ``--save`` holds another run's checkpoints or final model, or (a resume from iteration
+    ``resumes_at``) a checkpoint of a later iteration the resumed steps would replace, and ``--overwrite`` is
+    not given.
 
     The directory is this run's when ``--load`` is the same directory, or when its ``latest`` checkpoint has
     this run's ``run_id`` (``run_id`` None: a new run).
@@ -142,9 +160,15 @@ def check_save_dir(save_dir: str, load_dir: str | None, run_id: str | None, over
     save = Path(save_dir)
     if overwrite or not save.is_dir():
         return
+    checkpoints = complete_checkpoints(save)
+    later = [path.name for iteration, path in checkpoints if resumes_at is not None and iteration > resumes_at]
+    if later:
+        raise ResumeError(
+            f"--save {save_dir}: holds {later[-1]}, later than the checkpoint this run resumes from (iteration "
+            f"{resumes_at}); the resumed steps would replace it: choose a new --save, or pass --overwrite"
+        )
     if load_dir is not None and Path(load_dir).resolve() == save.resolve():
         return
-    checkpoints = complete_checkpoints(save)
     held = [p.name for _, p in checkpoints[-2:]] + [n for n in (LATEST, FINAL_MODEL) if (save / n).exists()]
     if not held:
         return
@@ -235,6 +259,8 @@ def read_meta_file(checkpoint: Path, where: str) -> dict:
     return meta
 
 
+UNIVERSAL_ZERO_STAGES = (1, 2)  # the ZeRO optimizers whose partitions DeepSpeed converts and loads here
+
 # The layout a universal checkpoint is free of (``training/universal.py``).
 PARALLEL_LAYOUT = (
     "world_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
@@ -244,16 +270,17 @@ PARALLEL_LAYOUT = (
 
 def conversion_command(load_dir: str) -> str:
     """The command line that makes a universal checkpoint of ``load_dir``."""
-    return f"python tools/convert_checkpoint.py universal --input {load_dir} --output {load_dir.rstrip('/')}_universal"
+    output = shlex.quote(load_dir.rstrip("/") + "_universal")
+    return f"python tools/convert_checkpoint.py universal --input {shlex.quote(load_dir)} --output {output}"
 
 
 def check_layout(meta: dict, layout: dict, model_config: ModelConfig | None, load_dir: str,
                  universal: bool = False) -> None:  # fmt: skip
     """ResumeError naming the first setting where the checkpoint and this launch differ. A universal checkpoint
     (``universal``: the launch says it loads one) resumes at any parallel layout and ZeRO stage."""
-    if "universal" in meta and not universal:
+    if is_universal(meta) and not universal:
         raise ResumeError(f"--load {load_dir}: is a universal checkpoint; resume from it with --universal-checkpoint")
-    if universal and "universal" not in meta:
+    if universal and not is_universal(meta):
         raise ResumeError(f"--universal-checkpoint: --load {load_dir} is not a universal checkpoint; make one "
                           f"with: {conversion_command(load_dir)}")  # fmt: skip
     for key, value in layout.items():
@@ -262,7 +289,8 @@ def check_layout(meta: dict, layout: dict, model_config: ModelConfig | None, loa
         saved = meta["layout"].get(key, 1 if key.endswith("_parallel_size") else None)  # older checkpoints
         if saved != value:
             hint = ""
-            if key in PARALLEL_LAYOUT:
+            stages = (meta["layout"].get("zero_stage", 0), layout.get("zero_stage", 0))
+            if key in PARALLEL_LAYOUT and all(stage in UNIVERSAL_ZERO_STAGES for stage in stages):
                 hint = (f"; to resume at another layout, convert it ({conversion_command(load_dir)}) and resume "
                         "with --load on the output and --universal-checkpoint")  # fmt: skip
             raise ResumeError(
@@ -297,12 +325,34 @@ def _rank_files(engine, load_dir: str, tag: str) -> list[str]:
     return names
 
 
+def _universal_files(engine, path: Path) -> list[str]:
+    """The files of universal checkpoint ``path`` this rank reads: the optimizer's settings, the first
+    model-state file (DeepSpeed's bookkeeping), and the whole fp32 weight and Adam moments of each of its
+    parameters (DeepSpeed cuts this rank's slice)."""
+    zero = path / "zero"
+    names = [zero / "optimizer_state.pt", path / "mp_rank_00_model_states.pt"]
+    for name, _ in engine.module.named_parameters():
+        names += [zero / name / f"{key}.pt" for key in ("fp32", "exp_avg", "exp_avg_sq")]
+    return [str(n) for n in names]
+
+
+def _optimizer_steps_to_parameters(engine) -> None:
+    """DeepSpeed restores Adam's step count of a universal checkpoint as a CPU tensor; the fused kernel reads
+    it on the parameters' device (as torch's own ``load_state_dict`` puts it)."""
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            step = optimizer.state.get(param, {}).get("step")
+            if torch.is_tensor(step):
+                optimizer.state[param]["step"] = step.to(param.device)
+
+
 def load_checkpoint(engine, load_dir: str) -> dict:
     """Restore engine, optimizer and this rank's RNG; returns our metadata (iteration, consumed samples...).
     A universal checkpoint is cut for this launch's layout by DeepSpeed (``checkpoint.load_universal``)."""
     path, meta = latest_checkpoint(load_dir), read_meta(load_dir)
-    universal = "universal" in meta
-    files = [str(path / "zero" / "optimizer_state.pt")] if universal else _rank_files(engine, load_dir, path.name)
+    universal = is_universal(meta)
+    files = _universal_files(engine, path) if universal else _rank_files(engine, load_dir, path.name)
     # every rank learns of any rank's missing file, so that all stop alike (none waits in a collective)
     missing = sorted({n for names in state.all_gather_object(files) for n in names if not os.path.isfile(n)})
     if missing:
@@ -313,6 +363,8 @@ def load_checkpoint(engine, load_dir: str) -> dict:
     )
     if loaded is None:
         raise ResumeError(f"--load {load_dir}: DeepSpeed could not load {path.name}")
+    if universal:
+        _optimizer_steps_to_parameters(engine)
     rng_file = path / "rng" / f"rank_{state.get_rank():05d}.json"
     if universal and not rng_file.is_file():  # saved by fewer ranks; training draws no random numbers
         rng_file = path / "rng" / "rank_00000.json"

@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 
 from megatron_subnet.cli import ArgumentError
 from megatron_subnet.parallel.losses import KD_LOSSES, KD_TEMPERATURE_RANGE
+from megatron_subnet.training.checkpoint import UNIVERSAL_ZERO_STAGES
 from megatron_subnet.training.ds_config import check_ds_config, load_ds_config
 
 __all__ = ["ArgumentError", "BatchPlan", "TrainConfig", "check_layout", "reconcile_ds_config"]
@@ -170,6 +171,7 @@ class TrainConfig:
         _check_schedule(self.optim)
         _check_student(self.model, self.distill, self.checkpoint)
         _check_teacher(self.distill, self.model)
+        _check_resume(self.checkpoint)
         _check_paths(self)
         check_ds_config(load_ds_config(self.ds_config), self.ds_config)
         return config
@@ -242,8 +244,6 @@ def _check_schedule(o: OptimConfig) -> None:
 
 
 def _check_student(m: ModelSource, d: DistillConfig, c: CheckpointConfig) -> None:
-    if c.universal_checkpoint and c.load is None:
-        raise ArgumentError("--universal-checkpoint: needs --load (the universal checkpoint to resume from)")
     if c.load is not None:
         return  # resuming: the checkpoint's student (and its parent: preflight.resolve_parent)
     parent = m.parent_load or d.teacher_load  # the parent defaults to the teacher
@@ -261,6 +261,11 @@ def _check_teacher(d: DistillConfig, m: ModelSource) -> None:
         raise ArgumentError(
             f"--kd-alpha {d.kd_alpha} needs a teacher (--teacher-load{parent_only}); use --kd-alpha 0 without one"
         )
+
+
+def _check_resume(c: CheckpointConfig) -> None:
+    if c.universal_checkpoint and c.load is None:
+        raise ArgumentError("--universal-checkpoint: needs --load (the universal checkpoint to resume from)")
 
 
 def _check_paths(config: TrainConfig) -> None:
@@ -294,7 +299,7 @@ def check_layout(config: TrainConfig, accumulation: int, dp_size: int, zero_stag
             "--compile: not supported with ZeRO stage 3 (its parameter partitioning hooks run outside the "
             "compiled graph); use ZeRO stage 0-2, or leave out --compile"
         )
-    if config.checkpoint.universal_checkpoint and zero_stage not in (1, 2):
+    if config.checkpoint.universal_checkpoint and zero_stage not in UNIVERSAL_ZERO_STAGES:
         raise ArgumentError(
             f"--universal-checkpoint: needs ZeRO stage 1 or 2, this run's ds_config has ZeRO stage {zero_stage} "
             "(DeepSpeed loads universal checkpoints into the ZeRO-1/2 optimizer's partitions; stage 0 keeps none, "
@@ -306,6 +311,20 @@ def check_layout(config: TrainConfig, accumulation: int, dp_size: int, zero_stag
             f"{zero_stage} (as DeepSpeed's own pipeline engine: ZeRO-2/3 partition and reduce gradients during "
             "the backward pass, which conflicts with the pipeline's reduction after the last micro-batch)"
         )
+
+
+def _universal_loading(run: TrainConfig, checkpoint: object, where: str) -> dict:
+    """The ds_config's ``checkpoint`` section with ``load_universal`` as --universal-checkpoint says."""
+    flag = run.checkpoint.universal_checkpoint
+    if not isinstance(checkpoint, dict):
+        raise ArgumentError(f"{where}: 'checkpoint' must be an object, got {type(checkpoint).__name__}")
+    ds_universal = checkpoint.get("load_universal", flag)
+    if ds_universal != flag:
+        raise ArgumentError(
+            f"{where}: checkpoint.load_universal is {ds_universal} but --universal-checkpoint is "
+            f"{'' if flag else 'not '}set"
+        )
+    return {**checkpoint, "load_universal": flag}
 
 
 @dataclass(frozen=True)
@@ -361,8 +380,7 @@ def reconcile_ds_config(run: TrainConfig, config: dict, dp_size: int) -> tuple[d
         gradient_clipping=clip,
         bf16={**config.get("bf16", {}), "enabled": bf16},
     )
-    if run.checkpoint.universal_checkpoint:
-        config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
+    config["checkpoint"] = _universal_loading(run, config.get("checkpoint", {}), where)
     config.setdefault("steps_per_print", 10**9)  # we log ourselves
     config["zero_allow_untested_optimizer"] = True  # our AdamW subclass only adds a NaN/Inf guard
     optim = run.optim

@@ -15,7 +15,6 @@ from megatron_subnet.parallel import state
 from megatron_subnet.parallel.distill_step import KDConfig, distillation_forward, distillation_messages
 from megatron_subnet.parallel.pipeline import sync_tied_embedding
 from megatron_subnet.parallel.pipeline_executor import broadcast_from_last_stage, forward_backward
-from megatron_subnet.training.universal import checkpoint_info
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -86,7 +85,6 @@ def initialize_student(model: GPTModel, optimizer: GuardedAdamW, ds_config: dict
     there the step takes the norm itself (as in fp32 at ZeRO-0) and clips through the optimizer."""
     import deepspeed
 
-    model.universal_checkpoint_info = checkpoint_info(model.config)  # DeepSpeed writes it into every checkpoint
     if ds_config.get("bf16", {}).get("enabled") and ds_config.get("zero_optimization", {}).get("stage", 0) == 0:
         optimizer.max_grad_norm = ds_config.get("gradient_clipping", 0.0)
         ds_config = {**ds_config, "gradient_clipping": 0.0}

@@ -123,9 +123,10 @@ def _inputs(config: TrainConfig) -> dict[str, str | None]:
     }
 
 
-def check_outputs(config: TrainConfig, log_dir: Path, run_id: str | None, resuming: bool) -> bool:
+def check_outputs(config: TrainConfig, log_dir: Path, run_id: str | None, resumes_at: int | None) -> bool:
     """Refuse, before any work, outputs this run may not write (see ``outputs.py``); returns whether the
-    metrics file starts anew (a new run with --overwrite)."""
+    metrics file starts anew (a new run with --overwrite). ``resumes_at``: the iteration a resume starts from."""
+    resuming = resumes_at is not None
     from megatron_subnet.outputs import OutputError, check_not_nested, check_writable_location
 
     c = config.checkpoint
@@ -133,7 +134,7 @@ def check_outputs(config: TrainConfig, log_dir: Path, run_id: str | None, resumi
     rewritten = [log_dir / "metrics.jsonl", log_dir / "loss_curve.png", log_dir / "tensorboard"]
     if c.save:
         check_writable_location(c.save, "--save", "dir")
-        checkpoint.check_save_dir(c.save, c.load, run_id, c.overwrite)
+        checkpoint.check_save_dir(c.save, c.load, run_id, c.overwrite, resumes_at)
         rewritten.append(Path(c.save) / checkpoint.FINAL_MODEL)
         save = Path(c.save).resolve()
         for flag, path in inputs.items():

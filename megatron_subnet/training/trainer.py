@@ -43,6 +43,7 @@ from megatron_subnet.training.metrics import MetricsLogger, peak_memory_mb
 from megatron_subnet.training.mfu import DTYPES, FlopsMeter
 from megatron_subnet.training.peak import cpu_bf16_report
 from megatron_subnet.training.schedules import LRSchedule
+from megatron_subnet.training.universal import checkpoint_info
 
 
 class TrainingAborted(RuntimeError):
@@ -204,7 +205,8 @@ class Trainer:
             self.changes, self.extensions = preflight.resume_changes(c, self.resume_meta, self.settings, parent_change)
         run_id = self.resume_meta.get("run_id") if self.resume_meta is not None else None
         self.log_dir = Path(c.logging.log_dir or c.checkpoint.save or "runs/latest")
-        self.fresh_metrics = preflight.check_outputs(c, self.log_dir, run_id, self.resume_meta is not None)
+        resumes_at = self.resume_meta["iteration"] if self.resume_meta is not None else None
+        self.fresh_metrics = preflight.check_outputs(c, self.log_dir, run_id, resumes_at)
         self.run_id = state.broadcast_object(run_id or checkpoint.new_run_id())
 
     def _plan_models(self) -> None:
@@ -289,6 +291,8 @@ class Trainer:
     def _build_engine(self) -> None:
         """The student's DeepSpeed engine and optimizer; resuming, their state and the run's progress."""
         o, load = self.config.optim, self.config.checkpoint.load
+        # DeepSpeed writes the module's universal_checkpoint_info into every checkpoint (training/universal.py)
+        self.student.universal_checkpoint_info = checkpoint_info(self.student_config)
         self.optimizer = build_optimizer(self.student, o.lr, o.weight_decay, (o.adam_beta1, o.adam_beta2), o.adam_eps)
         self.engine = initialize_student(self.student, self.optimizer, self.ds_config)
         if load:

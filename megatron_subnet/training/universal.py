@@ -33,12 +33,12 @@ from types import SimpleNamespace
 import torch
 
 from megatron_subnet.model.config import ModelConfig
+from megatron_subnet.model.gpt import GPTModel
 from megatron_subnet.outputs import write_directory_atomically
 from megatron_subnet.training import checkpoint
-from megatron_subnet.training.checkpoint import ResumeError
+from megatron_subnet.training.checkpoint import UNIVERSAL_ZERO_STAGES, ResumeError, is_universal
 
 LATEST_UNIVERSAL = "latest_universal"  # DeepSpeed's name for the tag a universal checkpoint directory holds
-ZERO_STAGES = (1, 2)  # the ZeRO optimizers whose partitions DeepSpeed converts and loads here
 
 
 def _pattern(name: str) -> str:
@@ -49,8 +49,6 @@ def _pattern(name: str) -> str:
 def checkpoint_info(config: ModelConfig) -> dict:
     """DeepSpeed's ``universal_checkpoint_info`` for a model of ``config`` (every pattern matches a parameter,
     as DeepSpeed's converter checks)."""
-    from megatron_subnet.model.gpt import GPTModel
-
     with torch.device("meta"):
         params = dict(GPTModel(config).named_parameters())
     replicated, rows, vocabulary = [], [], []
@@ -75,10 +73,6 @@ def checkpoint_info(config: ModelConfig) -> dict:
     return info
 
 
-def is_universal(meta: dict) -> bool:
-    return "universal" in meta
-
-
 def source_checkpoint(save_dir: str, iteration: int | None) -> tuple[Path, dict]:
     """The checkpoint of ``iteration`` in ``save_dir`` (default: the one ``latest`` names) and its metadata,
     checked to be convertible; ResumeError naming the flag otherwise."""
@@ -96,17 +90,33 @@ def source_checkpoint(save_dir: str, iteration: int | None) -> tuple[Path, dict]
     if is_universal(meta):
         raise ResumeError(f"{where} is already a universal checkpoint")
     stage = meta["layout"].get("zero_stage", 0)
-    if stage not in ZERO_STAGES:
+    if stage == 0:
         raise ResumeError(
-            f"{where} was saved at ZeRO stage {stage}; DeepSpeed's universal checkpoints are made from ZeRO stage "
-            "1-2 optimizer partitions (resume it at its own layout with zero_optimization.stage 1 and save again)"
+            f"{where} was saved at ZeRO stage 0, which keeps no optimizer partitions for DeepSpeed's universal "
+            "checkpoint (its converter reads ZeRO stage 1-2 partitions): it resumes only at its own layout"
         )
+    if stage not in UNIVERSAL_ZERO_STAGES:
+        raise ResumeError(f"{where} was saved at ZeRO stage {stage}; converting ZeRO-3 checkpoints is not tested here")
     if "universal_checkpoint_info" not in meta:
         raise ResumeError(
             f"{where} was written before checkpoints recorded how their tensors are split; resume it at its own "
             "layout, save once, and convert that checkpoint"
         )
+    _check_deepspeed_files(path, meta["layout"], where)
     return path, meta
+
+
+def _check_deepspeed_files(path: Path, layout: dict, where: str) -> None:
+    """ResumeError naming the first of DeepSpeed's files the layout of ``path`` calls for that is missing
+    (DeepSpeed's converter infers the data-parallel size from the files it finds)."""
+    model_parallel = layout.get("tensor_model_parallel_size", 1) * layout.get("pipeline_model_parallel_size", 1)
+    for mp in range(model_parallel):
+        if not (path / f"mp_rank_{mp:02d}_model_states.pt").is_file():
+            raise ResumeError(f"{where}: mp_rank_{mp:02d}_model_states.pt is missing")
+        for dp in range(layout["world_size"]):
+            name = f"zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt"
+            if not any(path.glob(f"*{name}")):  # bf16's are named bf16_zero_pp_rank_...
+                raise ResumeError(f"{where}: {name} is missing")
 
 
 def convert(save_dir: str, iteration: int | None, output: str, workers: int = 1) -> str:
@@ -142,4 +152,7 @@ def _run_deepspeed_converter(source: Path, target: Path, workers: int) -> None:
         input_folder=str(source), output_folder=str(target), num_extract_workers=workers,
         num_merge_workers=workers, keep_temp_folder=False, strict=True, inject_missing_state=False,
     )  # fmt: skip
-    ds_to_universal.main(args)
+    try:
+        ds_to_universal.main(args)
+    except (AssertionError, RuntimeError, KeyError) as e:  # its checks are asserts
+        raise ResumeError(f"--input {source.parent}: DeepSpeed's converter failed on {source.name}: {e}") from None
