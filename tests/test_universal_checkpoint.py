@@ -22,7 +22,7 @@ from tests.training_utils import (
     build_workspace,
     ok,
     python_cmd,
-    run,
+    run_many,
     spawn_cmd,
     train_records,
 )
@@ -82,46 +82,44 @@ def saving(out: Path) -> list[str]:
     return ["--save", str(out / "ckpt"), "--save-interval", str(SAVED), "--keep-last", "5"]
 
 
-def convert(save: Path, output: Path) -> Path:
-    ok(run(python_cmd(["universal", "--input", str(save), "--iteration", str(SAVED), "--output", str(output)], TOOL),
-           output.parent, timeout=120))  # fmt: skip
-    return output
+def conversion(save: Path, output: Path) -> list[str]:
+    """The command that converts ``save``'s checkpoint of step 3 into the universal checkpoint ``output``."""
+    return python_cmd(["universal", "--input", str(save), "--iteration", str(SAVED), "--output", str(output)], TOOL)
 
 
 @pytest.fixture(scope="module")
 def runs(ws) -> dict[str, Path]:
-    """The uninterrupted runs (each saving at step 3), the universal checkpoints of their step 3, and the
-    runs resumed from them at another layout."""
+    """The uninterrupted runs (each saving at step 3; the sources only, bf16 and NeoX, stop there), the
+    universal checkpoints of their step 3, and the runs resumed from them at another layout (each saving);
+    two jobs at a time."""
     out = {name: ws / name for name in (
         "tp2pp2", "dp2", "pp2dp2", "bf16_tp2pp2", "bf16_dp2", "neox_tp2", "neox_dp2",
         "tp2pp2_to_dp2", "tp2pp2_to_pp2dp2", "dp2_to_tp2pp2", "bf16_tp2pp2_to_dp2", "neox_tp2_to_dp2")}  # fmt: skip
+    stop = {"stop_after_save": SAVED}
     uninterrupted = [
-        ("tp2pp2", 4, layout(2, 2), 1, False), ("dp2", 2, layout(1, 1), 2, False),
-        ("pp2dp2", 4, layout(1, 2), 1, False), ("bf16_tp2pp2", 4, layout(2, 2), 1, True),
-        ("bf16_dp2", 2, layout(1, 1), 2, True), ("neox_tp2", 2, layout(2, 1), 1, False),
-        ("neox_dp2", 2, layout(1, 1), 1, False),
+        ("tp2pp2", 4, layout(2, 2), 1, False, None), ("pp2dp2", 4, layout(1, 2), 1, False, None),
+        ("bf16_tp2pp2", 4, layout(2, 2), 1, True, stop), ("dp2", 2, layout(1, 1), 2, False, None),
+        ("bf16_dp2", 2, layout(1, 1), 2, True, None), ("neox_tp2", 2, layout(2, 1), 1, False, stop),
+        ("neox_dp2", 2, layout(1, 1), 1, False, None),
     ]  # fmt: skip
-    for name, nproc, where, stage, bf16 in uninterrupted:
-        ok(run(spawn_cmd(nproc, flags(ws, out[name], stage, bf16) + where + saving(out[name])), ws, timeout=400))
-    for name in ("tp2pp2", "dp2", "bf16_tp2pp2", "neox_tp2"):
-        convert(out[name] / "ckpt", ws / f"{name}_universal")
+    jobs = [(spawn_cmd(nproc, flags(ws, out[name], stage, bf16) + where + saving(out[name])), ws, None, 400, hooks)
+            for name, nproc, where, stage, bf16, hooks in uninterrupted]  # fmt: skip
+    sources = ("tp2pp2", "dp2", "bf16_tp2pp2", "neox_tp2")
+    jobs_after = [(conversion(out[name] / "ckpt", ws / f"{name}_universal"), ws, None, 120, None) for name in sources]
     resumed = [
-        ("tp2pp2_to_dp2", "tp2pp2", 2, layout(1, 1), 2, False, {"optimizer_dump": str(out["tp2pp2_to_dp2"] / "adam")}),
         ("tp2pp2_to_pp2dp2", "tp2pp2", 4, layout(1, 2), 1, False, None),
         ("dp2_to_tp2pp2", "dp2", 4, layout(2, 2), 1, False, None),
+        ("tp2pp2_to_dp2", "tp2pp2", 2, layout(1, 1), 2, False, {"optimizer_dump": str(out["tp2pp2_to_dp2"] / "adam")}),
         ("bf16_tp2pp2_to_dp2", "bf16_tp2pp2", 2, layout(1, 1), 2, True, None),
         ("neox_tp2_to_dp2", "neox_tp2", 2, layout(1, 1), 1, False, None),
     ]  # fmt: skip
+    resume_jobs = []
     for name, source, nproc, where, stage, bf16, hooks in resumed:
-        resume = [
-            "--load",
-            str(ws / f"{source}_universal"),
-            "--universal-checkpoint",
-            "--save",
-            str(out[name] / "ckpt"),
-        ]
-        argv = flags(ws, out[name], stage, bf16) + where + resume
-        ok(run(spawn_cmd(nproc, argv), ws, timeout=400, hooks=hooks))
+        load = ["--load", str(ws / f"{source}_universal"), "--universal-checkpoint", "--save", str(out[name] / "ckpt")]
+        resume_jobs.append((spawn_cmd(nproc, flags(ws, out[name], stage, bf16) + where + load), ws, None, 400, hooks))
+    for phase in (jobs, jobs_after, resume_jobs):
+        for result in run_many(phase):
+            ok(result)
     return out
 
 
@@ -317,8 +315,11 @@ def _checkpoint(root: Path, iteration: int = 2, **meta) -> Path:
         ("missing", "--input {save}: no such directory"),
         ("no_latest", "--input {save}: no 'latest' file"),
         ("iteration", "--iteration 7: {save} holds no complete iter_0000007 (it holds: iter_0000002)"),
-        ("zero0", "iter_0000002 was saved at ZeRO stage 0, which keeps no optimizer partitions for DeepSpeed's "
-                  "universal checkpoint (its converter reads ZeRO stage 1-2 partitions): it resumes only at its own"),
+        (
+            "zero0",
+            "iter_0000002 was saved at ZeRO stage 0, which keeps no optimizer partitions for DeepSpeed's "
+            "universal checkpoint (its converter reads ZeRO stage 1-2 partitions): it resumes only at its own",
+        ),
         ("zero3", "iter_0000002 was saved at ZeRO stage 3; converting ZeRO-3 checkpoints is not tested here"),
         ("universal", "iter_0000002 is already a universal checkpoint"),
         ("old", "iter_0000002 was written before checkpoints recorded how their tensors are split"),
