@@ -151,8 +151,8 @@ def check_save_dir(
     save_dir: str, load_dir: str | None, run_id: str | None, overwrite: bool, resumes_at: int | None = None
 ) -> None:
     """ResumeError when ``--save`` holds another run's checkpoints or final model, or (a resume from iteration
-    ``resumes_at``) a checkpoint of a later iteration the resumed steps would replace, and ``--overwrite`` is
-    not given.
+    ``resumes_at`` of another directory, a universal checkpoint say) a checkpoint of a later iteration the
+    resumed steps would replace, and ``--overwrite`` is not given.
 
     The directory is this run's when ``--load`` is the same directory, or when its ``latest`` checkpoint has
     this run's ``run_id`` (``run_id`` None: a new run).
@@ -160,15 +160,16 @@ def check_save_dir(
     save = Path(save_dir)
     if overwrite or not save.is_dir():
         return
+    if load_dir is not None and Path(load_dir).resolve() == save.resolve():
+        return  # Megatron's --load X --save X: the run redoes its steps after the checkpoint it resumes from
     checkpoints = complete_checkpoints(save)
     later = [path.name for iteration, path in checkpoints if resumes_at is not None and iteration > resumes_at]
     if later:
         raise ResumeError(
             f"--save {save_dir}: holds {later[-1]}, later than the checkpoint this run resumes from (iteration "
-            f"{resumes_at}); the resumed steps would replace it: choose a new --save, or pass --overwrite"
+            f"{resumes_at}) in another directory; the resumed steps would replace it: choose a new --save, or pass "
+            "--overwrite"
         )
-    if load_dir is not None and Path(load_dir).resolve() == save.resolve():
-        return
     held = [p.name for _, p in checkpoints[-2:]] + [n for n in (LATEST, FINAL_MODEL) if (save / n).exists()]
     if not held:
         return
